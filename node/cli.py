@@ -1,0 +1,165 @@
+"""The ``synthnode`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from node import __version__
+from node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("node")
+
+_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+def configure_logging(level: str) -> None:
+    """Plain lines on stderr. pynetdicom stays at WARNING: its INFO/DEBUG output can dump data
+    sets, which may hold patient data."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.server import Server
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    return Server(settings).run()
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (ae, host, port); ValueError naming the problem."""
+    m = _PEER.match(text)
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise ValueError(f'peer "{text}" is not of the form AE@HOST:PORT')
+    return m["ae"], m["host"], int(m["port"])
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+
+    from node.receive.contexts import VERIFICATION
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    try:
+        ae_title, host, port = parse_peer(args.peer)
+    except ValueError as exc:
+        print(f"synthnode echo: {exc}", file=sys.stderr)
+        return 2
+    ae = AE(ae_title=args.calling_aet or settings.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    ae.add_requested_context(VERIFICATION)
+    started = time.monotonic()
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        print(f"C-ECHO {args.peer}: association {why}", file=sys.stderr)
+        return 1
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(getattr(status, "Status", -1)) if status else -1
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if code != 0:
+        print(f"C-ECHO {args.peer}: status {code:#06x}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO {args.peer}: success in {elapsed_ms:.0f} ms")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.spool import Spool
+
+    settings = _settings(args)
+    if not settings.spool.dir.exists():
+        print(f"spool {settings.spool.dir} does not exist yet: no study received")
+        return 0
+    spool = Spool(settings.spool)
+    try:
+        studies = spool.summaries()
+    finally:
+        spool.close()
+    if args.json:
+        print(json.dumps(
+            {
+                "spool": str(settings.spool.dir),
+                "studies": [
+                    {
+                        "study_uid": s.study_uid, "state": s.state.value,
+                        "generation": s.generation, "series": s.series,
+                        "instances": s.instances, "size_bytes": s.size_bytes,
+                        "last_received_at": s.last_received_at,
+                    }
+                    for s in studies
+                ],
+            },
+            indent=2,
+        ))
+        return 0
+    by_state: dict[str, int] = {}
+    for s in studies:
+        by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
+    total = sum(s.instances for s in studies)
+    size = sum(s.size_bytes for s in studies)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items())) or "none"
+    print(f"spool {settings.spool.dir}: {len(studies)} studies ({counts}), "
+          f"{total} instances, {size / 1e6:.1f} MB")
+    now = time.time()
+    for s in studies:
+        print(f"  {s.study_uid}  {s.state.value:<9} gen {s.generation}  {s.series} series  "
+              f"{s.instances} instances  {s.size_bytes / 1e6:.1f} MB  "
+              f"last {now - s.last_received_at:.0f} s ago")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthnode",
+        description="A DICOM node that makes de-identified and synthetic counterparts of studies.",
+    )
+    parser.add_argument("--version", action="version", version=f"synthnode {__version__}")
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML settings file (default: $SYNTHNODE_CONFIG, else built-in defaults)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="receive studies (DICOM SCP) into the spool")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    p.add_argument("peer", help="AE@HOST:PORT")
+    p.add_argument("--calling-aet", default=None, help="our AE title (default: [node] ae_title)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("status", help="studies in the spool, stable or not, and counts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"synthnode: configuration error:\n{exc}", file=sys.stderr)
+        return 2

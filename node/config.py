@@ -1,0 +1,191 @@
+"""Settings: one TOML file, validated once at start, then passed down explicitly.
+
+Where settings come from, later sources winning:
+
+1. the defaults below (each documented in ``config/node.example.toml``);
+2. the TOML file named by ``--config`` or ``SYNTHNODE_CONFIG``;
+3. environment variables ``SYNTHNODE__<SECTION>__<KEY>`` (e.g. ``SYNTHNODE__NODE__PORT=11113``),
+   for secrets and for per-host overrides. Values are read as TOML values when they parse as one
+   (numbers, booleans, lists), else as strings.
+
+Relative paths in a file are resolved against the file's folder; without a file, against the
+current directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+ENV_CONFIG = "SYNTHNODE_CONFIG"
+ENV_PREFIX = "SYNTHNODE__"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            "an AE title is 1 to 16 printable ASCII characters, no backslash, not all spaces"
+        )
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class DuplicatePolicy(StrEnum):
+    """What to do when an instance arrives whose SOP Instance UID is already spooled with
+    different bytes (identical bytes are always acknowledged without a second copy)."""
+
+    KEEP_FIRST = "keep_first"
+    """Keep the spooled copy, acknowledge the new one and discard it (logged)."""
+
+    REPLACE = "replace"
+    """Replace the spooled copy with the new bytes (logged); the study becomes unstable again."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """``[node]``: the DICOM application entity."""
+
+    ae_title: AETitle = "SYNTHNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    max_associations: int = Field(16, ge=1, le=1024)
+    max_pdu_bytes: int = Field(
+        0, ge=0, description="largest PDU we accept; 0 = no limit (peers send big PDUs, faster)"
+    )
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="how long SIGTERM waits for in-flight associations"
+    )
+
+
+class SpoolSettings(_Section):
+    """``[spool]``: where received instances are kept until later stages are done with them."""
+
+    dir: Path = Path("var/spool")
+    stable_after_s: float = Field(10.0, gt=0)
+    check_interval_s: float = Field(1.0, gt=0, le=60)
+    on_duplicate: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    fsync: bool = Field(True, description="fsync each instance before acknowledging it")
+
+
+class LogSettings(_Section):
+    """``[log]``: logs carry UIDs, AE titles and job ids, never names, IDs, dates or free text."""
+
+    level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+
+class Settings(_Section):
+    """All settings of a node."""
+
+    node: NodeSettings = NodeSettings()
+    spool: SpoolSettings = SpoolSettings()
+    log: LogSettings = LogSettings()
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the file, the key, the value and what
+    is allowed, one problem per line."""
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment: {name} conflicts with another variable")
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: dict[str, Any], source: str, model: type[BaseModel]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    section, key = (loc[0], ".".join(loc[1:])) if len(loc) > 1 else ("", loc[0] if loc else "")
+    where = f"[{section}] {key}" if section else key
+    if error["type"] == "extra_forbidden":
+        known = model.model_fields.get(section)
+        allowed = ""
+        if known is not None and isinstance(known.annotation, type) and issubclass(
+            known.annotation, BaseModel
+        ):
+            allowed = ", ".join(known.annotation.model_fields)
+        elif not section:
+            allowed = ", ".join(f"[{s}]" for s in model.model_fields)
+        return f"{source}: {where}: unknown key (allowed: {allowed})"
+    value = error.get("input")
+    return f"{source}: {where} = {value!r}: {error['msg']}"
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Read, merge and validate the settings; raise :class:`ConfigError` naming every problem."""
+    environ = dict(os.environ if environ is None else environ)
+    if path is None and environ.get(ENV_CONFIG):
+        path = environ[ENV_CONFIG]
+    data: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    source = "defaults"
+    if path is not None:
+        file = Path(path)
+        source = str(file)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such configuration file") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot be read ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML ({exc})") from None
+        base_dir = file.resolve().parent
+    overrides = _env_overrides(environ)
+    if overrides:
+        data = _merge(data, overrides)
+        source = f"{source} + environment {ENV_PREFIX}*" if path is not None else "environment"
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e, source, Settings) for e in exc.errors()]  # type: ignore[arg-type]
+        raise ConfigError("\n".join(lines)) from None
+    spool_dir = settings.spool.dir
+    if not spool_dir.is_absolute():
+        spool_dir = base_dir / spool_dir
+    return settings.model_copy(
+        update={"spool": settings.spool.model_copy(update={"dir": spool_dir})}
+    )

@@ -1,0 +1,196 @@
+"""Check a received data set before it is spooled, without decoding its pixel data.
+
+Two passes over the bytes the peer sent:
+
+1. a structural walk of the element headers (tag, VR, length; sequences and encapsulated pixel
+   data item by item) proving every value lies inside the data and every undefined-length
+   element is closed: catches truncation, which pydicom tolerates silently;
+2. a pydicom read of the header up to Pixel Data for the UIDs the spool path and the checks
+   need.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom import uid as tsuid
+
+from node.uids import is_valid_uid
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses the node sends (PS3.4 Table B.2-1)."""
+
+    SUCCESS = 0x0000
+    """Stored durably, or an identical copy already was."""
+
+    OUT_OF_RESOURCES = 0xA700
+    """The instance could not be persisted (disk full, I/O error); the sender may retry."""
+
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    """The data set's SOP Class UID differs from the presentation context's abstract syntax."""
+
+    CANNOT_UNDERSTAND = 0xC000
+    """The data set is unparsable, truncated, or lacks (or has invalid) identifying UIDs."""
+
+
+class RejectedDataset(Exception):
+    """A received data set that is not spooled; carries the status and a reason for the peer."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    """The identifying UIDs of a received instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQ_END = (0xFFFE, 0xE0DD)
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Walker:
+    def __init__(self, data: bytes | memoryview, implicit: bool, little: bool) -> None:
+        self.buf = memoryview(data)
+        self.end = len(self.buf)
+        self.implicit = implicit
+        e = "<" if little else ">"
+        self.tag = struct.Struct(f"{e}HH")
+        self.u16 = struct.Struct(f"{e}H")
+        self.u32 = struct.Struct(f"{e}L")
+
+    def _need(self, pos: int, n: int) -> None:
+        if pos + n > self.end:
+            raise _Truncated(f"data ends at byte {self.end}, {pos + n - self.end} bytes early")
+
+    def dataset(self, pos: int, in_item: bool) -> int:
+        while pos < self.end:
+            self._need(pos, 8)
+            tag = self.tag.unpack_from(self.buf, pos)
+            if tag == _ITEM_END:
+                return pos + 8
+            if self.implicit or tag[0] == 0xFFFE:
+                length, pos = self.u32.unpack_from(self.buf, pos + 4)[0], pos + 8
+            else:
+                vr = bytes(self.buf[pos + 4 : pos + 6])
+                if vr in _LONG_VRS:
+                    self._need(pos, 12)
+                    length, pos = self.u32.unpack_from(self.buf, pos + 8)[0], pos + 12
+                else:
+                    length, pos = self.u16.unpack_from(self.buf, pos + 6)[0], pos + 8
+            if length == _UNDEFINED:
+                pos = self.items(pos)
+            else:
+                self._need(pos, length)
+                pos += length
+        if in_item:
+            raise _Truncated("an item of undefined length is not closed")
+        return pos
+
+    def items(self, pos: int) -> int:
+        while True:
+            self._need(pos, 8)
+            tag = self.tag.unpack_from(self.buf, pos)
+            length = self.u32.unpack_from(self.buf, pos + 4)[0]
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise _Truncated(f"expected an item tag, found ({tag[0]:04X},{tag[1]:04X})")
+            if length == _UNDEFINED:
+                pos = self.dataset(pos, in_item=True)
+            else:
+                self._need(pos, length)
+                pos += length
+
+
+def check_structure(dataset: bytes, transfer_syntax: str) -> None:
+    """Raise :class:`RejectedDataset` unless every element of ``dataset`` (encoded without file
+    meta, in ``transfer_syntax``) is complete."""
+    data: bytes | memoryview = dataset
+    ts = tsuid.UID(transfer_syntax)
+    if ts == tsuid.DeflatedExplicitVRLittleEndian:
+        try:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            data = inflater.decompress(dataset) + inflater.flush()
+        except zlib.error as exc:
+            raise RejectedDataset(
+                StoreStatus.CANNOT_UNDERSTAND, f"deflated data set cannot be inflated ({exc})"
+            ) from None
+        if not inflater.eof:
+            raise RejectedDataset(StoreStatus.CANNOT_UNDERSTAND, "deflated data set is truncated")
+    implicit = ts == tsuid.ImplicitVRLittleEndian
+    little = ts != tsuid.ExplicitVRBigEndian
+    try:
+        _Walker(data, implicit, little).dataset(0, in_item=False)
+    except (_Truncated, struct.error) as exc:
+        raise RejectedDataset(
+            StoreStatus.CANNOT_UNDERSTAND, f"data set is truncated or malformed: {exc}"
+        ) from None
+
+
+def read_header(file_bytes: bytes) -> Header:
+    """The identifying UIDs from DICOM file bytes (preamble, meta, data set)."""
+    try:
+        ds = dcmread(BytesIO(file_bytes), stop_before_pixels=True)
+        values = {
+            kw: str(ds.get(kw, "") or "").strip()
+            for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        }
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the peer's data
+        raise RejectedDataset(
+            StoreStatus.CANNOT_UNDERSTAND,
+            f"data set cannot be parsed ({type(exc).__name__}: {str(exc)[:120]})",
+        ) from None
+    names = {
+        "SOPClassUID": "SOP Class UID (0008,0016)",
+        "SOPInstanceUID": "SOP Instance UID (0008,0018)",
+        "StudyInstanceUID": "Study Instance UID (0020,000D)",
+        "SeriesInstanceUID": "Series Instance UID (0020,000E)",
+    }
+    for kw, name in names.items():
+        if not values[kw]:
+            raise RejectedDataset(StoreStatus.CANNOT_UNDERSTAND, f"{name} is missing")
+        if not is_valid_uid(values[kw]):
+            raise RejectedDataset(StoreStatus.CANNOT_UNDERSTAND, f"{name} is not a valid UID")
+    return Header(
+        values["SOPClassUID"], values["SOPInstanceUID"], values["StudyInstanceUID"],
+        values["SeriesInstanceUID"],
+    )
+
+
+def check_against_request(header: Header, sop_class_uid: str, sop_instance_uid: str) -> None:
+    """The data set must be the one the C-STORE request and presentation context announce."""
+    if header.sop_class_uid != sop_class_uid:
+        raise RejectedDataset(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"data set SOP Class UID {header.sop_class_uid} does not match the presentation "
+            f"context's {sop_class_uid}",
+        )
+    if header.sop_instance_uid != sop_instance_uid:
+        raise RejectedDataset(
+            StoreStatus.CANNOT_UNDERSTAND,
+            f"data set SOP Instance UID {header.sop_instance_uid} differs from the request's "
+            f"Affected SOP Instance UID {sop_instance_uid}",
+        )

@@ -1,0 +1,180 @@
+"""The DIMSE SCP: Verification and Storage, writing what peers send into the spool.
+
+Handlers get their dependencies as extra arguments, return named DIMSE statuses and never raise
+(pynetdicom's qrscp pattern). Every refusal is one log line naming the peer and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from threading import Lock
+from typing import cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import NodeSettings
+from node.receive.check import (
+    RejectedDataset,
+    StoreStatus,
+    check_against_request,
+    check_structure,
+    read_header,
+)
+from node.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
+from node.spool import InstanceRow, Spool, SpoolError, StoreOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReceiveCounters:
+    """Counts since start, for logs and ``status``."""
+
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    failed: int = 0
+    associations: int = 0
+    _lock: Lock = field(default_factory=Lock, repr=False)
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+def peer_name(assoc: Association) -> str:
+    """``CALLING@address:port``: how logs name a peer (AE titles are not patient data)."""
+    req = assoc.requestor
+    return f"{req.ae_title}@{req.address}:{req.port}"
+
+
+def _status(status: StoreStatus, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = int(status)
+    # Error Comment is LO: at most 64 characters.
+    rsp.ErrorComment = comment[:64]
+    return rsp
+
+
+def handle_store(event: Event, spool: Spool, counters: ReceiveCounters) -> int | Dataset:
+    """EVT_C_STORE: check the data set, persist it durably, then (only then) answer Success."""
+    assoc = event.assoc
+    req = cast(C_STORE, event.request)
+    sop_instance = str(req.AffectedSOPInstanceUID or "")
+    try:
+        context = event.context
+        transfer_syntax = str(context.transfer_syntax)
+        dataset_bytes = event.encoded_dataset(include_meta=False)
+        check_structure(dataset_bytes, transfer_syntax)
+        file_bytes = event.encoded_dataset(include_meta=True)
+        header = read_header(file_bytes)
+        check_against_request(header, str(context.abstract_syntax), sop_instance)
+        outcome = spool.store(
+            file_bytes,
+            InstanceRow(
+                header.sop_instance_uid, header.study_uid, header.series_uid,
+                header.sop_class_uid, transfer_syntax, len(file_bytes),
+            ),
+            calling_aet=assoc.requestor.ae_title,
+            called_aet=assoc.acceptor.ae_title,
+        )
+    except RejectedDataset as exc:
+        counters.add("rejected")
+        log.warning(
+            "C-STORE refused from %s sop_instance=%s status=0x%04X: %s",
+            peer_name(assoc), sop_instance, exc.status, exc.reason,
+        )
+        return _status(exc.status, exc.reason)
+    except SpoolError as exc:
+        counters.add("failed")
+        log.error(
+            "C-STORE failed from %s sop_instance=%s status=0x%04X: %s",
+            peer_name(assoc), sop_instance, StoreStatus.OUT_OF_RESOURCES, exc.reason,
+        )
+        return _status(StoreStatus.OUT_OF_RESOURCES, exc.reason)
+    except Exception as exc:  # noqa: BLE001 - a handler must answer, never raise
+        counters.add("failed")
+        log.exception(
+            "C-STORE failed from %s sop_instance=%s: unexpected %s",
+            peer_name(assoc), sop_instance, type(exc).__name__,
+        )
+        return _status(StoreStatus.OUT_OF_RESOURCES, f"internal error ({type(exc).__name__})")
+    if outcome is StoreOutcome.STORED:
+        counters.add("stored")
+    else:
+        counters.add("duplicates")
+        level = logging.DEBUG if outcome is StoreOutcome.DUPLICATE else logging.WARNING
+        log.log(
+            level,
+            "duplicate SOP Instance UID from %s sop_instance=%s: %s",
+            peer_name(assoc), sop_instance, outcome.value,
+        )
+    return int(StoreStatus.SUCCESS)
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: always Success."""
+    return 0x0000
+
+
+def handle_accepted(event: Event, counters: ReceiveCounters) -> None:
+    counters.add("associations")
+    log.debug("association accepted from %s", peer_name(event.assoc))
+
+
+def handle_rejected(event: Event, allowed: list[str]) -> None:
+    assoc = event.assoc
+    called = assoc.acceptor.ae_title
+    why = "association rejected"
+    if allowed and assoc.requestor.ae_title not in allowed:
+        why = "calling AE title not in allowed_calling_aets"
+    elif assoc.requestor.primitive and assoc.requestor.primitive.called_ae_title != called:
+        why = f"called AE title is not {called}"
+    log.warning("association from %s rejected: %s", peer_name(assoc), why)
+
+
+def handle_aborted(event: Event) -> None:
+    log.warning("association from %s aborted; data in flight was not stored",
+                peer_name(event.assoc))
+
+
+def build_ae(settings: NodeSettings) -> AE:
+    """An application entity accepting Verification and every storage SOP class."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_bytes
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.add_supported_context(VERIFICATION)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+def start_scp(
+    settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None
+) -> ThreadedAssociationServer:
+    """Start listening (non-blocking) and return the server."""
+    counters = counters or ReceiveCounters()
+    ae = build_ae(settings)
+    handlers = [
+        (evt.EVT_C_STORE, handle_store, [spool, counters]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_ACCEPTED, handle_accepted, [counters]),
+        (evt.EVT_REJECTED, handle_rejected, [list(settings.allowed_calling_aets)]),
+        (evt.EVT_ABORTED, handle_aborted),
+    ]
+    server = ae.start_server(
+        (settings.host, settings.port), block=False, evt_handlers=handlers  # type: ignore[arg-type]
+    )
+    assert server is not None
+    return server

@@ -1,0 +1,24 @@
+"""Durable spool of received instances: files by UID, an index, and the stable-study hand-off."""
+
+from node.spool.index import InstanceRow, StudyState, StudySummary
+from node.spool.monitor import StabilityMonitor, log_stable_study
+from node.spool.spool import (
+    Spool,
+    SpoolError,
+    StableStudy,
+    StableStudyHandler,
+    StoreOutcome,
+)
+
+__all__ = [
+    "InstanceRow",
+    "Spool",
+    "SpoolError",
+    "StabilityMonitor",
+    "StableStudy",
+    "StableStudyHandler",
+    "StoreOutcome",
+    "StudyState",
+    "StudySummary",
+    "log_stable_study",
+]

@@ -1,0 +1,198 @@
+"""The spool's index: SQLite in WAL mode, one writer connection behind a lock.
+
+Durability argument: an instance file is fsynced and renamed into place before its row is
+committed, and the row is committed before the C-STORE response says Success. WAL with
+``synchronous=NORMAL`` survives a killed process (the WAL is in the page cache); after a power
+loss the last commits may be missing, which :meth:`Spool.recover` repairs by indexing every
+complete ``.dcm`` file found on disk. The files are the truth, the index a fast view of them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    size_bytes       INTEGER NOT NULL,
+    received_at      REAL NOT NULL,
+    calling_aet      TEXT NOT NULL,
+    called_aet       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid        TEXT PRIMARY KEY,
+    state            TEXT NOT NULL,
+    generation       INTEGER NOT NULL,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    stable_at        REAL,
+    handed_generation INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
+"""
+
+
+class StudyState(StrEnum):
+    """Where a study stands in the spool."""
+
+    RECEIVING = "receiving"
+    """Instances arrived within the last ``stable_after_s`` seconds; more may come."""
+
+    STABLE = "stable"
+    """No instance for ``stable_after_s`` seconds; waiting to be handed to the next stage."""
+
+    HANDED = "handed"
+    """Handed to the next stage for its current generation; a new instance starts a new one."""
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """What ``synthnode status`` shows of one study (no patient data: UIDs and counts)."""
+
+    study_uid: str
+    state: StudyState
+    generation: int
+    series: int
+    instances: int
+    size_bytes: int
+    first_received_at: float
+    last_received_at: float
+
+
+class Index:
+    """Thread-safe access to the spool index database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def instance(self, sop_instance_uid: str) -> InstanceRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
+                " size_bytes FROM instances WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+        return InstanceRow(*row) if row else None
+
+    def known_instances(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances")}
+
+    def record_instance(
+        self, row: InstanceRow, calling_aet: str, called_aet: str, now: float | None = None
+    ) -> None:
+        """Insert or replace an instance row and mark its study as receiving (a new generation
+        if the study had become stable)."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.sop_instance_uid, row.study_uid, row.series_uid, row.sop_class_uid,
+                    row.transfer_syntax, row.size_bytes, now, calling_aet, called_aet,
+                ),
+            )
+            db.execute(
+                "INSERT INTO studies (study_uid, state, generation, first_received_at,"
+                " last_received_at) VALUES (?, 'receiving', 1, ?, ?)"
+                " ON CONFLICT (study_uid) DO UPDATE SET"
+                "  generation = generation + (state != 'receiving'),"
+                "  state = 'receiving', stable_at = NULL,"
+                "  last_received_at = excluded.last_received_at",
+                (row.study_uid, now, now),
+            )
+
+    def mark_stable(self, older_than: float, now: float | None = None) -> list[str]:
+        """Studies whose last instance is older than ``older_than`` become stable."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            rows = db.execute(
+                "UPDATE studies SET state = 'stable', stable_at = ?"
+                " WHERE state = 'receiving' AND last_received_at <= ? RETURNING study_uid",
+                (now, older_than),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def pending_handoffs(self) -> list[tuple[str, int]]:
+        """(study UID, generation) of stable studies not yet handed on, oldest first."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT study_uid, generation FROM studies WHERE state = 'stable'"
+                " ORDER BY stable_at"
+            ).fetchall()
+
+    def mark_handed(self, study_uid: str, generation: int) -> bool:
+        """Record the hand-off of one generation; False if the study changed meanwhile."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE studies SET state = 'handed', handed_generation = generation"
+                " WHERE study_uid = ? AND generation = ? AND state = 'stable'",
+                (study_uid, generation),
+            )
+            return cur.rowcount == 1
+
+    def study_instances(self, study_uid: str) -> list[InstanceRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
+                " size_bytes FROM instances WHERE study_uid = ? ORDER BY series_uid,"
+                " sop_instance_uid",
+                (study_uid,),
+            ).fetchall()
+        return [InstanceRow(*r) for r in rows]
+
+    def summaries(self) -> list[StudySummary]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.study_uid, s.state, s.generation, COUNT(DISTINCT i.series_uid),"
+                " COUNT(i.sop_instance_uid), COALESCE(SUM(i.size_bytes), 0),"
+                " s.first_received_at, s.last_received_at"
+                " FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid"
+                " GROUP BY s.study_uid ORDER BY s.last_received_at"
+            ).fetchall()
+        return [
+            StudySummary(r[0], StudyState(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows
+        ]

@@ -1,0 +1,291 @@
+"""The durable spool: instance files laid out by UID, plus the index.
+
+Layout::
+
+    <dir>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    <dir>/.index.sqlite3      the index (WAL)
+    <dir>/.tmp/               files being written; never indexed, emptied at start
+
+UIDs cannot start with a dot, so the spool's own entries never collide with a study.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+
+from node.config import DuplicatePolicy, SpoolSettings
+from node.spool.index import Index, InstanceRow, StudySummary
+from node.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = ".index.sqlite3"
+TMP_NAME = ".tmp"
+_CHUNK = 1 << 20
+
+
+class StoreOutcome(Enum):
+    """What :meth:`Spool.store` did with an instance."""
+
+    STORED = "stored"
+    """A new instance, now on disk and indexed."""
+
+    DUPLICATE = "duplicate"
+    """Already spooled with identical bytes; nothing written."""
+
+    DUPLICATE_DISCARDED = "duplicate-discarded"
+    """Already spooled with different bytes; policy keep_first kept the old copy."""
+
+    REPLACED = "replaced"
+    """Already spooled with different bytes; policy replace wrote the new copy."""
+
+
+class SpoolError(Exception):
+    """The spool could not persist an instance (disk full, permissions, I/O error)."""
+
+    def __init__(self, reason: str, errno_: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.errno = errno_
+
+
+@dataclass(frozen=True)
+class StableStudy:
+    """A study handed to the next stage: no new instance for ``stable_after_s`` seconds."""
+
+    study_uid: str
+    generation: int
+    path: Path
+    instances: tuple[InstanceRow, ...]
+
+    @property
+    def series_uids(self) -> tuple[str, ...]:
+        return tuple(sorted({i.series_uid for i in self.instances}))
+
+
+StableStudyHandler = Callable[[StableStudy], None]
+"""The interface later stages plug into. Called at least once for each generation of a stable
+study, from the spool's monitor thread; it must be idempotent on (study_uid, generation) and
+return quickly (enqueue, don't process). If it raises, the hand-off is retried on the next tick."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        view = memoryview(data)
+        with path.open("rb") as f:
+            for offset in range(0, len(data), _CHUNK):
+                if f.read(_CHUNK) != view[offset : offset + _CHUNK]:
+                    return False
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class Spool:
+    """Durable storage of received instances; see the module docstring for the layout."""
+
+    def __init__(self, settings: SpoolSettings) -> None:
+        self.settings = settings
+        self.dir = settings.dir
+        self.tmp_dir = self.dir / TMP_NAME
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+        self.index = Index(self.dir / INDEX_NAME)
+        # Striped locks: two associations storing the same SOP Instance UID at once are
+        # serialised; different UIDs proceed in parallel.
+        self._locks = [threading.Lock() for _ in range(64)]
+        self._dirs_made: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.index.close()
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        for name, uid in (
+            ("Study Instance UID", study_uid),
+            ("Series Instance UID", series_uid),
+            ("SOP Instance UID", sop_instance_uid),
+        ):
+            if not is_valid_uid(uid):
+                raise ValueError(f'{name} "{uid}" is not a valid UID')
+        return self.dir / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+
+    # -- writing -------------------------------------------------------------------------
+
+    def store(
+        self, data: bytes, row: InstanceRow, calling_aet: str, called_aet: str
+    ) -> StoreOutcome:
+        """Persist one encoded instance (DICOM file bytes: preamble, meta, data set).
+
+        Returns only once the file is durable and indexed; raises :class:`SpoolError` when it
+        cannot be, leaving no partial file behind.
+        """
+        final = self.instance_path(row.study_uid, row.series_uid, row.sop_instance_uid)
+        lock = self._locks[hash(row.sop_instance_uid) % len(self._locks)]
+        with lock:
+            existing = self.index.instance(row.sop_instance_uid)
+            outcome = StoreOutcome.STORED
+            if existing is not None:
+                old = self.instance_path(
+                    existing.study_uid, existing.series_uid, existing.sop_instance_uid
+                )
+                if _same_bytes(old, data):
+                    return StoreOutcome.DUPLICATE
+                if self.settings.on_duplicate is DuplicatePolicy.KEEP_FIRST and old.exists():
+                    return StoreOutcome.DUPLICATE_DISCARDED
+                outcome = StoreOutcome.REPLACED
+            self._write_file(final, data)
+            if existing is not None and old != final:
+                old.unlink(missing_ok=True)
+            self.index.record_instance(
+                InstanceRow(
+                    row.sop_instance_uid, row.study_uid, row.series_uid, row.sop_class_uid,
+                    row.transfer_syntax, len(data),
+                ),
+                calling_aet,
+                called_aet,
+            )
+        return outcome
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create the study/series folders, making the new entries durable."""
+        with self._dirs_lock:
+            if folder in self._dirs_made:
+                return
+            missing = []
+            p = folder
+            while p != self.dir and not p.exists():
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                d.mkdir(exist_ok=True)
+                if self.settings.fsync:
+                    _fsync_dir(d.parent)
+            self._dirs_made.add(folder)
+
+    def _write_file(self, final: Path, data: bytes) -> None:
+        tmp = self.tmp_dir / f"{final.name}.{threading.get_ident()}.{os.getpid()}.part"
+        try:
+            self._make_dirs(final.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.settings.fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            if self.settings.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            with self._dirs_lock:
+                self._dirs_made.discard(final.parent)
+            reason = {
+                errno.ENOSPC: "no space left on the spool's disk",
+                errno.EDQUOT: "disk quota exceeded on the spool's disk",
+                errno.EACCES: "permission denied writing to the spool",
+                errno.EROFS: "the spool's file system is read-only",
+                errno.EFBIG: "file too large for the spool's file system",
+            }.get(exc.errno or 0, f"I/O error writing to the spool ({exc.strerror})")
+            raise SpoolError(reason, exc.errno) from exc
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def recover(self) -> tuple[int, int]:
+        """Make the index match the disk after a crash.
+
+        Removes half-written temporary files and indexes complete instance files whose row was
+        never committed (a crash between rename and commit; such an instance was never
+        acknowledged, so the sender resends and the duplicate check absorbs it).
+        Returns (temporary files removed, instances indexed).
+        """
+        removed = 0
+        for tmp in self.tmp_dir.iterdir():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        known = self.index.known_instances()
+        added = 0
+        for study in self.dir.iterdir():
+            if study.name.startswith(".") or not study.is_dir():
+                continue
+            for series in study.iterdir():
+                if not series.is_dir():
+                    continue
+                for f in series.glob("*.dcm"):
+                    sop = f.name[: -len(".dcm")]
+                    if sop in known:
+                        continue
+                    try:
+                        meta = read_file_meta_info(f)
+                    except Exception:  # noqa: BLE001 - a file we cannot read is set aside
+                        log.warning("spool recovery: unreadable file %s set aside", f)
+                        f.rename(f.with_suffix(".unreadable"))
+                        continue
+                    row = InstanceRow(
+                        sop, study.name, series.name, str(meta.MediaStorageSOPClassUID),
+                        str(meta.TransferSyntaxUID), f.stat().st_size,
+                    )
+                    self.index.record_instance(row, "", "")
+                    added += 1
+        return removed, added
+
+    # -- hand-off --------------------------------------------------------------------------
+
+    def mark_stable(self, now: float) -> list[str]:
+        return self.index.mark_stable(now - self.settings.stable_after_s, now)
+
+    def hand_off(self, handler: StableStudyHandler) -> int:
+        """Hand every stable study not yet handed on to ``handler``; return how many were."""
+        handed = 0
+        for study_uid, generation in self.index.pending_handoffs():
+            study = StableStudy(
+                study_uid,
+                generation,
+                self.dir / study_uid,
+                tuple(self.index.study_instances(study_uid)),
+            )
+            try:
+                handler(study)
+            except Exception:
+                log.exception("hand-off of study %s generation %d failed; will retry",
+                              study_uid, generation)
+                continue
+            if self.index.mark_handed(study_uid, generation):
+                handed += 1
+        return handed
+
+    def summaries(self) -> list[StudySummary]:
+        return self.index.summaries()
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file (tests and tools compare spooled bytes with it)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
