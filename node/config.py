@@ -147,6 +147,7 @@ def _describe(error: dict[str, Any], source: str, model: type[BaseModel]) -> str
             allowed = ", ".join(known.annotation.model_fields)
         elif not section:
             allowed = ", ".join(f"[{s}]" for s in model.model_fields)
+            return f"{source}: [{key}]: unknown section (allowed: {allowed})"
         return f"{source}: {where}: unknown key (allowed: {allowed})"
     value = error.get("input")
     return f"{source}: {where} = {value!r}: {error['msg']}"

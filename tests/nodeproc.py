@@ -69,6 +69,7 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, timeout_s: float = 30.0) -> None:
+        offset = len(self.log())
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [*SYNTHNODE, "--config", str(self.config), "serve"],
@@ -78,7 +79,7 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-            if " listening as " in self.log():
+            if " listening as " in self.log()[offset:]:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"node did not start listening within {timeout_s} s:\n{self.log()}")

@@ -1,0 +1,50 @@
+"""The structural check of received data sets, over pydicom's files in many syntaxes."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.receive.check import RejectedDataset, StoreStatus, check_structure, read_header
+from tests.nodeproc import dataset_bytes, sample_file
+
+SAMPLES = [
+    "CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm", "JPEG-LL.dcm", "MR_small_jpeg_ls_lossless.dcm",
+    "emri_small_jpeg_2k_lossless.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "rtplan.dcm",
+    "waveform_ecg.dcm",
+    "RG1_UNCR.dcm",
+]
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_complete_data_sets_pass_and_truncated_ones_fail(name: str) -> None:
+    raw = sample_file(name).read_bytes()
+    ts = dcmread(BytesIO(raw), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    body = dataset_bytes(raw)
+    check_structure(body, ts)
+    # A deflated stream may be followed by a few padding bytes a short cut only removes.
+    for cut in (16, 64, len(body) // 2):
+        with pytest.raises(RejectedDataset) as info:
+            check_structure(body[:-cut], ts)
+        assert info.value.status is StoreStatus.CANNOT_UNDERSTAND
+
+
+def test_header_names_the_missing_uid() -> None:
+    ds = dcmread(sample_file("CT_small.dcm"))
+    del ds.SeriesInstanceUID
+    buffer = BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(RejectedDataset, match=r"Series Instance UID \(0020,000E\) is missing"):
+        read_header(buffer.getvalue())
+
+
+def test_garbage_is_not_understood() -> None:
+    with pytest.raises(RejectedDataset, match="truncated or malformed"):
+        check_structure(b"\x08\x00\x16\x00UI\xff\xff" + b"1.2" * 9, ExplicitVRLittleEndian)
+    with pytest.raises(RejectedDataset) as info:
+        read_header(b"\0" * 128 + b"DICM" + b"\xff" * 50)
+    assert info.value.status is StoreStatus.CANNOT_UNDERSTAND

@@ -1,0 +1,70 @@
+"""Settings: validation messages, the example file, environment overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, Settings, load_settings
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "node.example.toml"
+
+
+def test_example_documents_every_key_with_the_defaults() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    defaults = Settings()
+    assert set(data) == set(Settings.model_fields)
+    for section, model in Settings.model_fields.items():
+        annotation = model.annotation
+        assert annotation is not None
+        assert set(data[section]) == set(annotation.model_fields), section
+    loaded = load_settings(EXAMPLE, environ={})
+    assert loaded.node == defaults.node
+    assert loaded.spool.model_copy(update={"dir": defaults.spool.dir}) == defaults.spool
+    assert loaded.spool.dir == EXAMPLE.parent / defaults.spool.dir
+
+
+def test_errors_name_file_key_value_and_what_is_allowed(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        '[node]\nport = 70000\nae_title = "A\\\\B"\n[spool]\non_duplicate = "newest"\nsize = 1\n'
+        "[nodes]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    lines = str(info.value).splitlines()
+    assert f"{cfg}: [node] port = 70000: Input should be less than or equal to 65535" in lines
+    assert any(line.startswith(f"{cfg}: [node] ae_title = 'A\\\\B'") for line in lines)
+    assert (
+        f"{cfg}: [spool] on_duplicate = 'newest': Input should be 'keep_first' or 'replace'"
+        in lines
+    )
+    assert any("[spool] size: unknown key (allowed: dir, stable_after_s" in x for x in lines)
+    assert f"{cfg}: [nodes]: unknown section (allowed: [node], [spool], [log])" in lines
+
+
+def test_unreadable_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_settings(tmp_path / "missing.toml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\n")
+    with pytest.raises(ConfigError, match=f"{bad}: not valid TOML"):
+        load_settings(bad, environ={})
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[node]\nport = 104\n[spool]\ndir = "data"\n')
+    env = {
+        "SYNTHNODE__NODE__PORT": "11113",
+        "SYNTHNODE__NODE__ALLOWED_CALLING_AETS": '["CT1", "MR1"]',
+        "SYNTHNODE_CONFIG": str(cfg),
+    }
+    settings = load_settings(environ=env)
+    assert settings.node.port == 11113
+    assert settings.node.allowed_calling_aets == ["CT1", "MR1"]
+    assert settings.spool.dir == tmp_path / "data"  # relative to the file's folder
+    with pytest.raises(ConfigError, match=r"environment: \[node\] port = 'x'"):
+        load_settings(environ={"SYNTHNODE__NODE__PORT": "x"})
