@@ -66,6 +66,10 @@ class NodeSettings(_Section):
     max_pdu_bytes: int = Field(
         0, ge=0, description="largest PDU we accept; 0 = no limit (peers send big PDUs, faster)"
     )
+    poll_interval_s: float = Field(
+        0.0002, gt=0, le=0.01,
+        description="pynetdicom's polling interval while an association is busy",
+    )
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)

@@ -8,7 +8,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.receive.check import RejectedDataset, StoreStatus, check_structure, read_header
+from node.receive.check import RejectedDataset, StoreStatus, inspect_dataset
 from tests.nodeproc import dataset_bytes, sample_file
 
 SAMPLES = [
@@ -25,11 +25,16 @@ def test_complete_data_sets_pass_and_truncated_ones_fail(name: str) -> None:
     raw = sample_file(name).read_bytes()
     ts = dcmread(BytesIO(raw), stop_before_pixels=True).file_meta.TransferSyntaxUID
     body = dataset_bytes(raw)
-    check_structure(body, ts)
+    header = inspect_dataset(body, ts)
+    ds = dcmread(BytesIO(raw), stop_before_pixels=True)
+    assert header.sop_instance_uid == ds.SOPInstanceUID
+    assert header.study_uid == ds.StudyInstanceUID
+    assert header.series_uid == ds.SeriesInstanceUID
+    assert header.sop_class_uid == ds.SOPClassUID
     # A deflated stream may be followed by a few padding bytes a short cut only removes.
     for cut in (16, 64, len(body) // 2):
         with pytest.raises(RejectedDataset) as info:
-            check_structure(body[:-cut], ts)
+            inspect_dataset(body[:-cut], ts)
         assert info.value.status is StoreStatus.CANNOT_UNDERSTAND
 
 
@@ -39,12 +44,22 @@ def test_header_names_the_missing_uid() -> None:
     buffer = BytesIO()
     ds.save_as(buffer)
     with pytest.raises(RejectedDataset, match=r"Series Instance UID \(0020,000E\) is missing"):
-        read_header(buffer.getvalue())
+        inspect_dataset(dataset_bytes(buffer.getvalue()), ds.file_meta.TransferSyntaxUID)
+
+
+def test_uids_inside_sequences_do_not_count() -> None:
+    """A referenced SOP Instance UID in a sequence must not stand in for the top-level one."""
+    ds = dcmread(sample_file("SC_rgb_gdcm_KY.dcm"))
+    assert "ReferencedSOPInstanceUID" in ds.SourceImageSequence[0]
+    del ds.SOPInstanceUID
+    buffer = BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(RejectedDataset, match=r"SOP Instance UID \(0008,0018\) is missing"):
+        inspect_dataset(dataset_bytes(buffer.getvalue()), ds.file_meta.TransferSyntaxUID)
 
 
 def test_garbage_is_not_understood() -> None:
     with pytest.raises(RejectedDataset, match="truncated or malformed"):
-        check_structure(b"\x08\x00\x16\x00UI\xff\xff" + b"1.2" * 9, ExplicitVRLittleEndian)
-    with pytest.raises(RejectedDataset) as info:
-        read_header(b"\0" * 128 + b"DICM" + b"\xff" * 50)
-    assert info.value.status is StoreStatus.CANNOT_UNDERSTAND
+        inspect_dataset(b"\x08\x00\x16\x00UI\xff\xff" + b"1.2" * 9, ExplicitVRLittleEndian)
+    with pytest.raises(RejectedDataset, match="is missing"):
+        inspect_dataset(b"", ExplicitVRLittleEndian)

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
-from node.receive.check import StoreStatus, check_structure
+from node.receive.check import StoreStatus, inspect_dataset
 from tests.nodeproc import NodeProcess, StoreSCP, dataset_bytes, dcmtk, make_study
 
 
@@ -38,7 +38,8 @@ def _assert_spool_consistent(node: NodeProcess) -> None:
     assert not list((node.spool / ".tmp").iterdir()), "partial files survived a restart"
     for path in files.values():
         ds = dcmread(path, stop_before_pixels=True)
-        check_structure(dataset_bytes(path.read_bytes()), ds.file_meta.TransferSyntaxUID)
+        header = inspect_dataset(dataset_bytes(path.read_bytes()), ds.file_meta.TransferSyntaxUID)
+        assert header.sop_instance_uid == path.stem
     indexed = sum(s["instances"] for s in node.status()["studies"])
     assert indexed == len(files)
 

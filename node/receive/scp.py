@@ -23,10 +23,10 @@ from node.receive.check import (
     RejectedDataset,
     StoreStatus,
     check_against_request,
-    check_structure,
-    read_header,
+    inspect_dataset,
 )
 from node.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
+from node.receive.tuning import tune_pynetdicom
 from node.spool import InstanceRow, Spool, SpoolError, StoreOutcome
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,9 @@ def handle_store(event: Event, spool: Spool, counters: ReceiveCounters) -> int |
     try:
         context = event.context
         transfer_syntax = str(context.transfer_syntax)
-        dataset_bytes = event.encoded_dataset(include_meta=False)
-        check_structure(dataset_bytes, transfer_syntax)
-        file_bytes = event.encoded_dataset(include_meta=True)
-        header = read_header(file_bytes)
+        header = inspect_dataset(event.encoded_dataset(include_meta=False), transfer_syntax)
         check_against_request(header, str(context.abstract_syntax), sop_instance)
+        file_bytes = event.encoded_dataset(include_meta=True)
         outcome = spool.store(
             file_bytes,
             InstanceRow(
@@ -165,6 +163,7 @@ def start_scp(
 ) -> ThreadedAssociationServer:
     """Start listening (non-blocking) and return the server."""
     counters = counters or ReceiveCounters()
+    tune_pynetdicom(settings.poll_interval_s)
     ae = build_ae(settings)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, counters]),
