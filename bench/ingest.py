@@ -25,6 +25,11 @@ Method
     median is reported; ``sync`` runs before each measurement so that one receiver's dirty pages
     are not written back during the next one's run.
 
+PDU sizes (what storescu sends is bounded by the receiver's announced maximum)
+    storescp and Orthanc announce 16384 bytes (their defaults); the node's default
+    ``max_pdu_bytes = 0`` announces no limit, so storescu sends it its own maximum of 131072-byte
+    PDUs. ``--node-max-pdu 16382`` measures the node under the same fragmentation as the others.
+
 Goal: node >= 0.8x storescp on large objects, and node >= 1.0x Orthanc on both sizes.
 
 Usage (as root): .venv/bin/python bench/ingest.py [--small N] [--large N] [--repeat R] [--out F]
@@ -69,6 +74,9 @@ GOALS = (  # (size class, other receiver, minimum node/other ratio)
 )
 GOAL_TEXT = "goal: node >= 0.8x storescp on large objects and >= 1.0x Orthanc on both sizes"
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "ingest.json"
+
+LIVE_PROCESSES: set[subprocess.Popen[bytes]] = set()
+"""Receivers started and not yet stopped: ``main`` stops whatever is left, however it ends."""
 
 
 class BenchError(RuntimeError):
@@ -231,6 +239,7 @@ class Receiver:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.command(), env=tool_env(), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
+        LIVE_PROCESSES.add(self.proc)
         try:
             self.wait_ready()
         except BenchError as exc:
@@ -239,17 +248,29 @@ class Receiver:
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``; the exit status (None if killed)."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                return proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT_S)
-                return None
-        return proc.returncode
+        return None if proc is None else terminate(proc)
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``; the exit status (None if killed)."""
+    status: int | None = proc.poll()
+    if status is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT_S)
+    LIVE_PROCESSES.discard(proc)
+    return status
+
+
+def stop_leftovers() -> None:
+    """Stop every receiver still running (after an error or an interruption)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # finish cleaning up before going away
+    for proc in list(LIVE_PROCESSES):
+        terminate(proc)
 
 
 class NodeReceiver(Receiver):
@@ -609,7 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench/ingest.py: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bench/ingest.py: interrupted", file=sys.stderr)
+        return 130
     finally:
+        stop_leftovers()
         shutil.rmtree(root, ignore_errors=True)
     return 0
 
