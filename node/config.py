@@ -21,7 +21,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.uids import is_valid_uid
 
 ENV_CONFIG = "SYNTHNODE_CONFIG"
 ENV_PREFIX = "SYNTHNODE__"
@@ -88,6 +90,54 @@ class SpoolSettings(_Section):
     fsync: bool = Field(True, description="fsync each instance before acknowledging it")
 
 
+class OrthancSettings(_Section):
+    """``[orthanc]``: the Orthanc that receives outputs over REST."""
+
+    url: str = Field("http://127.0.0.1:8042", pattern=r"^https?://")
+    username: str = ""
+    password: str = Field("", description="secret: set SYNTHNODE__ORTHANC__PASSWORD, not the file")
+    timeout_s: float = Field(30.0, gt=0)
+    job_metadata: str = Field("SynthnodeJob", description="user metadata name, index >= 1024")
+    task_metadata: str = Field("SynthnodeTask", description="user metadata name, index >= 1024")
+
+
+class OutputSettings(_Section):
+    """``[output]``: how produced objects are identified, checked and set aside."""
+
+    uid_root: str = Field(
+        "", description='UID root for outputs; "" = 2.25 (UUID-derived, no registration)'
+    )
+    validate_objects: bool = Field(
+        True, alias="validate", description="run dciodvfy; objects with errors are quarantined"
+    )
+    quarantine_dir: Path = Path("var/quarantine")
+    manufacturer: str = Field("synthnode", min_length=1, max_length=64)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_root(cls, value: str) -> str:
+        if value and (not is_valid_uid(value) or len(value) > 40):
+            raise ValueError("a UID root is a valid UID of at most 40 characters, or empty")
+        return value
+
+
+class DispatchSettings(_Section):
+    """``[dispatch]``: retries of transient failures (connection errors, HTTP 5xx, timeouts)."""
+
+    max_attempts: int = Field(6, ge=1, le=100)
+    backoff_initial_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+
+
+class Destination(_Section):
+    """``[[destinations]]``: a DICOM peer that receives outputs by C-STORE."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
 class LogSettings(_Section):
     """``[log]``: logs carry UIDs, AE titles and job ids, never names, IDs, dates or free text."""
 
@@ -99,7 +149,27 @@ class Settings(_Section):
 
     node: NodeSettings = NodeSettings()
     spool: SpoolSettings = SpoolSettings()
+    orthanc: OrthancSettings = OrthancSettings()
+    output: OutputSettings = OutputSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    destinations: list[Destination] = Field(default_factory=list)
     log: LogSettings = LogSettings()
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must be unique: {names}")
+        return value
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name``; KeyError naming the known ones otherwise."""
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise KeyError(f'no destination "{name}" (known: {known})')
 
 
 class ConfigError(Exception):
@@ -188,9 +258,14 @@ def load_settings(
     except ValidationError as exc:
         lines = [_describe(e, source, Settings) for e in exc.errors()]  # type: ignore[arg-type]
         raise ConfigError("\n".join(lines)) from None
-    spool_dir = settings.spool.dir
-    if not spool_dir.is_absolute():
-        spool_dir = base_dir / spool_dir
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else base_dir / path
+
     return settings.model_copy(
-        update={"spool": settings.spool.model_copy(update={"dir": spool_dir})}
+        update={
+            "spool": settings.spool.model_copy(update={"dir": resolve(settings.spool.dir)}),
+            "output": settings.output.model_copy(
+                update={"quarantine_dir": resolve(settings.output.quarantine_dir)}
+            ),
+        }
     )
