@@ -1,0 +1,29 @@
+"""Secondary Capture objects: the writer, provenance records, UIDs and validation."""
+
+from node.dicom.provenance import (
+    Deidentification,
+    NewIdentity,
+    SeriesSpec,
+    Synthesis,
+    SynthesisTask,
+    TemporalInformation,
+)
+from node.dicom.validate import Saved, Validation, quarantine, save_checked, validate_file
+from node.dicom.writer import Pixels, build_sc, output_uids
+
+__all__ = [
+    "Deidentification",
+    "NewIdentity",
+    "Pixels",
+    "Saved",
+    "SeriesSpec",
+    "Synthesis",
+    "SynthesisTask",
+    "TemporalInformation",
+    "Validation",
+    "build_sc",
+    "output_uids",
+    "quarantine",
+    "save_checked",
+    "validate_file",
+]

