@@ -22,6 +22,7 @@ from node.dicom import (
     SynthesisTask,
     TemporalInformation,
     build_sc,
+    carried_spacing,
     save_checked,
     validate_file,
 )
@@ -238,3 +239,21 @@ def test_invalid_objects_are_quarantined_with_the_report(tmp_path: Path) -> None
     assert "Burned In Annotation" in saved.reason
     note = json.loads(saved.path.with_suffix(".reason.json").read_text())
     assert note["job"] == "job-1" and "MAYBE" in note["reason"] and note["report"]
+
+
+def test_geometry_is_carried_where_it_holds(tmp_path: Path) -> None:
+    ct = source("CT_small.dcm")  # axial: rows run to the patient's left, columns posterior
+    same = Pixels(ct.pixel_array[None].astype(np.uint16), pixel_spacing=carried_spacing(ct))
+    ds = build_sc([ct], same, synthesis(), OutputSettings())
+    assert [float(v) for v in ds.PixelSpacing] == [float(v) for v in ct.PixelSpacing]
+    assert list(ds.PatientOrientation) == ["L", "P"]
+    half = carried_spacing(ct, scale=0.5)
+    assert half == (2 * float(ct.PixelSpacing[0]), 2 * float(ct.PixelSpacing[1]))
+    # Unknown geometry: no spacing, orientation empty.
+    ds = build_sc([ct], Pixels(ct.pixel_array[None, :32, :32].astype(np.uint16)), synthesis(),
+                  OutputSettings())
+    assert "PixelSpacing" not in ds and not ds.PatientOrientation
+    path = tmp_path / "g.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert validate_file(path).ok
+    assert carried_spacing(source("RG1_UNCR.dcm")) is None  # this CR says 0\\0

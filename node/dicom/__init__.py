@@ -9,7 +9,7 @@ from node.dicom.provenance import (
     TemporalInformation,
 )
 from node.dicom.validate import Saved, Validation, quarantine, save_checked, validate_file
-from node.dicom.writer import Pixels, build_sc, output_uids
+from node.dicom.writer import Pixels, build_sc, carried_spacing, output_uids
 
 __all__ = [
     "Deidentification",
@@ -22,6 +22,7 @@ __all__ = [
     "TemporalInformation",
     "Validation",
     "build_sc",
+    "carried_spacing",
     "output_uids",
     "quarantine",
     "save_checked",

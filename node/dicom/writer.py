@@ -88,6 +88,18 @@ class Pixels:
         return frames
 
 
+def carried_spacing(source: Dataset, scale: float = 1.0) -> tuple[float, float] | None:
+    """The source's Pixel Spacing for an output whose pixels are the source's resampled by
+    ``scale`` (output pixels per source pixel; 1 = same grid, also for outpainting, which adds
+    pixels at the same spacing). None where the source has no calibrated spacing."""
+    if scale <= 0:
+        raise ValueError(f"scale {scale} is not positive")
+    spacing = source.get("PixelSpacing")
+    if not spacing or len(spacing) != 2 or min(float(v) for v in spacing) <= 0:
+        return None  # absent, or written as 0\0 (seen in the wild): not a calibration
+    return float(spacing[0]) / scale, float(spacing[1]) / scale
+
+
 def _references(
     sources: Sequence[Dataset], purpose: Code
 ) -> tuple[DicomSequence, DicomSequence]:
