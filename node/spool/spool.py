@@ -12,7 +12,6 @@ UIDs cannot start with a dot, so the spool's own entries never collide with a st
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import threading
@@ -281,11 +280,3 @@ class Spool:
     def summaries(self) -> list[StudySummary]:
         return self.index.summaries()
 
-
-def content_digest(path: Path) -> str:
-    """SHA-256 of a file (tests and tools compare spooled bytes with it)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
