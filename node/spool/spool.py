@@ -90,10 +90,10 @@ def _same_bytes(path: Path, data: bytes) -> bool:
     try:
         if path.stat().st_size != len(data):
             return False
-        view = memoryview(data)
         with path.open("rb") as f:
             for offset in range(0, len(data), _CHUNK):
-                if f.read(_CHUNK) != view[offset : offset + _CHUNK]:
+                # bytes == bytes is a memcmp; against a memoryview it compares item by item.
+                if f.read(_CHUNK) != data[offset : offset + _CHUNK]:
                     return False
         return True
     except FileNotFoundError:
