@@ -49,13 +49,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # tests.orthancproc: Orthanc is started by one piece of code
+
+from tests.orthancproc import OrthancProcess  # noqa: E402
 
 NETNS_ENV = "SYNTHNODE_BENCH_NETNS"
 HOST = "127.0.0.1"
@@ -145,12 +150,6 @@ def c_echo(ae_title: str, port: int) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return done.returncode == 0
-
-
-def http_get_json(url: str, timeout_s: float = 2.0) -> Any:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout_s) as rsp:
-        return json.load(rsp)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -316,52 +315,38 @@ class StorescpReceiver(Receiver):
 
 
 class OrthancReceiver(Receiver):
+    """Orthanc started by the tests' :class:`OrthancProcess` (one piece of Orthanc start-up
+    code), without authentication."""
+
     name = "orthanc"
     ae_title = "ORTHANC"
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
-        self.http_port = free_port()
-        while self.http_port == self.port:
-            self.http_port = free_port()
-        self.config = workdir / "orthanc.json"
+        http_port = free_port()
+        while http_port == self.port:
+            http_port = free_port()
+        self.orthanc = OrthancProcess(
+            workdir, aet=self.ae_title, username=None, http_port=http_port,
+            dicom_port=self.port, overrides={"Name": "synthnode-bench"},
+        )
+        assert self.orthanc.storage == self.storage and self.orthanc.log_path == self.log_path
 
-    def prepare(self) -> None:
-        super().prepare()
-        config = {
-            "Name": "synthnode-bench",
-            "StorageDirectory": str(self.storage),
-            "IndexDirectory": str(self.workdir / "index"),
-            "DicomAet": self.ae_title,
-            "DicomPort": self.port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "StorageCompression": False,
-            "SyncStorageArea": True,  # the default, stated: durable like the node
-            "Plugins": [],
-        }
-        self.config.write_text(json.dumps(config, indent=2))
-
-    def command(self) -> list[str]:
-        return ["Orthanc", str(self.config)]
-
-    def _http_up(self) -> bool:
+    def start(self) -> None:
         try:
-            http_get_json(f"http://{HOST}:{self.http_port}/system")
-        except OSError:
-            return False
-        return True
-
-    def wait_ready(self) -> None:
-        wait_until(self._http_up, f"orthanc: HTTP /system on port {self.http_port}",
-                   START_TIMEOUT_S, self.proc)
-        super().wait_ready()
+            self.orthanc.start(START_TIMEOUT_S)  # returns once HTTP /system answers
+        except RuntimeError as exc:
+            raise BenchError(f"orthanc: {exc}") from None
+        self.proc = self.orthanc.proc
+        assert self.proc is not None
+        LIVE_PROCESSES.add(self.proc)
+        try:
+            self.wait_ready()
+        except BenchError as exc:
+            raise BenchError(f"{exc}\n--- {self.log_path} ---\n{tail(self.log_path)}") from None
 
     def count_received(self) -> int:
-        stats = http_get_json(f"http://{HOST}:{self.http_port}/statistics")
-        return int(stats["CountInstances"])
+        return self.orthanc.count_instances()
 
 
 def make_receiver(name: str, workdir: Path, node_max_pdu: int) -> Receiver:

@@ -84,6 +84,38 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    from node.config import Destination
+    from node.dispatch import send_to_orthanc, send_to_peer
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    if args.to == "orthanc":
+        results = send_to_orthanc(args.files, settings, args.job, args.task)
+    else:
+        try:
+            if "@" in args.to:
+                ae_title, host, port = parse_peer(args.to)
+                destination = Destination(name="command-line", ae_title=ae_title, host=host,
+                                          port=port)
+            else:
+                destination = settings.destination(args.to)
+        except (KeyError, ValueError) as exc:
+            print(f"synthnode send: --to {args.to}: {exc.args[0] if exc.args else exc}",
+                  file=sys.stderr)
+            return 2
+        results = send_to_peer(args.files, destination, settings, args.calling_aet)
+    for path, r in zip(args.files, results, strict=True):
+        tries = f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"
+        state = "sent  " if r.ok else "FAILED"
+        note = f": {r.reason}" if r.reason else ""
+        print(f"{state} {path}  {r.sop_instance_uid or '-'}  ({tries}){note}")
+    failed = sum(1 for r in results if not r.ok)
+    where = results[0].destination if results else args.to
+    print(f"{len(results) - failed} of {len(results)} sent to {where}, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from node.spool import Spool
 
@@ -149,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calling-aet", default=None, help="our AE title (default: [node] ae_title)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("send", help="send DICOM files to Orthanc or a DICOM peer, with retries")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM files")
+    p.add_argument(
+        "--to", required=True, metavar="TARGET",
+        help='"orthanc" (the [orthanc] REST API), AE@HOST:PORT (C-STORE), or the name of a '
+             "[[destinations]] entry",
+    )
+    p.add_argument("--job", default="manual", help='job id marked in Orthanc (default "manual")')
+    p.add_argument("--task", default="send", help='task name marked in Orthanc (default "send")')
+    p.add_argument("--calling-aet", default=None,
+                   help="our AE title for C-STORE (default: [node] ae_title)")
+    p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("status", help="studies in the spool, stable or not, and counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")

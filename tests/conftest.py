@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.nodeproc import NodeProcess, StoreSCP, write_config
+from tests.orthancproc import OrthancProcess, free_port
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -50,12 +50,6 @@ def pytest_configure(config: pytest.Config) -> None:
     _isolate()
     # dcmtk and Orthanc leave Nagle on unless told: ~40 ms per C-STORE otherwise.
     os.environ["TCP_NODELAY"] = "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -96,3 +90,13 @@ def storescp(tmp_path: Path):
     scp = StoreSCP(tmp_path / "storescp", free_port())
     yield scp
     scp.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    """A real Orthanc 1.10 with HTTP authentication and synthnode's user metadata declared;
+    killed after the test (its storage is temporary: no need for its 3.5 s graceful stop)."""
+    proc = OrthancProcess(tmp_path / "orthanc")
+    proc.start()
+    yield proc
+    proc.stop(kill=True)

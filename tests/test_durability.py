@@ -13,7 +13,15 @@ from pydicom import dcmread
 from pynetdicom import AE, _config
 
 from node.receive.check import StoreStatus, inspect_dataset
-from tests.nodeproc import NodeProcess, StoreSCP, dataset_bytes, dcmtk, make_study
+from tests.nodeproc import (
+    SYNTHNODE,
+    NodeProcess,
+    StoreSCP,
+    dataset_bytes,
+    dcmtk,
+    make_study,
+)
+from tests.orthancproc import free_port
 
 
 def _reference_bytes(storescp: StoreSCP, files: list[Path]) -> dict[str, bytes]:
@@ -214,9 +222,6 @@ def test_full_disk_answers_out_of_resources_and_keeps_what_was_stored(
 
 
 def test_bad_config_exits_nonzero_before_listening(tmp_path: Path) -> None:
-    from tests.conftest import free_port
-    from tests.nodeproc import SYNTHNODE
-
     port = free_port()
     cfg = tmp_path / "bad.toml"
     cfg.write_text(f'[node]\nport = {port}\nmax_associations = 0\n[spool]\nfsync = "often"\n')

@@ -1,0 +1,19 @@
+"""Dispatch: every object the node produces leaves through here, to Orthanc over REST or to any
+DICOM peer by C-STORE, with retries of transient failures (``[dispatch]``) and one
+:class:`DispatchResult` per object.
+
+Logs and results name SOP Instance UIDs, job ids and AE titles, never patient data.
+"""
+
+from node.dispatch.dimse import PeerDispatcher, send_to_peer
+from node.dispatch.orthanc import OrthancDispatcher, send_to_orthanc
+from node.dispatch.outgoing import DispatchResult, ObjectLike
+
+__all__ = [
+    "DispatchResult",
+    "ObjectLike",
+    "OrthancDispatcher",
+    "PeerDispatcher",
+    "send_to_orthanc",
+    "send_to_peer",
+]

@@ -1,0 +1,206 @@
+"""Any DICOM peer by C-STORE: one association per round, each object in its own transfer syntax.
+
+For every (SOP Class, Transfer Syntax) pair among the objects one presentation context is
+proposed, so compressed objects travel compressed and files travel byte for byte (their data set
+is sent as stored, never decoded). Status classes (PS3.4 B.2.3, PS3.7 C):
+
+- Success and Warning (0xB000 coercion, 0xB006, 0xB007, 0x0107, 0x0116): sent.
+- 0x0111 Duplicate SOP Instance: sent (the peer already holds it; our UIDs identify content).
+- Out of resources (0xA7xx), 0x0213 resource limitation, 0x0110 processing failure, and no
+  answer at all (timeout, abort): transient, retried.
+- Everything else (0xA9xx, 0xCxxx, 0x0122 SOP class not supported, 0x0124 not authorised, ...),
+  and a context the peer did not accept: permanent.
+
+Sending sets pynetdicom's process-wide ``_config.STORE_SEND_CHUNKED_DATASET`` (files are sent
+raw, never decoded); nothing else in the node sends C-STOREs from files.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+from node.config import Destination, DispatchSettings, NodeSettings, Settings
+from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, load_all, to_results
+from node.dispatch.retry import Outcome, permanent, run_rounds, sent, transient
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # presentation contexts per association (odd IDs 1..255, PS3.8 9.3.2.2)
+_TRANSIENT_CODES = {0x0110, 0x0213}
+
+Context = tuple[str, str]  # (SOP Class UID, Transfer Syntax UID)
+
+
+def status_outcome(code: int) -> Outcome:
+    """A C-STORE response status as sent / transient / permanent, with its name."""
+    name = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
+    text = f"status {code:#06x} {name}".rstrip()
+    category = code_to_category(code)
+    if category == "Success":
+        return sent()
+    if category == "Warning":
+        return sent(text)
+    if code == 0x0111:
+        return sent(f"peer already holds this instance ({text})")
+    if code in _TRANSIENT_CODES or 0xA700 <= code <= 0xA7FF:
+        return transient(text)
+    return permanent(text)
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Turn Nagle's algorithm off: with it on, each C-STORE waits ~40 ms for the peer's delayed
+    ACK of the previous PDU (measured: 100 CT instances to Orthanc 5.1 s with it, 0.78 s
+    without)."""
+    sock = event.assoc.dul.socket
+    try:
+        if sock is not None and sock.socket is not None:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:  # an event handler never raises
+        log.debug("TCP_NODELAY not set: %s", exc)
+
+
+class PeerDispatcher:
+    """Sends objects to one DICOM peer as ``calling_aet``, retrying as ``[dispatch]`` says;
+    timeouts are the node's (``[node] acse_timeout_s``, ``dimse_timeout_s``,
+    ``network_timeout_s``)."""
+
+    def __init__(self, destination: Destination, dispatch: DispatchSettings,
+                 node: NodeSettings, calling_aet: str | None = None) -> None:
+        self.destination = destination
+        self.dispatch = dispatch
+        self.node = node
+        self.calling_aet = calling_aet or node.ae_title
+        if not 0 < len(self.calling_aet) <= 16:
+            raise ValueError(f'calling AE title "{self.calling_aet}" is not 1 to 16 characters')
+        self.name = f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+    def send(self, objects: Sequence[ObjectLike],
+             stop: threading.Event | None = None) -> list[DispatchResult]:
+        """C-STORE ``objects``; one result per object, in order. Never raises for a failed
+        object: its result says why. ``stop`` set during a backoff wait cancels the retries."""
+        # Files go out as stored: pynetdicom then sends the data set bytes after the file meta
+        # (only an exactly matching context will do, which is what we propose).
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        items, unreadable = load_all(list(objects))
+
+        def attempt_round(pending: list[int]) -> dict[int, Outcome]:
+            by_context: dict[Context, list[int]] = {}
+            for i in pending:
+                item = items[i]
+                assert item is not None
+                by_context.setdefault((item.sop_class_uid, item.transfer_syntax_uid), []).append(i)
+            contexts = list(by_context)
+            outcomes: dict[int, Outcome] = {}
+            for start in range(0, len(contexts), MAX_CONTEXTS):
+                chunk = contexts[start:start + MAX_CONTEXTS]
+                indices = [i for cx in chunk for i in by_context[cx]]
+                outcomes.update(self._association(chunk, indices, items))
+            return outcomes
+
+        progress = run_rounds(
+            len(items), attempt_round, self.dispatch,
+            first={i: permanent(reason) for i, reason in unreadable.items()},
+            stop=stop, what=f"C-STORE to {self.name}",
+        )
+        results = to_results(self.name, items, progress)
+        failed = sum(1 for r in results if not r.ok)
+        log.info("C-STORE to %s as %s: %d sent, %d failed", self.name, self.calling_aet,
+                 len(results) - failed, failed)
+        return results
+
+    def _associate(self, contexts: list[Context]) -> Association:
+        ae = AE(ae_title=self.calling_aet)
+        ae.connection_timeout = self.node.acse_timeout_s
+        ae.acse_timeout = self.node.acse_timeout_s
+        ae.dimse_timeout = self.node.dimse_timeout_s
+        ae.network_timeout = self.node.network_timeout_s
+        for sop_class, syntax in contexts:
+            ae.add_requested_context(sop_class, [syntax])
+        d = self.destination
+        return ae.associate(d.host, d.port, ae_title=d.ae_title,
+                            evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+
+    def _association(self, contexts: list[Context], indices: list[int],
+                     items: list[Outgoing | None]) -> dict[int, Outcome]:
+        """One association: C-STORE the objects at ``indices``."""
+        assoc = self._associate(contexts)
+        if not assoc.is_established:
+            return self._not_established(assoc, indices, items)
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts}
+        outcomes: dict[int, Outcome] = {}
+        try:
+            for i in indices:
+                item = items[i]
+                assert item is not None
+                if not assoc.is_established:
+                    outcomes[i] = transient(f"association with {self.name} ended early")
+                elif (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
+                    outcomes[i] = permanent(_refused_context(item))
+                else:
+                    outcomes[i] = self._store(assoc, item)
+                self._log(item, outcomes[i])
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return outcomes
+
+    def _store(self, assoc: Association, item: Outgoing) -> Outcome:
+        source = item.source if isinstance(item.source, Dataset) else str(item.source)
+        try:
+            status = assoc.send_c_store(source)
+        except RuntimeError:  # the association went away
+            return transient(f"association with {self.name} ended early")
+        except (AttributeError, ValueError, OSError) as exc:
+            return permanent(f"object cannot be encoded or read for C-STORE "
+                             f"({type(exc).__name__})")
+        if "Status" not in status:
+            return transient("no C-STORE response (DIMSE timeout or association aborted)")
+        return status_outcome(int(status.Status))
+
+    def _not_established(self, assoc: Association, indices: list[int],
+                         items: list[Outgoing | None]) -> dict[int, Outcome]:
+        if assoc.is_rejected:
+            rsp = assoc.acceptor.primitive
+            result = getattr(rsp, "result", None)
+            why = (f"association rejected by {self.name} "
+                   f"({getattr(rsp, 'result_str', '?')}: {getattr(rsp, 'reason_str', '?')})")
+            log.warning("%s", why)
+            return dict.fromkeys(indices, transient(why) if result == 0x02 else permanent(why))
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # pynetdicom aborts when the peer accepts none of the proposed contexts.
+            return {i: permanent(_refused_context(items[i])) for i in indices}
+        why = (f"cannot associate with {self.name} as {self.calling_aet} "
+               "(connection refused, aborted or timed out)")
+        log.warning("%s", why)
+        return dict.fromkeys(indices, transient(why))
+
+    def _log(self, item: Outgoing, outcome: Outcome) -> None:
+        if outcome.ok:
+            log.debug("C-STORE %s to %s: sent%s", item.sop_instance_uid, self.name,
+                      f" ({outcome.reason})" if outcome.reason else "")
+        else:
+            log.warning("C-STORE %s to %s: %s", item.sop_instance_uid, self.name, outcome.reason)
+
+
+def _refused_context(item: Outgoing | None) -> str:
+    assert item is not None
+    return (f"peer did not accept SOP Class {item.sop_class_uid} in transfer syntax "
+            f"{item.transfer_syntax_uid}")
+
+
+def send_to_peer(
+    objects: Sequence[ObjectLike], destination: Destination, settings: Settings,
+    calling_aet: str | None = None, stop: threading.Event | None = None,
+) -> list[DispatchResult]:
+    """C-STORE ``objects`` to ``destination`` as ``calling_aet`` (default ``[node] ae_title``)."""
+    dispatcher = PeerDispatcher(destination, settings.dispatch, settings.node, calling_aet)
+    return dispatcher.send(objects, stop=stop)

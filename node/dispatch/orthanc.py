@@ -1,0 +1,222 @@
+"""Orthanc over REST: upload each object, then mark it with the job and task that produced it.
+
+Each instance gets two user metadata (``[orthanc] job_metadata``, ``task_metadata``; Orthanc must
+declare them in its ``UserMetadata``), and on Orthanc 1.12+ the job id and task as labels too.
+Uploading an instance Orthanc already holds answers ``"Status": "AlreadyStored"`` and changes
+nothing: that counts as sent, so retries and re-sends are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any
+
+import requests
+from orthanc_api_client import OrthancApiClient
+from orthanc_api_client import exceptions as orthanc_errors
+from requests.adapters import HTTPAdapter
+
+from node.config import DispatchSettings, OrthancSettings, Settings
+from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, load_all, to_results
+from node.dispatch.retry import Outcome, permanent, run_rounds, sent, transient
+
+log = logging.getLogger(__name__)
+
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what Orthanc 1.12 accepts as a label
+_TRANSIENT_HTTP = {408, 409, 429}  # timeout, concurrent upload of the same instance, busy
+
+
+class _Unreachable(Exception):
+    """Orthanc itself did not answer: the rest of the round would fail the same way."""
+
+
+class _TimeoutAdapter(HTTPAdapter):
+    """No retries of its own (ours count attempts and back off) and a default timeout, so that
+    every request the client makes is bounded."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(max_retries=0)
+        self.timeout_s = timeout_s
+
+    def send(
+        self, request: requests.PreparedRequest, stream: bool = False,
+        timeout: float | tuple[float | None, float | None] | None = None,
+        verify: bool | str = True, cert: str | tuple[str, str] | None = None,
+        proxies: dict[str, str] | None = None,
+    ) -> requests.Response:
+        return super().send(request, stream, self.timeout_s if timeout is None else timeout,
+                            verify, cert, proxies)
+
+
+class OrthancDispatcher:
+    """Sends objects to the Orthanc of ``[orthanc]``, retrying as ``[dispatch]`` says.
+
+    One instance may serve many :meth:`send` calls (it keeps an HTTP connection pool); close it
+    when done, or use it as a context manager.
+    """
+
+    def __init__(self, orthanc: OrthancSettings, dispatch: DispatchSettings) -> None:
+        self.settings = orthanc
+        self.dispatch = dispatch
+        self.name = f"orthanc {orthanc.url}"
+        self._client = OrthancApiClient(orthanc.url, user=orthanc.username or None,
+                                        pwd=orthanc.password or None)
+        # The client mounts urllib3 retries (3 connects, backoff) and sets no timeout: replace
+        # them, or attempts multiply invisibly and a hung Orthanc hangs us.
+        adapter = _TimeoutAdapter(orthanc.timeout_s)
+        self._client._http_session.mount("http://", adapter)
+        self._client._http_session.mount("https://", adapter)
+        self._labels: bool | None = None  # Orthanc >= 1.12, known after the first contact
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OrthancDispatcher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def send(
+        self, objects: Sequence[ObjectLike], job_id: str, task: str,
+        stop: threading.Event | None = None,
+    ) -> list[DispatchResult]:
+        """Upload ``objects`` and mark them with ``job_id`` and ``task``; one result per object,
+        in order. Never raises for a failed object: its result says why. ``stop`` set during a
+        backoff wait cancels the remaining retries."""
+        if not job_id or not task:
+            raise ValueError(f'job id "{job_id}" and task "{task}" must both be non-empty')
+        items, unreadable = load_all(list(objects))
+
+        def attempt_round(pending: list[int]) -> dict[int, Outcome]:
+            outcomes: dict[int, Outcome] = {}
+            for n, i in enumerate(pending):
+                item = items[i]
+                assert item is not None
+                try:
+                    outcomes[i] = self._send_one(item, job_id, task)
+                except _Unreachable as exc:
+                    # The destination is down: the others of this round share the attempt.
+                    for j in pending[n:]:
+                        outcomes[j] = transient(str(exc))
+                    break
+                self._log(item, outcomes[i], job_id)
+            return outcomes
+
+        progress = run_rounds(
+            len(items), attempt_round, self.dispatch,
+            first={i: permanent(reason) for i, reason in unreadable.items()},
+            stop=stop, what=f"{self.name} job {job_id}",
+        )
+        results = to_results(self.name, items, progress)
+        failed = sum(1 for r in results if not r.ok)
+        log.info("%s: job %s task %s: %d sent, %d failed", self.name, job_id, task,
+                 len(results) - failed, failed)
+        return results
+
+    # -- one object ------------------------------------------------------------------------
+
+    def _send_one(self, item: Outgoing, job_id: str, task: str) -> Outcome:
+        """Upload, then set the metadata (and labels); raises _Unreachable."""
+        try:
+            data = item.part10_bytes()
+        except OSError as exc:
+            return permanent(f"file cannot be read ({exc.strerror})")
+        step = "POST /instances"
+        try:
+            answer = self._call("post", "instances", step, data=data).json()
+            instance_id, status = str(answer["ID"]), answer.get("Status")
+            for name, value in ((self.settings.job_metadata, job_id),
+                                (self.settings.task_metadata, task)):
+                step = f"PUT metadata {name}"
+                self._call("put", f"instances/{instance_id}/metadata/{name}", step,
+                           data=value.encode("utf-8"))
+            if self._labels is None:
+                step = "GET /system"
+                version = self._call("get", "system", step).json().get("Version", "")
+                self._labels = has_labels(str(version))
+            if self._labels:
+                for label in (job_id, task):
+                    if _LABEL.match(label):
+                        step = f"PUT label {label}"
+                        self._call("put", f"instances/{instance_id}/labels/{label}", step)
+        except orthanc_errors.HttpError as exc:
+            return _http_outcome(exc, step)
+        except (ValueError, KeyError, TypeError):  # not the JSON Orthanc answers
+            return transient(f"unexpected answer from Orthanc to {step}")
+        return sent("already stored" if status == "AlreadyStored" else "")
+
+    def _call(self, method: str, endpoint: str, step: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = getattr(self._client, method)(endpoint, **kwargs)
+        except orthanc_errors.ConnectionError:
+            raise _Unreachable(f"Orthanc at {self.settings.url} unreachable ({step}: "
+                               "connection failed)") from None
+        except orthanc_errors.TimeoutError:
+            raise _Unreachable(f"Orthanc at {self.settings.url} did not answer within "
+                               f"{self.settings.timeout_s:g} s ({step})") from None
+        except orthanc_errors.HttpError:
+            raise
+        except orthanc_errors.OrthancApiException as exc:  # e.g. SSLError
+            raise orthanc_errors.HttpError(http_status_code=None, msg=exc.msg) from None
+        if response is None:  # the client swallows request errors it does not translate
+            raise _Unreachable(f"Orthanc at {self.settings.url}: HTTP request failed ({step})")
+        return response
+
+    def _log(self, item: Outgoing, outcome: Outcome, job_id: str) -> None:
+        if outcome.ok:
+            log.debug("%s: %s sent (job %s)%s", self.name, item.sop_instance_uid, job_id,
+                      f": {outcome.reason}" if outcome.reason else "")
+        else:
+            log.warning("%s: %s not sent (job %s): %s", self.name, item.sop_instance_uid,
+                        job_id, outcome.reason)
+
+
+def has_labels(version: str) -> bool:
+    """Whether an Orthanc of this ``/system`` Version has labels (1.12+, or a mainline build)."""
+    if version.startswith("mainline"):
+        return True
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return m is not None and (int(m[1]), int(m[2])) >= (1, 12)
+
+
+def _http_outcome(exc: orthanc_errors.HttpError, step: str) -> Outcome:
+    """HTTP errors: 5xx and a few 4xx are transient, the other 4xx permanent."""
+    code = exc.http_status_code
+    if code is None:
+        return permanent(f"Orthanc request failed ({step}): {exc.msg}")
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = ""
+    message = ""
+    rsp = exc.request_response
+    if rsp is not None:
+        try:
+            message = str(rsp.json().get("Message", ""))  # Orthanc's error name, no data
+        except ValueError:
+            message = ""
+    reason = f"HTTP {code} {phrase} from Orthanc ({step})" + (f": {message}" if message else "")
+    if code in (401, 403):
+        return permanent(f"{reason}: check [orthanc] username and password")
+    if code == 404 and step.startswith("PUT metadata"):
+        return permanent(f"{reason}: Orthanc's configuration must declare this metadata in "
+                         "UserMetadata (index >= 1024)")
+    if code >= 500 or code in _TRANSIENT_HTTP:
+        return transient(reason)
+    return permanent(reason)
+
+
+def send_to_orthanc(
+    objects: Sequence[ObjectLike], settings: Settings, job_id: str, task: str,
+    stop: threading.Event | None = None,
+) -> list[DispatchResult]:
+    """Upload ``objects`` to the configured Orthanc, marked with ``job_id`` and ``task``."""
+    with OrthancDispatcher(settings.orthanc, settings.dispatch) as dispatcher:
+        return dispatcher.send(objects, job_id, task, stop=stop)

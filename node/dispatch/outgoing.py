@@ -1,0 +1,114 @@
+"""What leaves the node: objects identified by their header, and one result per object sent."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
+
+from node.dispatch.retry import Progress
+
+ObjectLike = str | os.PathLike[str] | Dataset
+"""A DICOM file (path to a Part 10 file) or a data set with File Meta Information."""
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """The fate of one object at one destination."""
+
+    destination: str
+    """``orthanc <url>`` or ``AE@HOST:PORT``."""
+    sop_instance_uid: str
+    """"" when the object could not even be read."""
+    ok: bool
+    attempts: int
+    """Times the object was offered to the destination (0: never, it could not be read)."""
+    reason: str = ""
+    """Why it failed; for a success, a note worth keeping (e.g. already stored), else ""."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One object to send, with the identifiers a destination negotiates on."""
+
+    source: Path | Dataset
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+    def part10_bytes(self) -> bytes:
+        """The object as a DICOM file (preamble, File Meta Information, data set)."""
+        if isinstance(self.source, Path):
+            return self.source.read_bytes()
+        buffer = BytesIO()
+        dcmwrite(buffer, self.source, enforce_file_format=True)
+        return buffer.getvalue()
+
+
+def load(obj: ObjectLike) -> Outgoing:
+    """Identify ``obj`` from its header (a file's pixel data is not read); ValueError naming
+    what is missing or inconsistent. Messages never contain element values other than UIDs."""
+    if isinstance(obj, Dataset):
+        ts = obj.file_meta.get("TransferSyntaxUID") if hasattr(obj, "file_meta") else None
+        sop_class, sop_instance = obj.get("SOPClassUID"), obj.get("SOPInstanceUID")
+        if not ts:
+            raise ValueError("data set has no File Meta Information Transfer Syntax UID "
+                             "(0002,0010)")
+        if not sop_class or not sop_instance:
+            raise ValueError("data set has no SOP Class UID (0008,0016) or SOP Instance UID "
+                             "(0008,0018)")
+        return Outgoing(obj, str(sop_class), str(sop_instance), str(ts))
+
+    path = Path(obj)
+    try:
+        ds = dcmread(path, stop_before_pixels=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except OSError as exc:
+        raise ValueError(f"file cannot be read ({exc.strerror})") from None
+    except InvalidDicomError:
+        raise ValueError("not a DICOM file (no DICM prefix)") from None
+    except Exception as exc:  # pydicom raises many kinds on a damaged header
+        raise ValueError(f"DICOM header cannot be parsed ({type(exc).__name__})") from None
+    meta = ds.file_meta
+    missing = [k for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID",
+                           "MediaStorageSOPInstanceUID") if not meta.get(k)]
+    if missing:
+        raise ValueError(f"File Meta Information lacks {', '.join(missing)}")
+    for meta_kw, ds_kw in (("MediaStorageSOPClassUID", "SOPClassUID"),
+                           ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
+        if ds.get(ds_kw) and str(ds[ds_kw].value) != str(meta[meta_kw].value):
+            raise ValueError(f"{meta_kw} {meta[meta_kw].value} differs from the data set's "
+                             f"{ds_kw} {ds[ds_kw].value}")
+    return Outgoing(path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                    str(meta.TransferSyntaxUID))
+
+
+def load_all(objects: list[ObjectLike]) -> tuple[list[Outgoing | None], dict[int, str]]:
+    """:func:`load` each object; the unreadable ones are None, with their reason by index."""
+    loaded: list[Outgoing | None] = []
+    errors: dict[int, str] = {}
+    for i, obj in enumerate(objects):
+        try:
+            loaded.append(load(obj))
+        except ValueError as exc:
+            loaded.append(None)
+            errors[i] = str(exc)
+    return loaded, errors
+
+
+def to_results(destination: str, items: list[Outgoing | None],
+               progress: list[Progress]) -> list[DispatchResult]:
+    """One result per object, in the order given."""
+    return [
+        DispatchResult(destination, item.sop_instance_uid if item else "", p.ok, p.attempts,
+                       p.reason)
+        for item, p in zip(items, progress, strict=True)
+    ]
