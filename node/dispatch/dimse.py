@@ -28,8 +28,8 @@ from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from node.config import Destination, DispatchSettings, NodeSettings, Settings
-from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, load_all, to_results
-from node.dispatch.retry import Outcome, permanent, run_rounds, sent, transient
+from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
+from node.dispatch.retry import Outcome, RoundFn, permanent, sent, transient
 
 log = logging.getLogger(__name__)
 
@@ -89,32 +89,26 @@ class PeerDispatcher:
         # Files go out as stored: pynetdicom then sends the data set bytes after the file meta
         # (only an exactly matching context will do, which is what we propose).
         _config.STORE_SEND_CHUNKED_DATASET = True
-        items, unreadable = load_all(list(objects))
 
-        def attempt_round(pending: list[int]) -> dict[int, Outcome]:
-            by_context: dict[Context, list[int]] = {}
-            for i in pending:
-                item = items[i]
-                assert item is not None
-                by_context.setdefault((item.sop_class_uid, item.transfer_syntax_uid), []).append(i)
-            contexts = list(by_context)
-            outcomes: dict[int, Outcome] = {}
-            for start in range(0, len(contexts), MAX_CONTEXTS):
-                chunk = contexts[start:start + MAX_CONTEXTS]
-                indices = [i for cx in chunk for i in by_context[cx]]
-                outcomes.update(self._association(chunk, indices, items))
-            return outcomes
+        def make_round(items: list[Outgoing | None]) -> RoundFn:
+            def attempt_round(pending: list[int]) -> dict[int, Outcome]:
+                by_context: dict[Context, list[int]] = {}
+                for i in pending:
+                    item = items[i]
+                    assert item is not None
+                    key = (item.sop_class_uid, item.transfer_syntax_uid)
+                    by_context.setdefault(key, []).append(i)
+                contexts = list(by_context)
+                outcomes: dict[int, Outcome] = {}
+                for start in range(0, len(contexts), MAX_CONTEXTS):
+                    chunk = contexts[start:start + MAX_CONTEXTS]
+                    indices = [i for cx in chunk for i in by_context[cx]]
+                    outcomes.update(self._association(chunk, indices, items))
+                return outcomes
+            return attempt_round
 
-        progress = run_rounds(
-            len(items), attempt_round, self.dispatch,
-            first={i: permanent(reason) for i, reason in unreadable.items()},
-            stop=stop, what=f"C-STORE to {self.name}",
-        )
-        results = to_results(self.name, items, progress)
-        failed = sum(1 for r in results if not r.ok)
-        log.info("C-STORE to %s as %s: %d sent, %d failed", self.name, self.calling_aet,
-                 len(results) - failed, failed)
-        return results
+        return deliver(self.name, objects, make_round, self.dispatch, stop,
+                       what=f"C-STORE to {self.name} as {self.calling_aet}")
 
     def _associate(self, contexts: list[Context]) -> Association:
         ae = AE(ae_title=self.calling_aet)

@@ -22,8 +22,8 @@ from orthanc_api_client import exceptions as orthanc_errors
 from requests.adapters import HTTPAdapter
 
 from node.config import DispatchSettings, OrthancSettings, Settings
-from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, load_all, to_results
-from node.dispatch.retry import Outcome, permanent, run_rounds, sent, transient
+from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
+from node.dispatch.retry import Outcome, RoundFn, permanent, sent, transient
 
 log = logging.getLogger(__name__)
 
@@ -92,33 +92,25 @@ class OrthancDispatcher:
         backoff wait cancels the remaining retries."""
         if not job_id or not task:
             raise ValueError(f'job id "{job_id}" and task "{task}" must both be non-empty')
-        items, unreadable = load_all(list(objects))
+        def make_round(items: list[Outgoing | None]) -> RoundFn:
+            def attempt_round(pending: list[int]) -> dict[int, Outcome]:
+                outcomes: dict[int, Outcome] = {}
+                for n, i in enumerate(pending):
+                    item = items[i]
+                    assert item is not None
+                    try:
+                        outcomes[i] = self._send_one(item, job_id, task)
+                    except _Unreachable as exc:
+                        # The destination is down: the others of this round share the attempt.
+                        for j in pending[n:]:
+                            outcomes[j] = transient(str(exc))
+                        break
+                    self._log(item, outcomes[i], job_id)
+                return outcomes
+            return attempt_round
 
-        def attempt_round(pending: list[int]) -> dict[int, Outcome]:
-            outcomes: dict[int, Outcome] = {}
-            for n, i in enumerate(pending):
-                item = items[i]
-                assert item is not None
-                try:
-                    outcomes[i] = self._send_one(item, job_id, task)
-                except _Unreachable as exc:
-                    # The destination is down: the others of this round share the attempt.
-                    for j in pending[n:]:
-                        outcomes[j] = transient(str(exc))
-                    break
-                self._log(item, outcomes[i], job_id)
-            return outcomes
-
-        progress = run_rounds(
-            len(items), attempt_round, self.dispatch,
-            first={i: permanent(reason) for i, reason in unreadable.items()},
-            stop=stop, what=f"{self.name} job {job_id}",
-        )
-        results = to_results(self.name, items, progress)
-        failed = sum(1 for r in results if not r.ok)
-        log.info("%s: job %s task %s: %d sent, %d failed", self.name, job_id, task,
-                 len(results) - failed, failed)
-        return results
+        return deliver(self.name, objects, make_round, self.dispatch, stop,
+                       what=f"{self.name} job {job_id} task {task}")
 
     # -- one object ------------------------------------------------------------------------
 

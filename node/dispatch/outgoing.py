@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -12,7 +15,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
-from node.dispatch.retry import Progress
+from node.config import DispatchSettings
+from node.dispatch.retry import RoundFn, permanent, run_rounds
+
+log = logging.getLogger(__name__)
 
 ObjectLike = str | os.PathLike[str] | Dataset
 """A DICOM file (path to a Part 10 file) or a data set with File Meta Information."""
@@ -104,11 +110,29 @@ def load_all(objects: list[ObjectLike]) -> tuple[list[Outgoing | None], dict[int
     return loaded, errors
 
 
-def to_results(destination: str, items: list[Outgoing | None],
-               progress: list[Progress]) -> list[DispatchResult]:
-    """One result per object, in the order given."""
-    return [
+def deliver(
+    destination: str,
+    objects: Sequence[ObjectLike],
+    make_round: Callable[[list[Outgoing | None]], RoundFn],
+    settings: DispatchSettings,
+    stop: threading.Event | None,
+    what: str,
+) -> list[DispatchResult]:
+    """Identify ``objects``, offer the readable ones to a destination in retried rounds
+    (``make_round(items)`` gives the function that offers them once), and return one result per
+    object in the order given; unreadable objects fail with 0 attempts. ``what`` names the
+    transfer in logs."""
+    items, unreadable = load_all(list(objects))
+    progress = run_rounds(
+        len(items), make_round(items), settings,
+        first={i: permanent(reason) for i, reason in unreadable.items()},
+        stop=stop, what=what,
+    )
+    results = [
         DispatchResult(destination, item.sop_instance_uid if item else "", p.ok, p.attempts,
                        p.reason)
         for item, p in zip(items, progress, strict=True)
     ]
+    failed = sum(1 for r in results if not r.ok)
+    log.info("%s: %d sent, %d failed", what, len(results) - failed, failed)
+    return results
