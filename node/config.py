@@ -53,6 +53,40 @@ class DuplicatePolicy(StrEnum):
     """Replace the spooled copy with the new bytes (logged); the study becomes unstable again."""
 
 
+class DeidOption(StrEnum):
+    """PS3.15 Annex E options (CID 7050), switched on by name in ``[deid] options``."""
+
+    RETAIN_SAFE_PRIVATE = "retain_safe_private"
+    """113111: keep private attributes on the ``[deid] safe_private`` allowlist."""
+
+    RETAIN_UIDS = "retain_uids"
+    """113110: keep original UIDs (no remapping)."""
+
+    RETAIN_DEVICE_IDENTITY = "retain_device_identity"
+    """113109: keep device serial numbers, station names and the like."""
+
+    RETAIN_INSTITUTION_IDENTITY = "retain_institution_identity"
+    """113112: keep institution names, addresses and departments."""
+
+    RETAIN_PATIENT_CHARACTERISTICS = "retain_patient_characteristics"
+    """113108: keep age, sex, size, weight and similar."""
+
+    RETAIN_LONGITUDINAL_FULL_DATES = "retain_longitudinal_full_dates"
+    """113106: keep dates and times as they are."""
+
+    RETAIN_LONGITUDINAL_MODIFIED_DATES = "retain_longitudinal_modified_dates"
+    """113107: shift dates by a per-patient offset (same for all of a patient's studies)."""
+
+    CLEAN_DESCRIPTORS = "clean_descriptors"
+    """113105: free-text descriptions replaced by cleaned values, not kept."""
+
+    CLEAN_STRUCTURED_CONTENT = "clean_structured_content"
+    """113104: structured report content cleaned, not removed."""
+
+    CLEAN_GRAPHICS = "clean_graphics"
+    """113103: graphics (overlays, curves) cleaned rather than removed."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -138,6 +172,43 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
 
 
+class DeidSettings(_Section):
+    """``[deid]``: de-identification (PS3.15 Annex E, Basic Profile plus options)."""
+
+    key: str = Field(
+        "", description="secret for pseudonyms and UID remapping: SYNTHNODE__DEID__KEY"
+    )
+    options: list[DeidOption] = Field(default_factory=list)
+    date_shift_max_days: int = Field(
+        365, ge=1, le=3650, description="modified dates move back 1..N days, per patient"
+    )
+    safe_private: list[str] = Field(
+        default_factory=list,
+        description='private attributes kept with retain_safe_private: "CREATOR:gggg,ee" '
+        "(odd group, element offset within the creator's block)",
+    )
+
+    @field_validator("options")
+    @classmethod
+    def _consistent(cls, value: list[DeidOption]) -> list[DeidOption]:
+        dates = {DeidOption.RETAIN_LONGITUDINAL_FULL_DATES,
+                 DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
+        if dates <= set(value):
+            raise ValueError("retain_longitudinal_full_dates and "
+                             "retain_longitudinal_modified_dates exclude each other")
+        return value
+
+    @field_validator("safe_private")
+    @classmethod
+    def _private_spec(cls, value: list[str]) -> list[str]:
+        for item in value:
+            m = re.fullmatch(r"([^:]{1,64}):([0-9A-Fa-f]{4}),([0-9A-Fa-f]{2})", item)
+            if not m or int(m[2], 16) % 2 == 0:
+                raise ValueError(f'"{item}" is not CREATOR:gggg,ee with an odd group gggg '
+                                 '(e.g. "ACME 1.0:0009,10")')
+        return value
+
+
 class LogSettings(_Section):
     """``[log]``: logs carry UIDs, AE titles and job ids, never names, IDs, dates or free text."""
 
@@ -152,6 +223,7 @@ class Settings(_Section):
     orthanc: OrthancSettings = OrthancSettings()
     output: OutputSettings = OutputSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    deid: DeidSettings = DeidSettings()
     destinations: list[Destination] = Field(default_factory=list)
     log: LogSettings = LogSettings()
 

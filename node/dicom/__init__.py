@@ -9,7 +9,7 @@ from node.dicom.provenance import (
     TemporalInformation,
 )
 from node.dicom.validate import Saved, Validation, quarantine, save_checked, validate_file
-from node.dicom.writer import Pixels, build_sc, carried_spacing, output_uids
+from node.dicom.writer import Pixels, build_sc, carried_spacing, mark_deidentified, output_uids
 
 __all__ = [
     "Deidentification",
@@ -23,6 +23,7 @@ __all__ = [
     "Validation",
     "build_sc",
     "carried_spacing",
+    "mark_deidentified",
     "output_uids",
     "quarantine",
     "save_checked",

@@ -341,22 +341,33 @@ def _apply_flavour(
                 sources, codes.DCM.SourceImageForImageProcessingOperation
             )
         return
-    _apply_deidentification(sc, provenance, synthetic_source)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    mark_deidentified(sc, provenance, settings, synthetic=synthetic_source)
+    _stamp_dates(sc, provenance.stamp)
 
 
-def _apply_deidentification(sc: Dataset, deid: Deidentification, synthetic: bool) -> None:
-    # Patient module / SOP Common: PS3.15 E.1.1 markers
-    sc.PatientIdentityRemoved = "YES"
-    sc.DeidentificationMethod = deid.method[:64]
-    sc.DeidentificationMethodCodeSequence = [
+def mark_deidentified(
+    ds: Dataset, deid: Deidentification, settings: OutputSettings, *, synthetic: bool = False
+) -> None:
+    """Write the PS3.15 E.1.1 markers into ``ds``: Patient Identity Removed, method and CID 7050
+    codes, Longitudinal Temporal Information Modified, Burned In Annotation and Recognizable
+    Visual Features as the pixel step found them, Synthetic Data, and a De-identifying
+    Equipment (109104) item."""
+    # Patient module / SOP Common / General Image
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = deid.method[:64]
+    ds.DeidentificationMethodCodeSequence = [
         hd.sr.CodedConcept.from_code(c) for c in deid.codes()
     ]
-    sc.LongitudinalTemporalInformationModified = deid.temporal.value
-    sc.BurnedInAnnotation = "YES" if deid.burned_in_annotation else "NO"
-    sc.RecognizableVisualFeatures = "YES" if deid.recognizable_visual_features else "NO"
-    sc.SyntheticData = "YES" if synthetic else "NO"
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    _stamp_dates(sc, deid.stamp)
+    ds.LongitudinalTemporalInformationModified = deid.temporal.value
+    ds.BurnedInAnnotation = "YES" if deid.burned_in_annotation else "NO"
+    ds.RecognizableVisualFeatures = "YES" if deid.recognizable_visual_features else "NO"
+    ds.SyntheticData = "YES" if synthetic else "NO"
+    items = list(ds.get("ContributingEquipmentSequence", []))
+    if not any(i.PurposeOfReferenceCodeSequence[0].CodeValue == "109104" for i in items
+               if "PurposeOfReferenceCodeSequence" in i):
+        items.append(_contributing_equipment(deid, settings))
+        ds.ContributingEquipmentSequence = items
 
 
 _STAMPED = (

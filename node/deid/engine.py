@@ -1,0 +1,274 @@
+"""The de-identification engine: PS3.15 Annex E, Basic Profile plus options, applied recursively.
+
+What it does to a data set (a copy; the input is untouched):
+
+1. every attribute of Table E.1-1 gets its action (:mod:`node.deid.profile`), inside sequences
+   too; attributes not in the table are kept, sequences among them still cleaned;
+2. private attributes are removed, except those on the ``safe_private`` allowlist with Retain
+   Safe Private; curves (50xx) and overlays (60xx) are removed whole, as are group lengths;
+3. Patient ID and Name become keyed HMAC pseudonyms; every UID with action U becomes a UID
+   derived from an HMAC of the original, so the same source UID maps to the same new UID on
+   every run and every machine sharing the key, and references stay coherent;
+4. with Retain Longitudinal Temporal Information with Modified Dates, dates move back by a
+   per-patient number of days (1..``date_shift_max_days``), the same in all of that patient's
+   studies;
+5. the PS3.15 E.1.1 markers are written (:func:`node.dicom.mark_deidentified`) and the file meta
+   follows the new SOP Instance UID.
+
+Compound actions (X/Z, X/D, Z/D, X/Z/D) need the attribute's Type in the IOD: ``type_of`` gives
+it where known; where it is not (no table for the IOD, or inside a sequence), the engine keeps
+the attribute with an empty or dummy value, which conforms whatever the Type and reveals
+nothing. X/Z/U* sequences are kept with their references remapped.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from node.config import DeidOption, DeidSettings, OutputSettings
+from node.deid.profile import CODE, Profile
+from node.dicom import Deidentification, TemporalInformation, mark_deidentified
+from node.uids import derive_uid
+
+PATIENT_NAME = 0x00100010
+PATIENT_ID = 0x00100020
+SOP_INSTANCE_UID = 0x00080018
+
+TypeOf = Callable[[str, int], str | None]
+"""(SOP Class UID, tag) -> the attribute's Type in that IOD ("1", "2", "3", ...) or None."""
+
+
+def unknown_type(sop_class_uid: str, tag: int) -> str | None:
+    return None
+
+
+_TEXT_DUMMY = "ANONYMIZED"
+_DUMMY: dict[str, Any] = {
+    "AE": "ANONYMOUS", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101",
+    "DT": "19000101000000", "TM": "000000", "LO": _TEXT_DUMMY, "SH": _TEXT_DUMMY,
+    "LT": _TEXT_DUMMY, "ST": _TEXT_DUMMY, "UT": _TEXT_DUMMY, "UC": _TEXT_DUMMY,
+    "PN": "ANONYMIZED", "UR": "ANONYMIZED", "DS": "0", "IS": "0", "FL": 0.0, "FD": 0.0,
+    "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
+    "OB": b"\0\0", "OW": b"\0\0", "OD": b"\0" * 8, "OF": b"\0" * 4, "OL": b"\0" * 4,
+    "OV": b"\0" * 8, "UN": b"\0\0",
+}
+_DATE_VRS = ("DA", "DT")
+
+
+class DeidentificationError(Exception):
+    """The data set cannot be de-identified safely; the message says why (no patient data)."""
+
+
+class Deidentifier:
+    """De-identifies data sets under one configuration (key, options, UID root)."""
+
+    def __init__(
+        self, settings: DeidSettings, output: OutputSettings, type_of: TypeOf = unknown_type
+    ) -> None:
+        if not settings.key:
+            raise DeidentificationError(
+                "[deid] key is empty: set SYNTHNODE__DEID__KEY (a long random secret, the same "
+                "on every machine that must produce the same pseudonyms)"
+            )
+        self.settings = settings
+        self.output = output
+        self.options = frozenset(settings.options)
+        self.profile = Profile(self.options)
+        self.type_of = type_of
+        self._key = settings.key.encode("utf-8")
+        self._safe_private = {_private_spec(s) for s in settings.safe_private}
+
+    # -- keyed derivations -----------------------------------------------------------------
+
+    def _mac(self, purpose: str, value: str) -> bytes:
+        return hmac.new(self._key, f"{purpose}\0{value}".encode(), hashlib.sha256).digest()
+
+    def pseudonym(self, subject: str) -> str:
+        """The Patient ID that stands for ``subject`` (the original Patient ID)."""
+        return "SN" + base64.b32encode(self._mac("patient-id", subject)).decode()[:14]
+
+    def date_shift_days(self, subject: str) -> int:
+        """How many days this patient's dates move back (1..date_shift_max_days)."""
+        n = int.from_bytes(self._mac("date-shift", subject)[:8], "big")
+        return 1 + n % self.settings.date_shift_max_days
+
+    def new_uid(self, uid: str) -> str:
+        """The UID that stands for ``uid``."""
+        return derive_uid(self.output.uid_root, "deid-uid", self._mac("uid", uid).hex())
+
+    @property
+    def temporal(self) -> TemporalInformation:
+        if DeidOption.RETAIN_LONGITUDINAL_FULL_DATES in self.options:
+            return TemporalInformation.UNMODIFIED
+        if DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
+            return TemporalInformation.MODIFIED
+        return TemporalInformation.REMOVED
+
+    def record(self) -> Deidentification:
+        """The provenance this configuration writes into its outputs."""
+        edition = self.profile.edition.split(",")[0].replace("DICOM ", "")
+        return Deidentification(
+            method=f"synthnode {edition} E.1-1",
+            options=tuple(CODE[o] for o in sorted(self.options)),
+            temporal=self.temporal,
+        )
+
+    # -- the data set ----------------------------------------------------------------------
+
+    def deidentify(self, source: Dataset) -> Dataset:
+        """A de-identified copy of ``source`` in its own IOD."""
+        ds = copy.deepcopy(source)
+        subject = str(ds.get("PatientID", "") or ds.get("PatientName", "") or
+                      ds.get("StudyInstanceUID", ""))
+        if not subject:
+            raise DeidentificationError("no Patient ID, Patient Name or Study Instance UID to "
+                                        "derive a pseudonym from")
+        shift = datetime.timedelta(days=self.date_shift_days(subject))
+        sop_class = str(ds.get("SOPClassUID", ""))
+        self._clean(ds, sop_class, shift, top=True)
+        pseudonym = self.pseudonym(subject)
+        ds.PatientID = pseudonym
+        ds.PatientName = f"ANONYMOUS^{pseudonym}"
+        synthetic = str(source.get("SyntheticData", "")).upper() == "YES"
+        mark_deidentified(ds, self.record(), self.output, synthetic=synthetic)
+        if hasattr(ds, "file_meta") and "SOPInstanceUID" in ds:
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return ds
+
+    def _clean(self, ds: Dataset, sop_class: str, shift: datetime.timedelta, top: bool) -> None:
+        kept_blocks: set[tuple[int, int]] = set()
+        private_creators: list[int] = []
+        for key in list(ds.keys()):
+            tag = int(key)
+            group, element = tag >> 16, tag & 0xFFFF
+            if element == 0x0000:
+                del ds[tag]  # group lengths: recomputed on write, or absent
+                continue
+            if group % 2 == 1:
+                if 0x0010 <= element <= 0x00FF:
+                    private_creators.append(tag)
+                elif self._keep_private(ds, group, element):
+                    kept_blocks.add((group, element >> 8))
+                    self._descend(ds[tag], sop_class, shift)
+                else:
+                    del ds[tag]
+                continue
+            if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+                del ds[tag]  # curves and overlays, whole (PS3.15 E.1-1: 50xx, 60xx)
+                continue
+            action = self.profile.action(tag)
+            if action is None or action == "K":
+                self._descend(ds[tag], sop_class, shift)
+                continue
+            self._apply(ds, tag, self._resolve(action, sop_class, tag, top), sop_class, shift)
+        for tag in private_creators:
+            if (tag >> 16, tag & 0xFF) not in kept_blocks:
+                del ds[tag]
+
+    def _keep_private(self, ds: Dataset, group: int, element: int) -> bool:
+        if DeidOption.RETAIN_SAFE_PRIVATE not in self.options:
+            return False
+        creator_tag = (group << 16) | (element >> 8)
+        creator = ds.get(creator_tag)
+        if creator is None:
+            return False
+        return (str(creator.value).strip(), group, element & 0xFF) in self._safe_private
+
+    def _resolve(self, action: str, sop_class: str, tag: int, top: bool) -> str:
+        if "/" not in action:
+            return action
+        choices = action.split("/")
+        if "U*" in choices:
+            return "K"  # a reference sequence: kept, its UIDs remapped inside
+        attr_type = self.type_of(sop_class, tag) if top else None
+        if attr_type and attr_type.startswith("1") and "D" in choices:
+            return "D"
+        if attr_type and attr_type.startswith("2") and "Z" in choices:
+            return "Z"
+        if attr_type and attr_type.startswith("3"):
+            return choices[0]
+        return "D" if "D" in choices else "Z"  # Type unknown: present, empty or dummy
+
+    def _descend(self, elem: DataElement, sop_class: str, shift: datetime.timedelta) -> None:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                self._clean(item, sop_class, shift, top=False)
+
+    def _apply(
+        self, ds: Dataset, tag: int, action: str, sop_class: str, shift: datetime.timedelta
+    ) -> None:
+        elem = ds[tag]
+        vr = elem.VR
+        if action == "X":
+            del ds[tag]
+        elif action == "Z":
+            elem.value = DicomSequence() if vr == "SQ" else None
+        elif action == "D":
+            if vr == "SQ":
+                self._descend(elem, sop_class, shift)
+            elif vr == "UI":
+                self._remap(elem)
+            else:
+                elem.value = _DUMMY.get(vr)
+        elif action == "C":
+            self._clean_value(elem, sop_class, shift)
+        elif action == "U":
+            self._remap(elem)
+        else:
+            raise DeidentificationError(f"unknown action {action!r} for ({tag >> 16:04X},"
+                                        f"{tag & 0xFFFF:04X})")
+
+    def _clean_value(
+        self, elem: DataElement, sop_class: str, shift: datetime.timedelta
+    ) -> None:
+        """C: replace with values of similar meaning that identify nobody."""
+        if elem.VR == "SQ":
+            self._descend(elem, sop_class, shift)
+        elif elem.VR in _DATE_VRS and self.temporal is TemporalInformation.MODIFIED:
+            elem.value = _shift_dates(elem, shift)
+        elif elem.VR == "TM" and self.temporal is TemporalInformation.MODIFIED:
+            pass  # a day shift leaves the time of day as it was
+        else:
+            elem.value = DicomSequence() if elem.VR == "SQ" else None
+
+    def _remap(self, elem: DataElement) -> None:
+        if elem.value in (None, ""):
+            return
+        if elem.VM > 1:
+            elem.value = [self.new_uid(str(v)) for v in elem.value]
+        else:
+            elem.value = self.new_uid(str(elem.value))
+
+
+def _private_spec(spec: str) -> tuple[str, int, int]:
+    """ "CREATOR:gggg,ee" (validated by the settings) -> (creator, group, element offset)."""
+    creator, place = spec.rsplit(":", 1)
+    group, offset = place.split(",")
+    return creator.strip(), int(group, 16), int(offset, 16)
+
+
+def _shift_dates(elem: DataElement, shift: datetime.timedelta) -> Any:
+    values = elem.value if elem.VM > 1 else [elem.value]
+    out = []
+    for value in values:
+        text = str(value or "")
+        if len(text) < 8 or not text[:8].isdigit():
+            out.append("")  # not a date we can shift: nothing of it may survive
+            continue
+        try:
+            day = datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8])) - shift
+        except ValueError:
+            out.append("")
+            continue
+        out.append(day.strftime("%Y%m%d") + (text[8:] if elem.VR == "DT" else ""))
+    return out if elem.VM > 1 else out[0]

@@ -1,0 +1,105 @@
+"""PS3.15 Table E.1-1 as the project keeps it, and the action each attribute gets under the
+options in force.
+
+Action codes (PS3.15 E.1-1): D dummy, Z empty or dummy, X remove, K keep (sequences still
+cleaned), C clean, U new UID; compound codes (X/Z, X/D, Z/D, X/Z/D, X/Z/U*) are resolved by the
+engine against the attribute's Type.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from node.config import DeidOption
+
+TABLE_FILE = "table_e1_1.json"
+
+COLUMN: dict[DeidOption, str] = {
+    DeidOption.RETAIN_SAFE_PRIVATE: "rtnSafePrivOpt",
+    DeidOption.RETAIN_UIDS: "rtnUIDsOpt",
+    DeidOption.RETAIN_DEVICE_IDENTITY: "rtnDevIdOpt",
+    DeidOption.RETAIN_INSTITUTION_IDENTITY: "rtnInstIdOpt",
+    DeidOption.RETAIN_PATIENT_CHARACTERISTICS: "rtnPatCharsOpt",
+    DeidOption.RETAIN_LONGITUDINAL_FULL_DATES: "rtnLongFullDatesOpt",
+    DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES: "rtnLongModifDatesOpt",
+    DeidOption.CLEAN_DESCRIPTORS: "cleanDescOpt",
+    DeidOption.CLEAN_STRUCTURED_CONTENT: "cleanStructContOpt",
+    DeidOption.CLEAN_GRAPHICS: "cleanGraphOpt",
+}
+"""The table's column for each option."""
+
+CODE: dict[DeidOption, Code] = {
+    DeidOption.RETAIN_SAFE_PRIVATE: codes.DCM.RetainSafePrivateOption,
+    DeidOption.RETAIN_UIDS: codes.DCM.RetainUidsOption,
+    DeidOption.RETAIN_DEVICE_IDENTITY: codes.DCM.RetainDeviceIdentityOption,
+    DeidOption.RETAIN_INSTITUTION_IDENTITY: codes.DCM.RetainInstitutionIdentityOption,
+    DeidOption.RETAIN_PATIENT_CHARACTERISTICS: codes.DCM.RetainPatientCharacteristicsOption,
+    DeidOption.RETAIN_LONGITUDINAL_FULL_DATES:
+        codes.DCM.RetainLongitudinalTemporalInformationFullDatesOption,
+    DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES:
+        codes.DCM.RetainLongitudinalTemporalInformationModifiedDatesOption,
+    DeidOption.CLEAN_DESCRIPTORS: codes.DCM.CleanDescriptorsOption,
+    DeidOption.CLEAN_STRUCTURED_CONTENT: codes.DCM.CleanStructuredContentOption,
+    DeidOption.CLEAN_GRAPHICS: codes.DCM.CleanGraphicsOption,
+}
+"""CID 7050 code recorded in De-identification Method Code Sequence for each option."""
+
+# Where two enabled options disagree (the table only uses C and K in option columns),
+# cleaning wins over keeping.
+_OPTION_RANK = {"C": 2, "K": 1}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of Table E.1-1."""
+
+    tag: str
+    name: str
+    basic: str
+    options: dict[str, str]
+
+
+@cache
+def table() -> tuple[str, tuple[Row, ...]]:
+    """(edition, rows) of the project's copy of Table E.1-1."""
+    raw: dict[str, Any] = json.loads(
+        resources.files("node.deid").joinpath(TABLE_FILE).read_text(encoding="utf-8")
+    )
+    rows = tuple(Row(r["tag"], r["name"], r["basic"], dict(r["options"])) for r in raw["rows"])
+    return str(raw["edition"]), rows
+
+
+def resolve(row: Row, options: frozenset[DeidOption]) -> str:
+    """The action for ``row`` with ``options`` in force: an enabled option's column overrides
+    the Basic Profile; between options, C (clean) beats K (keep)."""
+    chosen = [row.options[COLUMN[o]] for o in options if COLUMN[o] in row.options]
+    if not chosen:
+        return row.basic
+    return max(chosen, key=lambda a: _OPTION_RANK.get(a, 0))
+
+
+class Profile:
+    """Actions by tag for one set of options."""
+
+    def __init__(self, options: frozenset[DeidOption]) -> None:
+        self.options = options
+        self.edition, rows = table()
+        self.actions: dict[int, str] = {}
+        self.patterns: dict[str, str] = {}
+        for row in rows:
+            action = resolve(row, options)
+            if len(row.tag) == 8 and "X" not in row.tag.upper():
+                self.actions[int(row.tag, 16)] = action
+            else:
+                self.patterns[row.tag] = action
+
+    def action(self, tag: int) -> str | None:
+        """The action for a standard attribute, or None: not in the table, kept."""
+        return self.actions.get(tag)
