@@ -209,7 +209,9 @@ class Deidentifier:
     ) -> None:
         elem = ds[tag]
         vr = elem.VR
-        if action == "X":
+        if action == "K":
+            self._descend(elem, sop_class, shift)
+        elif action == "X":
             del ds[tag]
         elif action == "Z":
             elem.value = DicomSequence() if vr == "SQ" else None
