@@ -172,8 +172,50 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
 
 
+class DeidOutput(StrEnum):
+    """The IOD of de-identified outputs."""
+
+    SOURCE = "source"
+    """The source's own IOD (what research PACS users expect)."""
+
+    SC = "sc"
+    """A Secondary Capture built by the SC writer."""
+
+
+class PixelRule(_Section):
+    """``[[deid.pixel_rules]]``: where an imaging device burns text into its pixels (the idea
+    of CTP's DicomPixelAnonymizer signatures). Every given criterion must match."""
+
+    name: str = Field(min_length=1, max_length=64)
+    manufacturer: str = Field("", description="regular expression on Manufacturer")
+    model: str = Field("", description="regular expression on Manufacturer's Model Name")
+    sop_class: list[str] = Field(default_factory=list, description="SOP Class UIDs; [] = any")
+    rows: int | None = Field(None, ge=1)
+    columns: int | None = Field(None, ge=1)
+    regions: list[tuple[int, int, int, int]] = Field(
+        min_length=1, description="rectangles to blank: [x (column), y (row), width, height]"
+    )
+    fill: str = Field("black", pattern=r"^(black|inpaint)$",
+                      description='"black", or "inpaint" (generated anatomy; the generation '
+                                  "stage provides it)")
+
+
 class DeidSettings(_Section):
     """``[deid]``: de-identification (PS3.15 Annex E, Basic Profile plus options)."""
+
+    output: DeidOutput = DeidOutput.SOURCE
+    honest_broker_file: Path | None = Field(
+        None, description="append original -> pseudonym mappings here (mode 0600); no = none"
+    )
+    burned_in_modalities: list[str] = Field(
+        default_factory=lambda: ["US", "SC", "XC", "ES"],
+        description="modalities that burn text into pixels: without a matching pixel rule, "
+                    "their images are quarantined",
+    )
+    quarantine_unmatched_burned_in: bool = Field(
+        True, description="false: pass such images on, marked Burned In Annotation YES"
+    )
+    pixel_rules: list[PixelRule] = Field(default_factory=list)
 
     key: str = Field(
         "", description="secret for pseudonyms and UID remapping: SYNTHNODE__DEID__KEY"
@@ -333,11 +375,15 @@ def load_settings(
     def resolve(path: Path) -> Path:
         return path if path.is_absolute() else base_dir / path
 
+    broker = settings.deid.honest_broker_file
     return settings.model_copy(
         update={
             "spool": settings.spool.model_copy(update={"dir": resolve(settings.spool.dir)}),
             "output": settings.output.model_copy(
                 update={"quarantine_dir": resolve(settings.output.quarantine_dir)}
+            ),
+            "deid": settings.deid.model_copy(
+                update={"honest_broker_file": resolve(broker) if broker else None}
             ),
         }
     )
