@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -116,6 +117,27 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    from node.deid import DeidentificationError
+    from node.deid.batch import Fate, run
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    try:
+        summary = run(args.paths, args.out, settings, workers=args.workers,
+                      progress=not args.quiet)
+    except DeidentificationError as exc:
+        print(f"synthnode deidentify: {exc}", file=sys.stderr)
+        return 2
+    written = summary.of(Fate.WRITTEN)
+    print(f"{len(written)} written to {args.out}, {len(summary.of(Fate.QUARANTINED))} "
+          f"quarantined, {len(summary.of(Fate.UNREADABLE))} unreadable")
+    for fate in (Fate.QUARANTINED, Fate.UNREADABLE):
+        for r in sorted(summary.of(fate), key=lambda r: r.source):
+            print(f"  {fate.value}: {r.source}: {r.detail}")
+    return 0 if summary.ok else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from node.spool import Spool
 
@@ -194,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calling-aet", default=None,
                    help="our AE title for C-STORE (default: [node] ae_title)")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser(
+        "deidentify", help="de-identify DICOM files and folders (PS3.15 Annex E) into a folder"
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes (default: one per core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_deidentify)
 
     p = sub.add_parser("status", help="studies in the spool, stable or not, and counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")

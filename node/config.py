@@ -86,6 +86,12 @@ class DeidOption(StrEnum):
     CLEAN_GRAPHICS = "clean_graphics"
     """113103: graphics (overlays, curves) cleaned rather than removed."""
 
+    CLEAN_PIXEL_DATA = "clean_pixel_data"
+    """113101: burned-in text blanked by the pixel rules (recorded when the pixels are clean)."""
+
+    CLEAN_RECOGNIZABLE_VISUAL_FEATURES = "clean_recognizable_visual_features"
+    """113102: images likely to show a face (3D head acquisitions) are quarantined."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -12,13 +12,23 @@ What it does to a data set (a copy; the input is untouched):
 4. with Retain Longitudinal Temporal Information with Modified Dates, dates move back by a
    per-patient number of days (1..``date_shift_max_days``), the same in all of that patient's
    studies;
-5. the PS3.15 E.1.1 markers are written (:func:`node.dicom.mark_deidentified`) and the file meta
+5. Code Meanings of codes from private coding schemes (designator "99..." or "L", PS3.16 8.2)
+   become their Code Value: standard schemes' meanings are public vocabulary, a private
+   scheme's are site text, which can name people ("CT chest for <name>");
+6. the values of structured content items (Text Value, Person Name, Date, Time, DateTime, UID of
+   a content item, 0040,A1xx) are cleaned wherever they occur: the table names the sequences
+   that hold them (Content Sequence, Acquisition Context Sequence) but not the values, and
+   keeping or cleaning a sequence by recursion would keep its free text;
+7. the PS3.15 E.1.1 markers are written (:func:`node.dicom.mark_deidentified`) and the file meta
    follows the new SOP Instance UID.
 
-Compound actions (X/Z, X/D, Z/D, X/Z/D) need the attribute's Type in the IOD: ``type_of`` gives
-it where known; where it is not (no table for the IOD, or inside a sequence), the engine keeps
-the attribute with an empty or dummy value, which conforms whatever the Type and reveals
-nothing. X/Z/U* sequences are kept with their references remapped.
+Compound actions (X/Z, X/D, Z/D, X/Z/D) need the attribute's Type: ``type_of`` (by default
+the PS3.3 tables in ``iod_types.json``) gives it at the top level of the IOD or inside the
+enclosing sequence, and the action is the weakest that Type allows (Type 3: removed; 2: empty;
+1: dummy). Where the Type is unknown the engine keeps the attribute with an empty or dummy
+value, which conforms whatever the Type and reveals nothing. An X attribute that the IOD
+requires (Type 1 or 2 where it stands) is kept as a dummy or empty value instead: as private,
+and the output stays valid. X/Z/U* sequences are kept with their references remapped.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import datetime
 import hashlib
 import hmac
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataelem import DataElement
@@ -36,7 +47,15 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from node.config import DeidOption, DeidSettings, OutputSettings
-from node.deid.profile import CODE, Profile
+from node.deid.pixels import (
+    Inpainter,
+    PixelDataError,
+    PixelVerdict,
+    check_rules,
+    clean_pixels,
+    likely_recognizable,
+)
+from node.deid.profile import CODE, Profile, iod_type
 from node.dicom import Deidentification, TemporalInformation, mark_deidentified
 from node.uids import derive_uid
 
@@ -44,12 +63,12 @@ PATIENT_NAME = 0x00100010
 PATIENT_ID = 0x00100020
 SOP_INSTANCE_UID = 0x00080018
 
-TypeOf = Callable[[str, int], str | None]
-"""(SOP Class UID, tag) -> the attribute's Type in that IOD ("1", "2", "3", ...) or None."""
+TypeOf = Callable[[str, int, int | None], str | None]
+"""(SOP Class UID, tag, enclosing sequence tag or None) -> the attribute's Type there ("1",
+"2", "3") or None when unknown."""
 
-
-def unknown_type(sop_class_uid: str, tag: int) -> str | None:
-    return None
+# Attributes only allowed while another is present (Type 1C on its presence).
+_DEPENDENTS = {0x00102298: 0x00102297}  # Responsible Person Role -> Responsible Person
 
 
 _TEXT_DUMMY = "ANONYMIZED"
@@ -66,14 +85,45 @@ _DATE_VRS = ("DA", "DT")
 
 
 class DeidentificationError(Exception):
-    """The data set cannot be de-identified safely; the message says why (no patient data)."""
+    """De-identification cannot run (bad settings, unusable data); the message says why and
+    holds no patient data."""
+
+
+class Quarantined(DeidentificationError):
+    """This data set must not be passed on (burned-in text without a rule, a likely face, an
+    identifier that survived); the message gives the reason, without patient data."""
+
+
+# Values of these attributes are what a leak would look like: after de-identification, none
+# may occur anywhere in the encoded output (unless an option keeps it on purpose).
+_IDENTIFYING = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber",
+    "MedicalRecordLocator", "ReferringPhysicianName", "PerformingPhysicianName",
+    "OperatorsName", "RequestingPhysician", "PatientBirthDate",
+)
+_INSTITUTION = ("InstitutionName", "InstitutionAddress")
+_ORIGINAL_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                  "FrameOfReferenceUID")
+_MIN_LEAK_LENGTH = 4  # shorter values ("M", "1") occur anywhere by chance
+
+# Content item values (PS3.3 C.17.3): what replaces them; dates follow the date options.
+_CONTENT_VALUES = {
+    0x0040A160: "CLEANED",  # Text Value
+    0x0040A123: "ANONYMIZED",  # Person Name
+    0x0040A121: "DA",  # Date
+    0x0040A120: "DT",  # DateTime
+    0x0040A122: "TM",  # Time
+    0x0040A124: "UI",  # UID
+}
 
 
 class Deidentifier:
     """De-identifies data sets under one configuration (key, options, UID root)."""
 
     def __init__(
-        self, settings: DeidSettings, output: OutputSettings, type_of: TypeOf = unknown_type
+        self, settings: DeidSettings, output: OutputSettings, type_of: TypeOf = iod_type,
+        inpainter: Inpainter | None = None,
     ) -> None:
         if not settings.key:
             raise DeidentificationError(
@@ -85,6 +135,11 @@ class Deidentifier:
         self.options = frozenset(settings.options)
         self.profile = Profile(self.options)
         self.type_of = type_of
+        self.inpainter = inpainter
+        try:
+            check_rules(settings.pixel_rules)
+        except ValueError as exc:
+            raise DeidentificationError(f"[[deid.pixel_rules]]: {exc}") from None
         self._key = settings.key.encode("utf-8")
         self._safe_private = {_private_spec(s) for s in settings.safe_private}
 
@@ -114,19 +169,36 @@ class Deidentifier:
             return TemporalInformation.MODIFIED
         return TemporalInformation.REMOVED
 
-    def record(self) -> Deidentification:
-        """The provenance this configuration writes into its outputs."""
+    def record(
+        self, *, burned_in: bool = False, recognizable: bool = False, pixels_clean: bool = True
+    ) -> Deidentification:
+        """The provenance written into an output: the options that hold for it (the pixel
+        options only where its pixels are clean)."""
         edition = self.profile.edition.split(",")[0].replace("DICOM ", "")
+        claimed = set(self.options)
+        if not pixels_clean or burned_in:
+            claimed.discard(DeidOption.CLEAN_PIXEL_DATA)
+        if recognizable:
+            claimed.discard(DeidOption.CLEAN_RECOGNIZABLE_VISUAL_FEATURES)
         return Deidentification(
             method=f"synthnode {edition} E.1-1",
-            options=tuple(CODE[o] for o in sorted(self.options)),
+            options=tuple(CODE[o] for o in sorted(claimed)),
             temporal=self.temporal,
+            burned_in_annotation=burned_in,
+            recognizable_visual_features=recognizable,
         )
 
     # -- the data set ----------------------------------------------------------------------
 
     def deidentify(self, source: Dataset) -> Dataset:
-        """A de-identified copy of ``source`` in its own IOD."""
+        """A de-identified copy of ``source`` in its own IOD: tags, pixels, markers.
+
+        Raises :class:`Quarantined` when it must not be passed on: a likely face with Clean
+        Recognizable Visual Features, burned-in text with no pixel rule (unless the settings
+        let it pass, marked), an identifier still present (see :meth:`encode`)."""
+        recognizable = likely_recognizable(source)
+        if recognizable and DeidOption.CLEAN_RECOGNIZABLE_VISUAL_FEATURES in self.options:
+            raise Quarantined(f"recognizable visual features likely: {recognizable}")
         ds = copy.deepcopy(source)
         subject = str(ds.get("PatientID", "") or ds.get("PatientName", "") or
                       ds.get("StudyInstanceUID", ""))
@@ -135,17 +207,71 @@ class Deidentifier:
                                         "derive a pseudonym from")
         shift = datetime.timedelta(days=self.date_shift_days(subject))
         sop_class = str(ds.get("SOPClassUID", ""))
-        self._clean(ds, sop_class, shift, top=True)
+        self._clean(ds, sop_class, shift, parent=None)
         pseudonym = self.pseudonym(subject)
         ds.PatientID = pseudonym
         ds.PatientName = f"ANONYMOUS^{pseudonym}"
+        try:
+            pixels = clean_pixels(ds, self.settings, self.inpainter) if "PixelData" in ds else None
+        except PixelDataError as exc:
+            raise Quarantined(f"pixel data cannot be cleaned: {exc}") from None
+        if pixels is not None and pixels.verdict is PixelVerdict.QUARANTINE:
+            raise Quarantined(pixels.reason)
         synthetic = str(source.get("SyntheticData", "")).upper() == "YES"
-        mark_deidentified(ds, self.record(), self.output, synthetic=synthetic)
+        record = self.record(
+            burned_in=pixels is not None and pixels.verdict is PixelVerdict.PASSED_MARKED,
+            recognizable=bool(recognizable),
+            pixels_clean=pixels is None or pixels.verdict in (PixelVerdict.CLEAN,
+                                                              PixelVerdict.CLEANED),
+        )
+        mark_deidentified(ds, record, self.output, synthetic=synthetic)
         if hasattr(ds, "file_meta") and "SOPInstanceUID" in ds:
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         return ds
 
-    def _clean(self, ds: Dataset, sop_class: str, shift: datetime.timedelta, top: bool) -> None:
+    def identifiers(self, source: Dataset) -> dict[str, str]:
+        """Values of ``source`` that must not appear in its de-identified output, by keyword
+        (those an enabled option keeps on purpose excepted)."""
+        keywords = list(_IDENTIFYING)
+        if DeidOption.RETAIN_INSTITUTION_IDENTITY not in self.options:
+            keywords += _INSTITUTION
+        if DeidOption.RETAIN_UIDS not in self.options:
+            keywords += _ORIGINAL_UIDS
+        if DeidOption.RETAIN_LONGITUDINAL_FULL_DATES in self.options:
+            keywords.remove("PatientBirthDate")
+        found: dict[str, str] = {}
+        for keyword in keywords:
+            if keyword not in source:
+                continue
+            elem = source[keyword]
+            if elem.VR == "SQ":
+                continue
+            values = elem.value if elem.VM > 1 else [elem.value]
+            for value in values:
+                text = str(value or "").strip()
+                if len(text) >= _MIN_LEAK_LENGTH:
+                    found[text] = keyword
+        return found
+
+    def encode(self, source: Dataset, output: Dataset) -> bytes:
+        """``output`` as DICOM file bytes, after checking that no identifier of ``source``
+        survived anywhere in them (raises :class:`Quarantined` naming the attributes)."""
+        buffer = BytesIO()
+        output.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+        leaked = sorted({kw for value, kw in self.identifiers(source).items()
+                         if value.encode("utf-8", "replace") in data})
+        if leaked:
+            raise Quarantined(f"original values of {', '.join(leaked)} survived "
+                              "de-identification")
+        return data
+
+    def _clean(
+        self, ds: Dataset, sop_class: str, shift: datetime.timedelta, parent: int | None
+    ) -> None:
+        scheme = str(ds.get("CodingSchemeDesignator", "") or "")
+        if (scheme.startswith("99") or scheme == "L") and "CodeMeaning" in ds:
+            ds.CodeMeaning = str(ds.get("CodeValue", "") or "private code")
         kept_blocks: set[tuple[int, int]] = set()
         private_creators: list[int] = []
         for key in list(ds.keys()):
@@ -159,7 +285,7 @@ class Deidentifier:
                     private_creators.append(tag)
                 elif self._keep_private(ds, group, element):
                     kept_blocks.add((group, element >> 8))
-                    self._descend(ds[tag], sop_class, shift)
+                    self._descend(ds[tag], sop_class, shift, tag)
                 else:
                     del ds[tag]
                 continue
@@ -167,13 +293,19 @@ class Deidentifier:
                 del ds[tag]  # curves and overlays, whole (PS3.15 E.1-1: 50xx, 60xx)
                 continue
             action = self.profile.action(tag)
-            if action is None or action == "K":
-                self._descend(ds[tag], sop_class, shift)
+            if action is None and tag in _CONTENT_VALUES:
+                self._clean_content_value(ds, tag, shift)
                 continue
-            self._apply(ds, tag, self._resolve(action, sop_class, tag, top), sop_class, shift)
+            if action is None or action == "K":
+                self._descend(ds[tag], sop_class, shift, tag)
+                continue
+            self._apply(ds, tag, self._resolve(action, sop_class, tag, parent), sop_class, shift)
         for tag in private_creators:
             if (tag >> 16, tag & 0xFF) not in kept_blocks:
                 del ds[tag]
+        for dependent, condition in _DEPENDENTS.items():
+            if dependent in ds and condition not in ds:
+                del ds[dependent]
 
     def _keep_private(self, ds: Dataset, group: int, element: int) -> bool:
         if DeidOption.RETAIN_SAFE_PRIVATE not in self.options:
@@ -184,13 +316,16 @@ class Deidentifier:
             return False
         return (str(creator.value).strip(), group, element & 0xFF) in self._safe_private
 
-    def _resolve(self, action: str, sop_class: str, tag: int, top: bool) -> str:
+    def _resolve(self, action: str, sop_class: str, tag: int, parent: int | None) -> str:
+        if action == "X":  # conditional Types (1C, 2C) do not require it: removed
+            required = self.type_of(sop_class, tag, parent)
+            return "D" if required == "1" else "Z" if required == "2" else "X"
         if "/" not in action:
             return action
         choices = action.split("/")
         if "U*" in choices:
             return "K"  # a reference sequence: kept, its UIDs remapped inside
-        attr_type = self.type_of(sop_class, tag) if top else None
+        attr_type = self.type_of(sop_class, tag, parent)
         if attr_type and attr_type.startswith("1") and "D" in choices:
             return "D"
         if attr_type and attr_type.startswith("2") and "Z" in choices:
@@ -199,10 +334,12 @@ class Deidentifier:
             return choices[0]
         return "D" if "D" in choices else "Z"  # Type unknown: present, empty or dummy
 
-    def _descend(self, elem: DataElement, sop_class: str, shift: datetime.timedelta) -> None:
+    def _descend(
+        self, elem: DataElement, sop_class: str, shift: datetime.timedelta, tag: int
+    ) -> None:
         if elem.VR == "SQ":
             for item in elem.value:
-                self._clean(item, sop_class, shift, top=False)
+                self._clean(item, sop_class, shift, parent=tag)
 
     def _apply(
         self, ds: Dataset, tag: int, action: str, sop_class: str, shift: datetime.timedelta
@@ -210,20 +347,20 @@ class Deidentifier:
         elem = ds[tag]
         vr = elem.VR
         if action == "K":
-            self._descend(elem, sop_class, shift)
+            self._descend(elem, sop_class, shift, tag)
         elif action == "X":
             del ds[tag]
         elif action == "Z":
             elem.value = DicomSequence() if vr == "SQ" else None
         elif action == "D":
             if vr == "SQ":
-                self._descend(elem, sop_class, shift)
+                self._descend(elem, sop_class, shift, tag)
             elif vr == "UI":
                 self._remap(elem)
             else:
                 elem.value = _DUMMY.get(vr)
         elif action == "C":
-            self._clean_value(elem, sop_class, shift)
+            self._clean_value(elem, sop_class, shift, tag)
         elif action == "U":
             self._remap(elem)
         else:
@@ -231,17 +368,33 @@ class Deidentifier:
                                         f"{tag & 0xFFFF:04X})")
 
     def _clean_value(
-        self, elem: DataElement, sop_class: str, shift: datetime.timedelta
+        self, elem: DataElement, sop_class: str, shift: datetime.timedelta, tag: int
     ) -> None:
         """C: replace with values of similar meaning that identify nobody."""
         if elem.VR == "SQ":
-            self._descend(elem, sop_class, shift)
+            self._descend(elem, sop_class, shift, tag)
         elif elem.VR in _DATE_VRS and self.temporal is TemporalInformation.MODIFIED:
             elem.value = _shift_dates(elem, shift)
         elif elem.VR == "TM" and self.temporal is TemporalInformation.MODIFIED:
             pass  # a day shift leaves the time of day as it was
         else:
             elem.value = DicomSequence() if elem.VR == "SQ" else None
+
+    def _clean_content_value(self, ds: Dataset, tag: int, shift: datetime.timedelta) -> None:
+        elem = ds[tag]
+        replacement = _CONTENT_VALUES[tag]
+        if replacement == "UI":
+            self._remap(elem)
+        elif replacement in _DATE_VRS or replacement == "TM":
+            if self.temporal is TemporalInformation.UNMODIFIED:
+                return
+            if self.temporal is TemporalInformation.MODIFIED:
+                if replacement != "TM":
+                    elem.value = _shift_dates(elem, shift)
+                return
+            elem.value = _DUMMY[replacement]
+        else:
+            elem.value = replacement
 
     def _remap(self, elem: DataElement) -> None:
         if elem.value in (None, ""):

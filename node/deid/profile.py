@@ -20,8 +20,9 @@ from pydicom.sr.coding import Code
 from node.config import DeidOption
 
 TABLE_FILE = "table_e1_1.json"
+TYPES_FILE = "iod_types.json"
 
-COLUMN: dict[DeidOption, str] = {
+COLUMN: dict[DeidOption, str] = {  # the pixel options have no column: the pixel step does them
     DeidOption.RETAIN_SAFE_PRIVATE: "rtnSafePrivOpt",
     DeidOption.RETAIN_UIDS: "rtnUIDsOpt",
     DeidOption.RETAIN_DEVICE_IDENTITY: "rtnDevIdOpt",
@@ -48,6 +49,8 @@ CODE: dict[DeidOption, Code] = {
     DeidOption.CLEAN_DESCRIPTORS: codes.DCM.CleanDescriptorsOption,
     DeidOption.CLEAN_STRUCTURED_CONTENT: codes.DCM.CleanStructuredContentOption,
     DeidOption.CLEAN_GRAPHICS: codes.DCM.CleanGraphicsOption,
+    DeidOption.CLEAN_PIXEL_DATA: codes.DCM.CleanPixelDataOption,
+    DeidOption.CLEAN_RECOGNIZABLE_VISUAL_FEATURES: codes.DCM.CleanRecognizableVisualFeaturesOption,
 }
 """CID 7050 code recorded in De-identification Method Code Sequence for each option."""
 
@@ -79,7 +82,7 @@ def table() -> tuple[str, tuple[Row, ...]]:
 def resolve(row: Row, options: frozenset[DeidOption]) -> str:
     """The action for ``row`` with ``options`` in force: an enabled option's column overrides
     the Basic Profile; between options, C (clean) beats K (keep)."""
-    chosen = [row.options[COLUMN[o]] for o in options if COLUMN[o] in row.options]
+    chosen = [row.options[COLUMN[o]] for o in options if COLUMN.get(o) in row.options]
     if not chosen:
         return row.basic
     return max(chosen, key=lambda a: _OPTION_RANK.get(a, 0))
@@ -103,3 +106,20 @@ class Profile:
     def action(self, tag: int) -> str | None:
         """The action for a standard attribute, or None: not in the table, kept."""
         return self.actions.get(tag)
+
+
+@cache
+def _iod_types() -> dict[str, Any]:
+    return dict(json.loads(
+        resources.files("node.deid").joinpath(TYPES_FILE).read_text("utf-8")
+    ))
+
+
+def iod_type(sop_class_uid: str, tag: int, parent: int | None = None) -> str | None:
+    """The Type ("1", "1C", "2", "2C" or "3") of an attribute with an X or compound action:
+    at the top level of the IOD of ``sop_class_uid``, or inside the sequence ``parent``; None
+    where the tables do not say (see make_iod_types.py)."""
+    tables = _iod_types()
+    if parent is None:
+        return tables["types"].get(sop_class_uid, {}).get(f"{tag:08X}")
+    return tables["nested"].get(f"{parent:08X}/{tag:08X}")

@@ -1,0 +1,200 @@
+"""``synthnode deidentify``: de-identify files and folders into an output folder.
+
+Each worker process keeps one :class:`Deidentifier`; the main process collects results, shows
+progress and appends the honest-broker mapping (it alone writes that file). Outputs are laid
+out by their new UIDs, ``<out>/<Study>/<Series>/<SOP Instance>.dcm``: input file names may hold
+names or IDs and never reach the output. One bad file never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from tqdm import tqdm
+
+from node.config import DeidOutput, Settings
+from node.deid.engine import DeidentificationError, Deidentifier, Quarantined
+from node.dicom import NewIdentity, Pixels, build_sc, carried_spacing
+
+
+class Fate(StrEnum):
+    """What became of one input file."""
+
+    WRITTEN = "written"
+    QUARANTINED = "quarantined"
+    """Not written: it could not be de-identified safely (the reason says why)."""
+    UNREADABLE = "unreadable"
+    """Not DICOM, or damaged."""
+
+
+@dataclass(frozen=True)
+class FileResult:
+    source: str
+    fate: Fate
+    detail: str
+    """The output path when written, else the reason (no patient data)."""
+    mapping: tuple[str, str, str, str] | None = None
+    """(original Patient ID, pseudonym, original Study UID, new Study UID) for the broker."""
+
+
+@dataclass
+class Summary:
+    results: list[FileResult] = field(default_factory=list)
+
+    def of(self, fate: Fate) -> list[FileResult]:
+        return [r for r in self.results if r.fate is fate]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.fate is Fate.WRITTEN for r in self.results)
+
+
+def collect(paths: Sequence[Path]) -> list[Path]:
+    """Files named, and every file below folders named, in a stable order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def as_secondary_capture(deid: Deidentifier, ds: Dataset) -> Dataset:
+    """The de-identified ``ds`` rewritten as a Secondary Capture by the SC writer."""
+    if int(ds.get("PixelRepresentation", 0)) != 0:
+        raise DeidentificationError(
+            "SC output needs unsigned pixel data (Pixel Representation 0): use "
+            '[deid] output = "source" for this image'
+        )
+    frames = np.asarray(ds.pixel_array)
+    color = int(ds.get("SamplesPerPixel", 1)) == 3
+    if int(ds.get("NumberOfFrames", 1) or 1) == 1:
+        frames = frames[None]
+    photometric = "RGB" if color else str(ds.PhotometricInterpretation)
+    pixels = Pixels(frames, photometric, bits_stored=None if color else int(ds.BitsStored),
+                    pixel_spacing=carried_spacing(ds))
+    identity = NewIdentity(
+        patient_name=str(ds.PatientName), patient_id=str(ds.PatientID),
+        study_instance_uid=str(ds.StudyInstanceUID), study_id=str(ds.get("StudyID", "") or ""),
+        accession_number=str(ds.get("AccessionNumber", "") or ""),
+    )
+    record = deid.record(
+        burned_in=ds.get("BurnedInAnnotation") == "YES",
+        recognizable=ds.get("RecognizableVisualFeatures") == "YES",
+    )
+    return build_sc([ds], pixels, record, deid.output, identity=identity)
+
+
+# -- worker side ---------------------------------------------------------------------------
+
+_worker: dict[str, object] = {}
+
+
+def _init_worker(settings: Settings, out_dir: Path) -> None:
+    _worker["deid"] = Deidentifier(settings.deid, settings.output)
+    _worker["settings"] = settings
+    _worker["out"] = out_dir
+
+
+def _process(path: Path) -> FileResult:
+    deid = _worker["deid"]
+    settings = _worker["settings"]
+    out_dir = _worker["out"]
+    assert isinstance(deid, Deidentifier) and isinstance(settings, Settings)
+    assert isinstance(out_dir, Path)
+    try:
+        source = dcmread(path)
+        source.SOPInstanceUID  # noqa: B018 - fail here on a damaged header
+    except (InvalidDicomError, OSError, AttributeError, ValueError, KeyError) as exc:
+        return FileResult(str(path), Fate.UNREADABLE, _describe(exc))
+    try:
+        output = deid.deidentify(source)
+        if settings.deid.output is DeidOutput.SC:
+            output = as_secondary_capture(deid, output)
+        data = deid.encode(source, output)
+    except Quarantined as exc:
+        return FileResult(str(path), Fate.QUARANTINED, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
+        return FileResult(str(path), Fate.QUARANTINED,
+                          f"cannot be de-identified: {_describe(exc)}")
+    target = out_dir / str(output.StudyInstanceUID) / str(output.SeriesInstanceUID) / (
+        f"{output.SOPInstanceUID}.dcm")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    mapping = (str(source.get("PatientID", "")), str(output.PatientID),
+               str(source.get("StudyInstanceUID", "")), str(output.StudyInstanceUID))
+    return FileResult(str(path), Fate.WRITTEN, str(target), mapping)
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's kind and its message only when it is ours (library messages may quote
+    element values)."""
+    if isinstance(exc, DeidentificationError):
+        return str(exc)
+    if isinstance(exc, InvalidDicomError):
+        return "not a DICOM file"
+    if isinstance(exc, OSError):
+        return f"cannot be read ({exc.strerror})"
+    return type(exc).__name__
+
+
+# -- main side -----------------------------------------------------------------------------
+
+def _broker_append(path: Path, mappings: Iterator[tuple[str, str, str, str]]) -> None:
+    """Append new original -> pseudonym pairs to the honest-broker file (created 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        for patient_id, pseudonym, study_uid, new_study_uid in mappings:
+            f.write(json.dumps({
+                "patient_id": patient_id, "pseudonym": pseudonym,
+                "study_instance_uid": study_uid, "new_study_instance_uid": new_study_uid,
+            }) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run(paths: Sequence[Path], out_dir: Path, settings: Settings, workers: int = 1,
+        progress: bool = True) -> Summary:
+    """De-identify every file of ``paths`` into ``out_dir``."""
+    Deidentifier(settings.deid, settings.output)  # fail fast on bad settings (e.g. no key)
+    files = collect(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = Summary()
+    bar = tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(max(1, workers), _init_worker, (settings, out_dir)) as pool:
+        for result in pool.imap_unordered(_process, files, chunksize=8):
+            summary.results.append(result)
+            bar.update()
+    bar.close()
+    broker = settings.deid.honest_broker_file
+    if broker is not None:
+        seen: set[tuple[str, str, str, str]] = set()
+        unique: list[tuple[str, str, str, str]] = []
+        if broker.exists():  # pairs recorded by earlier runs are not repeated
+            for line in broker.read_text(encoding="utf-8").splitlines():
+                entry = json.loads(line)
+                seen.add((entry["patient_id"], entry["pseudonym"],
+                          entry["study_instance_uid"], entry["new_study_instance_uid"]))
+        for result in summary.results:
+            if result.mapping is not None and result.mapping not in seen:
+                seen.add(result.mapping)
+                unique.append(result.mapping)
+        if unique:
+            _broker_append(broker, iter(unique))
+    return summary
