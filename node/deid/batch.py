@@ -119,11 +119,14 @@ def _process(path: Path) -> FileResult:
         source.SOPInstanceUID  # noqa: B018 - fail here on a damaged header
     except (InvalidDicomError, OSError, AttributeError, ValueError, KeyError) as exc:
         return FileResult(str(path), Fate.UNREADABLE, _describe(exc))
+    original_patient = str(source.get("PatientID", ""))
+    original_study = str(source.get("StudyInstanceUID", ""))
     try:
-        output = deid.deidentify(source)
+        identifiers = deid.identifiers(source)
+        output = deid.deidentify(source, in_place=True)  # read from disk: no copy needed
         if settings.deid.output is DeidOutput.SC:
             output = as_secondary_capture(deid, output)
-        data = deid.encode(source, output)
+        data = deid.encode(output, identifiers)
     except Quarantined as exc:
         return FileResult(str(path), Fate.QUARANTINED, str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
@@ -135,8 +138,8 @@ def _process(path: Path) -> FileResult:
     tmp = target.with_suffix(f".{os.getpid()}.part")
     tmp.write_bytes(data)
     os.replace(tmp, target)
-    mapping = (str(source.get("PatientID", "")), str(output.PatientID),
-               str(source.get("StudyInstanceUID", "")), str(output.StudyInstanceUID))
+    mapping = (original_patient, str(output.PatientID), original_study,
+               str(output.StudyInstanceUID))
     return FileResult(str(path), Fate.WRITTEN, str(target), mapping)
 
 

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -190,8 +191,10 @@ class Deidentifier:
 
     # -- the data set ----------------------------------------------------------------------
 
-    def deidentify(self, source: Dataset) -> Dataset:
-        """A de-identified copy of ``source`` in its own IOD: tags, pixels, markers.
+    def deidentify(self, source: Dataset, *, in_place: bool = False) -> Dataset:
+        """A de-identified copy of ``source`` in its own IOD: tags, pixels, markers; with
+        ``in_place``, ``source`` itself becomes it (no copy: faster, for callers that reread
+        the file anyway; take :meth:`identifiers` first).
 
         Raises :class:`Quarantined` when it must not be passed on: a likely face with Clean
         Recognizable Visual Features, burned-in text with no pixel rule (unless the settings
@@ -199,7 +202,8 @@ class Deidentifier:
         recognizable = likely_recognizable(source)
         if recognizable and DeidOption.CLEAN_RECOGNIZABLE_VISUAL_FEATURES in self.options:
             raise Quarantined(f"recognizable visual features likely: {recognizable}")
-        ds = copy.deepcopy(source)
+        synthetic = str(source.get("SyntheticData", "")).upper() == "YES"
+        ds = source if in_place else copy.deepcopy(source)
         subject = str(ds.get("PatientID", "") or ds.get("PatientName", "") or
                       ds.get("StudyInstanceUID", ""))
         if not subject:
@@ -217,7 +221,6 @@ class Deidentifier:
             raise Quarantined(f"pixel data cannot be cleaned: {exc}") from None
         if pixels is not None and pixels.verdict is PixelVerdict.QUARANTINE:
             raise Quarantined(pixels.reason)
-        synthetic = str(source.get("SyntheticData", "")).upper() == "YES"
         record = self.record(
             burned_in=pixels is not None and pixels.verdict is PixelVerdict.PASSED_MARKED,
             recognizable=bool(recognizable),
@@ -253,13 +256,14 @@ class Deidentifier:
                     found[text] = keyword
         return found
 
-    def encode(self, source: Dataset, output: Dataset) -> bytes:
-        """``output`` as DICOM file bytes, after checking that no identifier of ``source``
-        survived anywhere in them (raises :class:`Quarantined` naming the attributes)."""
+    def encode(self, output: Dataset, identifiers: dict[str, str]) -> bytes:
+        """``output`` as DICOM file bytes, after checking that none of the source's
+        ``identifiers`` (:meth:`identifiers`, taken before de-identification) survived anywhere
+        in them (raises :class:`Quarantined` naming the attributes)."""
         buffer = BytesIO()
         output.save_as(buffer, enforce_file_format=True)
         data = buffer.getvalue()
-        leaked = sorted({kw for value, kw in self.identifiers(source).items()
+        leaked = sorted({kw for value, kw in identifiers.items()
                          if value.encode("utf-8", "replace") in data})
         if leaked:
             raise Quarantined(f"original values of {', '.join(leaked)} survived "
@@ -297,7 +301,8 @@ class Deidentifier:
                 self._clean_content_value(ds, tag, shift)
                 continue
             if action is None or action == "K":
-                self._descend(ds[tag], sop_class, shift, tag)
+                if self._is_sequence(ds, tag):
+                    self._descend(ds[tag], sop_class, shift, tag)
                 continue
             self._apply(ds, tag, self._resolve(action, sop_class, tag, parent), sop_class, shift)
         for tag in private_creators:
@@ -306,6 +311,18 @@ class Deidentifier:
         for dependent, condition in _DEPENDENTS.items():
             if dependent in ds and condition not in ds:
                 del ds[dependent]
+
+    @staticmethod
+    def _is_sequence(ds: Dataset, tag: int) -> bool:
+        """Without converting the raw element (most elements are kept as read)."""
+        raw = ds.get_item(tag)
+        vr = getattr(raw, "VR", None)
+        if not vr:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                return False
+        return vr == "SQ"
 
     def _keep_private(self, ds: Dataset, group: int, element: int) -> bool:
         if DeidOption.RETAIN_SAFE_PRIVATE not in self.options:
