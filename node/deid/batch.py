@@ -181,7 +181,8 @@ def run(paths: Sequence[Path], out_dir: Path, settings: Settings, workers: int =
     bar = tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr)
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(max(1, workers), _init_worker, (settings, out_dir)) as pool:
-        for result in pool.imap_unordered(_process, files, chunksize=8):
+        chunk = max(1, min(64, len(files) // (4 * max(1, workers))))
+        for result in pool.imap_unordered(_process, files, chunksize=chunk):
             summary.results.append(result)
             bar.update()
     bar.close()

@@ -10,7 +10,9 @@ SYN, Source Image Sequence ...) or de-identified (Patient Identity Removed YES, 
 
 from __future__ import annotations
 
+import copy
 import datetime
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -276,8 +278,20 @@ def _contributing_equipment(
             software_versions=[f"synthnode {__version__}", provenance.weights_hash[:64]],
             contribution_description=f"synthetic image: {provenance.task.value}",
         )
+    return copy.deepcopy(_deidentifying_equipment(settings.manufacturer))
+
+
+@functools.cache
+def _coded(codes_: tuple[Code, ...]) -> tuple[Dataset, ...]:
+    """Coded concepts, built once per set of codes (each output gets copies)."""
+    return tuple(hd.sr.CodedConcept.from_code(c) for c in codes_)
+
+
+@functools.cache
+def _deidentifying_equipment(manufacturer: str) -> hd.ContributingEquipment:
+    """The De-identifying Equipment item, built once (each output gets a copy)."""
     return hd.ContributingEquipment(
-        manufacturer=settings.manufacturer,
+        manufacturer=manufacturer,
         purpose_of_reference=codes.DCM.DeIdentifyingEquipment,
         manufacturer_model_name="synthnode",
         software_versions=[f"synthnode {__version__}"],
@@ -356,9 +370,7 @@ def mark_deidentified(
     # Patient module / SOP Common / General Image
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = deid.method[:64]
-    ds.DeidentificationMethodCodeSequence = [
-        hd.sr.CodedConcept.from_code(c) for c in deid.codes()
-    ]
+    ds.DeidentificationMethodCodeSequence = [copy.deepcopy(c) for c in _coded(deid.codes())]
     ds.LongitudinalTemporalInformationModified = deid.temporal.value
     ds.BurnedInAnnotation = "YES" if deid.burned_in_annotation else "NO"
     ds.RecognizableVisualFeatures = "YES" if deid.recognizable_visual_features else "NO"
@@ -366,7 +378,7 @@ def mark_deidentified(
     items = list(ds.get("ContributingEquipmentSequence", []))
     if not any(i.PurposeOfReferenceCodeSequence[0].CodeValue == "109104" for i in items
                if "PurposeOfReferenceCodeSequence" in i):
-        items.append(_contributing_equipment(deid, settings))
+        items.append(copy.deepcopy(_deidentifying_equipment(settings.manufacturer)))
         ds.ContributingEquipmentSequence = items
 
 
