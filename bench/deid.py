@@ -65,34 +65,37 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # tests.orthancproc: Orthanc is started by one piece of code
+from common import (
+    LIVE_PROCESSES,
+    REPO,
+    STOP_TIMEOUT_S,
+    BenchError,
+    first_line,
+    run_isolated,
+    subset,
+    terminate,
+    write_doc,
+)
+from common import tail as _tail
 
-from tests.orthancproc import OrthancProcess  # noqa: E402
+from tests.orthancproc import OrthancProcess  # after common: it puts the repo root on sys.path
 
-NETNS_ENV = "SYNTHNODE_BENCH_NETNS"
 KEY_ENV = "SYNTHNODE__DEID__KEY"
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-deid"
 BENCH_REQUIREMENTS = Path(__file__).resolve().parent / "requirements-deid.txt"
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "deid.json"
 
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
 TOOL_TIMEOUT_S = 1800.0
 PROBE_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 600.0
@@ -130,77 +133,11 @@ done = replace_identifiers(dicom_files=files, save=True, output_folder=sys.argv[
 print(f"deid: {len(done)} files")
 """
 
-LIVE_PROCESSES: set[subprocess.Popen[bytes]] = set()
-"""Children started and not yet stopped: ``main`` stops whatever is left, however it ends."""
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot go on; the message says why."""
-
-
 class NotAvailable(Exception):
     """This tool cannot be measured here; the message says why (reported as n/a)."""
 
 
-# -- isolation -------------------------------------------------------------------------------
-
-
-def enter_private_netns() -> None:
-    """Re-execute this script inside a new network namespace with only ``lo`` up."""
-    if os.environ.get(NETNS_ENV) == "1":
-        return
-    if os.geteuid() != 0:
-        sys.exit("bench/deid.py: needs root (it runs Orthanc under `unshare --net`)")
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            sys.exit(f"bench/deid.py: `{tool}` not found on PATH")
-    os.environ[NETNS_ENV] = "1"
-    script = os.path.abspath(sys.argv[0])
-    os.execvp(
-        "unshare",
-        ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-         sys.executable, script, *sys.argv[1:]],
-    )
-
-
-def check_isolated() -> None:
-    names = [name for _, name in socket.if_nameindex()]
-    if names != ["lo"]:
-        raise BenchError(f"not in a private network namespace (interfaces: {names}); "
-                         f"run without {NETNS_ENV}=1 so the script isolates itself")
-
-
 # -- children --------------------------------------------------------------------------------
-
-
-def terminate(proc: subprocess.Popen[bytes], group: bool = False) -> int | None:
-    """SIGTERM (to its process group with ``group``), SIGKILL after ``STOP_TIMEOUT_S``."""
-    status: int | None = proc.poll()
-    if status is None:
-        try:
-            if group:
-                os.killpg(proc.pid, signal.SIGTERM)
-            else:
-                proc.send_signal(signal.SIGTERM)
-            status = proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            if group:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-            proc.wait(STOP_TIMEOUT_S)
-        except ProcessLookupError:
-            status = proc.wait(STOP_TIMEOUT_S)
-    LIVE_PROCESSES.discard(proc)
-    return status
-
-
-def stop_leftovers() -> None:
-    """Stop every child still running (after an error or an interruption)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # finish cleaning up before going away
-    for proc in list(LIVE_PROCESSES):
-        terminate(proc, group=True)
 
 
 @dataclass
@@ -243,18 +180,8 @@ def probe(cmd: list[str], env: dict[str, str] | None = None,
 
 
 def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def first_line(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return next((line.strip(" $") for line in out.splitlines() if line.strip(" $")), "?")
+    """The last 15 lines of a log (common.tail, whose default is 20)."""
+    return _tail(path, lines)
 
 
 # -- other load on the machine --------------------------------------------------------------
@@ -864,8 +791,7 @@ def write_json(path: Path, args: argparse.Namespace, corpus: Corpus, results: di
         "ratios": by_tool,
         "goals": checks,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_doc(path, doc)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -893,17 +819,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-run", nargs=2, type=Path, metavar=("CORPUS", "OUT"),
                    help=argparse.SUPPRESS)  # the synthnode-api child process
     args = p.parse_args(argv)
-    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    unknown = set(args.tools) - set(TOOLS)
-    if unknown or not args.tools:
-        p.error(f"--tools: unknown {sorted(unknown)}; choose from {', '.join(TOOLS)}")
+    args.tools = subset(p, "--tools", args.tools, TOOLS)
     if args.count < 1 or args.study_size < 2 or args.patients < 1 or args.orthanc_parallel < 1:
         p.error("--count, --patients, --orthanc-parallel must be >= 1, --study-size >= 2")
     return args
-
-
-def raise_on_sigterm(sig: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {sig}")
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> None:
@@ -965,25 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_run:
         return api_run(*args.api_run)
     args.out = args.out.resolve()
-    enter_private_netns()
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    root = Path(tempfile.mkdtemp(prefix="synthnode-bench-deid-"))
-    try:
-        check_isolated()
-        run_benchmark(args, root)
-    except BenchError as exc:
-        print(f"\nbench/deid.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench/deid.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        stop_leftovers()
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return run_isolated("bench/deid.py", "Orthanc", lambda root: run_benchmark(args, root),
+                        tmp_prefix="synthnode-bench-deid-", group=True, keep=args.keep,
+                        error_lead="\n")
 
 
 if __name__ == "__main__":

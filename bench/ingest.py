@@ -38,35 +38,36 @@ Usage (as root): .venv/bin/python bench/ingest.py [--small N] [--large N] [--rep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # tests.orthancproc: Orthanc is started by one piece of code
+from common import (
+    LIVE_PROCESSES,
+    BenchError,
+    first_line,
+    run_isolated,
+    subset,
+    tail,
+    terminate,
+    write_doc,
+)
 
-from tests.orthancproc import OrthancProcess  # noqa: E402
+from tests.orthancproc import OrthancProcess  # after common: it puts the repo root on sys.path
 
-NETNS_ENV = "SYNTHNODE_BENCH_NETNS"
 HOST = "127.0.0.1"
 SCU_AET = "BENCHSCU"
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
 SEND_TIMEOUT_S = 900.0
 COUNT_TIMEOUT_S = 10.0
 POLL_S = 0.1
@@ -79,42 +80,6 @@ GOALS = (  # (size class, other receiver, minimum node/other ratio)
 )
 GOAL_TEXT = "goal: node >= 0.8x storescp on large objects and >= 1.0x Orthanc on both sizes"
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "ingest.json"
-
-LIVE_PROCESSES: set[subprocess.Popen[bytes]] = set()
-"""Receivers started and not yet stopped: ``main`` stops whatever is left, however it ends."""
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot go on; the message says why."""
-
-
-# -- isolation -------------------------------------------------------------------------------
-
-
-def enter_private_netns() -> None:
-    """Re-execute this script inside a new network namespace with only ``lo`` up."""
-    if os.environ.get(NETNS_ENV) == "1":
-        return
-    if os.geteuid() != 0:
-        sys.exit("bench/ingest.py: needs root (it runs its servers under `unshare --net`)")
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            sys.exit(f"bench/ingest.py: `{tool}` not found on PATH")
-    os.environ[NETNS_ENV] = "1"
-    script = os.path.abspath(sys.argv[0])
-    os.execvp(
-        "unshare",
-        ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-         sys.executable, script, *sys.argv[1:]],
-    )
-
-
-def check_isolated() -> None:
-    names = [name for _, name in socket.if_nameindex()]
-    if names != ["lo"]:
-        raise BenchError(f"not in a private network namespace (interfaces: {names}); "
-                         f"run without {NETNS_ENV}=1 so the script isolates itself")
-
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -150,21 +115,6 @@ def c_echo(ae_title: str, port: int) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return done.returncode == 0
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def first_line(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return next((line.strip(" $") for line in out.splitlines() if line.strip(" $")), "?")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -248,28 +198,6 @@ class Receiver:
         """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``; the exit status (None if killed)."""
         proc, self.proc = self.proc, None
         return None if proc is None else terminate(proc)
-
-
-def terminate(proc: subprocess.Popen[bytes]) -> int | None:
-    """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``; the exit status (None if killed)."""
-    status: int | None = proc.poll()
-    if status is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            status = proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT_S)
-    LIVE_PROCESSES.discard(proc)
-    return status
-
-
-def stop_leftovers() -> None:
-    """Stop every receiver still running (after an error or an interruption)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # finish cleaning up before going away
-    for proc in list(LIVE_PROCESSES):
-        terminate(proc)
 
 
 class NodeReceiver(Receiver):
@@ -541,8 +469,7 @@ def write_json(path: Path, args: argparse.Namespace, datasets: dict[str, DataSet
         "goals": checks,
         "runs": [asdict(run) for run in runs],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_doc(path, doc)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -559,10 +486,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the node's [node] max_pdu_bytes (default 0 = unlimited)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
     args = p.parse_args(argv)
-    args.receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
-    unknown = set(args.receivers) - set(RECEIVERS)
-    if unknown or not args.receivers:
-        p.error(f"--receivers: unknown {sorted(unknown)}; choose from {', '.join(RECEIVERS)}")
+    args.receivers = subset(p, "--receivers", args.receivers, RECEIVERS)
     if args.repeat < 1 or args.small < 0 or args.large < 0 or args.small + args.large == 0:
         p.error("--repeat must be >= 1 and --small/--large >= 0, not both 0")
     return args
@@ -572,10 +496,6 @@ def check_tools() -> None:
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None:
             raise BenchError(f"`{tool}` not found on PATH (Debian packages dcmtk, orthanc)")
-
-
-def raise_on_sigterm(sig: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {sig}")
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> None:
@@ -605,23 +525,12 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out = args.out.resolve()
-    enter_private_netns()
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    root = Path(tempfile.mkdtemp(prefix="synthnode-bench-"))
-    try:
-        check_isolated()
+
+    def body(root: Path) -> None:
         check_tools()
         run_benchmark(args, root)
-    except BenchError as exc:
-        print(f"bench/ingest.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench/ingest.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        stop_leftovers()
-        shutil.rmtree(root, ignore_errors=True)
-    return 0
+
+    return run_isolated("bench/ingest.py", "its servers", body, tmp_prefix="synthnode-bench-")
 
 
 if __name__ == "__main__":
