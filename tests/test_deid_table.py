@@ -18,6 +18,7 @@ from node.uids import is_valid_uid
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / (
     "confidentiality_profile_attributes.json")
+PROJECT_COPY = Path(__file__).resolve().parents[1] / "node" / "deid" / "table_e1_1.json"
 COLUMNS = {
     DeidOption.RETAIN_UIDS: "rtnUIDsOpt",
     DeidOption.RETAIN_DEVICE_IDENTITY: "rtnDevIdOpt",
@@ -33,10 +34,28 @@ CARRIER = 0x00540220  # View Code Sequence
 
 
 def reference_rows() -> list[dict[str, Any]]:
-    if not REFERENCE.exists():
-        pytest.skip(f"reference table not found at {REFERENCE}")
-    rows = json.loads(REFERENCE.read_text())
+    """Rows of PS3.15 Table E.1-1 in the reference JSON's shape: the shared reference where it
+    lies beside the checkout, else the project's copy read raw (never through the engine)."""
+    if REFERENCE.exists():
+        rows = json.loads(REFERENCE.read_text())
+    else:
+        rows = [{"id": r["tag"], "basicProfile": r["basic"], **r["options"]}
+                for r in json.loads(PROJECT_COPY.read_text())["rows"]]
     return [r for r in rows if re.fullmatch(r"[0-9A-Fa-f]{8}", r["id"])]
+
+
+def test_project_copy_matches_the_reference() -> None:
+    """The table the engine uses is the reference, row for row (where the reference is here)."""
+    if not REFERENCE.exists():
+        pytest.skip(f"no reference beside the checkout at {REFERENCE}")
+    reference = {r["id"].upper(): r for r in json.loads(REFERENCE.read_text())}
+    copy = json.loads(PROJECT_COPY.read_text())
+    assert "2023b" in copy["edition"]
+    assert len(copy["rows"]) == len(reference) == 621
+    for row in copy["rows"]:
+        ref = reference[row["tag"].upper()]
+        assert row["basic"] == ref["basicProfile"], row["tag"]
+        assert row["options"] == {k: v for k, v in ref.items() if k.endswith("Opt")}, row["tag"]
 
 
 def expected(row: dict[str, Any], options: set[DeidOption]) -> str:
