@@ -257,6 +257,42 @@ class DeidSettings(_Section):
         return value
 
 
+class GenerateSettings(_Section):
+    """``[generate]``: the diffusion models that make synthetic counterparts."""
+
+    model: str = Field(
+        "tiny",
+        description='"tiny" (an untrained model built locally on first use: for tests and '
+                    "trying the node), a local diffusers folder, or a hub id",
+    )
+    inpaint_model: str = Field(
+        "", description='"" = the "inpaint" subfolder of a local model, else the model itself'
+    )
+    cache_dir: Path = Path("var/models")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: str = Field("auto", pattern=r"^(auto|float32|float16|bfloat16)$")
+    resolution: int = Field(
+        0, ge=0, le=2048, description="model resolution in px (multiple of 8); 0 = the model's own"
+    )
+    steps: int = Field(30, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0, le=50)
+    scheduler: str = Field(
+        "DDIMScheduler", pattern=r"^[A-Za-z0-9]+Scheduler$",
+        description="a diffusers scheduler class name",
+    )
+    batch_size: int = Field(4, ge=1, le=256)
+    strength: float = Field(0.6, gt=0, le=1, description="img2img: how far from the source")
+    negative_prompt: str = ""
+    prompt_templates: dict[str, str] = Field(
+        default_factory=lambda: {
+            "default": "An X-ray of the {BodyPartExamined}",
+            "CT": "A CT image of the {BodyPartExamined}",
+            "MR": "An MRI of the {BodyPartExamined}",
+        },
+        description="text2img prompt per Modality, over the source's attributes (keywords)",
+    )
+
+
 class LogSettings(_Section):
     """``[log]``: logs carry UIDs, AE titles and job ids, never names, IDs, dates or free text."""
 
@@ -272,6 +308,7 @@ class Settings(_Section):
     output: OutputSettings = OutputSettings()
     dispatch: DispatchSettings = DispatchSettings()
     deid: DeidSettings = DeidSettings()
+    generate: GenerateSettings = GenerateSettings()
     destinations: list[Destination] = Field(default_factory=list)
     log: LogSettings = LogSettings()
 
@@ -390,6 +427,9 @@ def load_settings(
             ),
             "deid": settings.deid.model_copy(
                 update={"honest_broker_file": resolve(broker) if broker else None}
+            ),
+            "generate": settings.generate.model_copy(
+                update={"cache_dir": resolve(settings.generate.cache_dir)}
             ),
         }
     )
