@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -123,9 +124,14 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    inpainter = None
+    if any(rule.fill == "inpaint" for rule in settings.deid.pixel_rules):
+        from node.generate.tasks import deid_inpainter_factory
+
+        inpainter = functools.partial(deid_inpainter_factory, settings)
     try:
         summary = run(args.paths, args.out, settings, workers=args.workers,
-                      progress=not args.quiet)
+                      progress=not args.quiet, inpainter_factory=inpainter)
     except DeidentificationError as exc:
         print(f"synthnode deidentify: {exc}", file=sys.stderr)
         return 2
@@ -136,6 +142,88 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
         for r in sorted(summary.of(fate), key=lambda r: r.source):
             print(f"  {fate.value}: {r.source}: {r.detail}")
     return 0 if summary.ok else 1
+
+
+def _region(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f'region "{text}" is not x,y,w,h (pixels)')
+    x, y, w, h = (int(p) for p in parts)
+    if w == 0 or h == 0:
+        raise argparse.ArgumentTypeError(f'region "{text}" is empty')
+    return x, y, w, h
+
+
+def _margins(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    if len(parts) == 1:
+        parts *= 4
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f'margins "{text}" are not PX or top,right,bottom,left')
+    top, right, bottom, left = (int(p) for p in parts)
+    return top, right, bottom, left
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+    from pydicom import dcmread
+    from tqdm import tqdm
+
+    from node.dicom import SeriesSpec, SynthesisTask, save_checked
+    from node.generate.tasks import Generation, Request
+
+    settings = _settings(args)
+    if args.model:
+        settings = settings.model_copy(update={
+            "generate": settings.generate.model_copy(update={"model": args.model}),
+        })
+    configure_logging(settings.log.level)
+    try:
+        request = Request(
+            SynthesisTask(args.task), prompt=args.prompt or "",
+            negative_prompt=args.negative_prompt, regions=tuple(args.region or ()),
+            margins=args.margins or (0, 0, 0, 0), strength=args.strength, seed=args.seed,
+            num=1, series=SeriesSpec(args.series_description, args.series_number),
+        )
+        source = dcmread(args.source) if args.source else None
+    except (ValueError, OSError) as exc:
+        print(f"synthnode generate: {exc}", file=sys.stderr)
+        return 2
+    generation = Generation(settings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for index in tqdm(range(args.num), unit="image", disable=args.num < 2, file=sys.stderr):
+        one = Request(**{**request.__dict__, "seed": args.seed + index})
+        try:
+            (ds,) = generation.run(one, source)
+        except (ValueError, RuntimeError) as exc:
+            print(f"FAILED seed {one.seed}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        saved = save_checked(ds, args.out, settings.output, job_id=f"generate-{args.task}")
+        if saved.quarantined:
+            print(f"QUARANTINED {saved.path}: {saved.reason}")
+            failed += 1
+            continue
+        frame = ds.pixel_array if int(ds.get("NumberOfFrames", 1) or 1) == 1 else (
+            ds.pixel_array[0])
+        top = float((1 << int(ds.BitsStored)) - 1)
+        preview = np.clip(np.rint(frame.astype(np.float64) / top * 255), 0, 255)
+        png = saved.path.with_suffix(".png")
+        Image.fromarray(preview.astype(np.uint8)).save(png)
+        print(f"wrote {saved.path} (+ {png.name}) seed {one.seed}")
+    return 0 if failed == 0 else 1
+
+
+def cmd_model_init_tiny(args: argparse.Namespace) -> int:
+    from node.generate.tiny import build_tiny
+
+    configure_logging("INFO")
+    folder = build_tiny(args.dir)
+    print(f"built an UNTRAINED tiny model (random weights: its images are noise) in {folder}; "
+          "point [generate] model at real weights (a diffusers folder) for real images")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -226,6 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes (default: one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_deidentify)
+
+    p = sub.add_parser("generate", help="make synthetic images with a diffusion model (SC + PNG)")
+    p.add_argument("--task", required=True, choices=["text2img", "inpaint", "outpaint", "img2img"])
+    p.add_argument("--prompt", default="", help="default: the template for the source's modality")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--source", type=Path, help="source DICOM file (needed except for text2img)")
+    p.add_argument("--region", type=_region, action="append", metavar="X,Y,W,H",
+                   help="inpaint: a rectangle in source pixels (repeatable)")
+    p.add_argument("--margin", "--margins", dest="margins", type=_margins,
+                   metavar="PX|T,R,B,L", help="outpaint: pixels to add (all sides, or each)")
+    p.add_argument("--strength", type=float, default=None, help="img2img: 0..1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=1, help="images (seeds seed, seed+1, ...)")
+    p.add_argument("--model", default=None, help="override [generate] model")
+    p.add_argument("--series-description", default="synthnode synthetic")
+    p.add_argument("--series-number", type=int, default=9000)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("model", help="model management")
+    model_sub = p.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    q = model_sub.add_parser("init-tiny", help="build the tiny untrained model (no network)")
+    q.add_argument("dir", type=Path)
+    q.set_defaults(func=cmd_model_init_tiny)
 
     p = sub.add_parser("status", help="studies in the spool, stable or not, and counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -384,6 +384,14 @@ def _describe(error: dict[str, Any], source: str, model: type[BaseModel]) -> str
     return f"{source}: {where} = {value!r}: {error['msg']}"
 
 
+def _local_model(spec: str, base_dir: Path) -> str:
+    """A model given as a folder relative to the config file becomes absolute; "tiny", hub ids
+    and absolute paths stay as they are."""
+    if spec and spec != "tiny" and not Path(spec).is_absolute() and (base_dir / spec).is_dir():
+        return str(base_dir / spec)
+    return spec
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
 ) -> Settings:
@@ -429,7 +437,11 @@ def load_settings(
                 update={"honest_broker_file": resolve(broker) if broker else None}
             ),
             "generate": settings.generate.model_copy(
-                update={"cache_dir": resolve(settings.generate.cache_dir)}
+                update={
+                    "cache_dir": resolve(settings.generate.cache_dir),
+                    "model": _local_model(settings.generate.model, base_dir),
+                    "inpaint_model": _local_model(settings.generate.inpaint_model, base_dir),
+                }
             ),
         }
     )

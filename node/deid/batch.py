@@ -12,7 +12,7 @@ import json
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from node.config import DeidOutput, Settings
 from node.deid.engine import DeidentificationError, Deidentifier, Quarantined
+from node.deid.pixels import Inpainter
 from node.dicom import NewIdentity, Pixels, build_sc, carried_spacing
 
 
@@ -102,8 +103,11 @@ def as_secondary_capture(deid: Deidentifier, ds: Dataset) -> Dataset:
 _worker: dict[str, object] = {}
 
 
-def _init_worker(settings: Settings, out_dir: Path) -> None:
-    _worker["deid"] = Deidentifier(settings.deid, settings.output)
+def _init_worker(
+    settings: Settings, out_dir: Path, inpainter_factory: Callable[[], Inpainter] | None
+) -> None:
+    inpainter = inpainter_factory() if inpainter_factory is not None else None
+    _worker["deid"] = Deidentifier(settings.deid, settings.output, inpainter=inpainter)
     _worker["settings"] = settings
     _worker["out"] = out_dir
 
@@ -172,15 +176,17 @@ def _broker_append(path: Path, mappings: Iterator[tuple[str, str, str, str]]) ->
 
 
 def run(paths: Sequence[Path], out_dir: Path, settings: Settings, workers: int = 1,
-        progress: bool = True) -> Summary:
-    """De-identify every file of ``paths`` into ``out_dir``."""
+        progress: bool = True,
+        inpainter_factory: Callable[[], Inpainter] | None = None) -> Summary:
+    """De-identify every file of ``paths`` into ``out_dir``; ``inpainter_factory`` makes, in
+    each worker, the generative inpainting that pixel rules with fill "inpaint" use."""
     Deidentifier(settings.deid, settings.output)  # fail fast on bad settings (e.g. no key)
     files = collect(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = Summary()
     bar = tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr)
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(max(1, workers), _init_worker, (settings, out_dir)) as pool:
+    with ctx.Pool(max(1, workers), _init_worker, (settings, out_dir, inpainter_factory)) as pool:
         chunk = max(1, min(64, len(files) // (4 * max(1, workers))))
         for result in pool.imap_unordered(_process, files, chunksize=chunk):
             summary.results.append(result)

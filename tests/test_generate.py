@@ -1,0 +1,183 @@
+"""Generation end to end on CPU with the tiny model: every task through the SC writer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.config import PixelRule, Settings
+from node.dicom import SynthesisTask, validate_file
+from node.generate.pixels import display_frames, to_output
+from node.generate.tasks import Generation, Request, deid_inpainter, prompt_for
+from tests.nodeproc import SYNTHNODE, sample_file, write_config
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    cache = tmp_path_factory.mktemp("models")
+    # 4 steps: enough for img2img at strength 0.3 to keep one denoising step.
+    return Settings.model_validate({"generate": {"cache_dir": str(cache), "steps": 4,
+                                                 "batch_size": 2}})
+
+
+@pytest.fixture(scope="module")
+def generation(settings: Settings) -> Generation:
+    return Generation(settings)
+
+
+def source(name: str) -> Dataset:
+    return dcmread(sample_file(name))
+
+
+def assert_synthetic(ds: Dataset, tmp_path: Path, uses_source: bool, src: Dataset) -> None:
+    assert ds.SyntheticData == "YES" and ds.ConversionType == "SYN"
+    assert "model tiny" in ds.DerivationDescription
+    assert f"seed {ds.DerivationDescription.split('seed ')[1].split(';')[0]}" in (
+        ds.DerivationDescription)
+    if uses_source:
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    else:
+        assert "SourceImageSequence" not in ds
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    verdict = validate_file(path)
+    assert verdict.ok, verdict.report
+
+
+def expected_inside(src: Dataset, bits: int) -> np.ndarray:
+    frames, _ = display_frames(src)
+    return to_output(frames, color=frames.ndim == 4, bits=bits)[0]
+
+
+def test_text2img_from_a_template_and_without_a_source(
+    generation: Generation, tmp_path: Path
+) -> None:
+    ct = source("CT_small.dcm")
+    (ds,) = generation.run(Request(SynthesisTask.TEXT2IMG, seed=1), ct)
+    assert ds.StudyInstanceUID == ct.StudyInstanceUID  # a new series in the source's study
+    assert 'prompt "A CT image of the' in ds.DerivationDescription
+    assert (ds.Rows, ds.Columns) == (64, 64)
+    assert_synthetic(ds, tmp_path, uses_source=False, src=ct)
+    (alone,) = generation.run(Request(SynthesisTask.TEXT2IMG, prompt="An X-ray of the chest"))
+    assert str(alone.PatientName).startswith("SYNTHETIC^")
+    assert_synthetic(alone, tmp_path, uses_source=False, src=ct)
+
+
+def test_img2img_keeps_geometry_and_is_reproducible(
+    generation: Generation, tmp_path: Path
+) -> None:
+    ct = source("CT_small.dcm")
+    a, b = (generation.run(Request(SynthesisTask.IMG2IMG, seed=7, strength=0.5), ct)[0]
+            for _ in range(2))
+    (c,) = generation.run(Request(SynthesisTask.IMG2IMG, seed=8, strength=0.5), ct)
+    assert (a.Rows, a.Columns) == (ct.Rows, ct.Columns)
+    assert [float(v) for v in a.PixelSpacing] == [float(v) for v in ct.PixelSpacing]
+    assert np.array_equal(a.pixel_array, b.pixel_array)  # same seed, same pixels
+    assert a.SOPInstanceUID == b.SOPInstanceUID
+    assert not np.array_equal(a.pixel_array, c.pixel_array)
+    assert "strength 0.5" in a.DerivationDescription
+    assert_synthetic(a, tmp_path, uses_source=True, src=ct)
+
+
+def test_inpaint_changes_only_the_regions(generation: Generation, tmp_path: Path) -> None:
+    ct = source("CT_small.dcm")
+    region = (20, 30, 40, 24)  # x, y, w, h
+    (ds,) = generation.run(Request(SynthesisTask.INPAINT, regions=(region,), seed=3), ct)
+    out = ds.pixel_array
+    inside = expected_inside(ct, int(ds.BitsStored))
+    keep = np.ones(out.shape, bool)
+    keep[30:54, 20:60] = False
+    assert np.array_equal(out[keep], inside[keep])
+    assert not np.array_equal(out[~keep], inside[~keep])
+    assert "model tiny/inpaint" in ds.DerivationDescription
+    assert_synthetic(ds, tmp_path, uses_source=True, src=ct)
+
+
+def test_outpaint_extends_by_the_margins_and_keeps_the_original(
+    generation: Generation, tmp_path: Path
+) -> None:
+    ct = source("CT_small.dcm")
+    top, right, bottom, left = 8, 16, 4, 12
+    (ds,) = generation.run(Request(SynthesisTask.OUTPAINT, margins=(top, right, bottom, left),
+                                   seed=5), ct)
+    assert (ds.Rows, ds.Columns) == (ct.Rows + top + bottom, ct.Columns + left + right)
+    assert [float(v) for v in ds.PixelSpacing] == [float(v) for v in ct.PixelSpacing]
+    inner = ds.pixel_array[top:top + ct.Rows, left:left + ct.Columns]
+    assert np.array_equal(inner, expected_inside(ct, int(ds.BitsStored)))
+    assert_synthetic(ds, tmp_path, uses_source=True, src=ct)
+
+
+def test_monochrome1_16_bit_and_colour_sources(generation: Generation, tmp_path: Path) -> None:
+    cr = source("RG1_UNCR.dcm")  # MONOCHROME1, 15 bits, 1955 x 1841
+    (ds,) = generation.run(Request(SynthesisTask.IMG2IMG, seed=2, strength=0.3), cr)
+    assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 15
+    assert (ds.Rows, ds.Columns) == (cr.Rows, cr.Columns)
+    assert_synthetic(ds, tmp_path, uses_source=True, src=cr)
+    rgb = source("US1_UNCR.dcm")
+    (ds,) = generation.run(Request(SynthesisTask.INPAINT, regions=((0, 0, 100, 40),), seed=2),
+                           rgb)
+    assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+    assert_synthetic(ds, tmp_path, uses_source=True, src=rgb)
+    mr = source("emri_small.dcm")  # 10 frames
+    (ds,) = generation.run(Request(SynthesisTask.IMG2IMG, seed=2, strength=0.4), mr)
+    assert ds.NumberOfFrames == mr.NumberOfFrames
+    assert_synthetic(ds, tmp_path, uses_source=True, src=mr)
+
+
+def test_prompt_templates_and_bad_requests() -> None:
+    ct = source("CT_small.dcm")
+    ct.BodyPartExamined = "CHEST"
+    templates = {"default": "An X-ray of the {BodyPartExamined}",
+                 "CT": "CT of the {BodyPartExamined}"}
+    assert prompt_for(ct, templates) == "CT of the chest"
+    ct.Modality = "DX"
+    assert prompt_for(ct, templates) == "An X-ray of the chest"
+    assert prompt_for(ct, templates, "big right-sided pleural effusion") == (
+        "big right-sided pleural effusion")
+    with pytest.raises(ValueError, match="inpaint needs at least one region"):
+        Request(SynthesisTask.INPAINT)
+    with pytest.raises(ValueError, match="outpaint needs non-negative margins"):
+        Request(SynthesisTask.OUTPAINT)
+
+
+def test_deidentification_inpaints_burned_in_text(generation: Generation) -> None:
+    from node.config import DeidSettings, OutputSettings
+    from node.deid import Deidentifier
+
+    us = source("US1_UNCR.dcm")
+    rule = PixelRule(name="test us", regions=[(0, 0, 120, 40)], fill="inpaint")
+    deid = Deidentifier(DeidSettings(key="k" * 32, pixel_rules=[rule]), OutputSettings(),
+                        inpainter=deid_inpainter(generation))
+    out = deid.deidentify(us)
+    before, after = us.pixel_array, out.pixel_array
+    assert np.array_equal(after[40:, :], before[40:, :])  # outside the region: untouched
+    assert np.array_equal(after[:, 120:], before[:, 120:])
+    assert after[:40, :120].any()  # regenerated, not a black box
+    assert out.BurnedInAnnotation == "NO"
+
+
+def test_cli_generate_writes_sc_and_png(settings: Settings, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "gen.toml", {"generate": {
+        "cache_dir": str(settings.generate.cache_dir), "steps": 2}})
+    ct = sample_file("CT_small.dcm")
+    res = subprocess.run(
+        [*SYNTHNODE, "--config", str(cfg), "generate", "--task", "outpaint", "--source",
+         str(ct), "--margin", "8", "--num", "2", "--seed", "11", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    dcms = sorted((tmp_path / "out").glob("*.dcm"))
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(dcms) == 2 and len(pngs) == 2
+    seeds = sorted(dcmread(p).DerivationDescription.split("seed ")[1].split(";")[0] for p in dcms)
+    assert seeds == ["11", "12"]
+    bad = subprocess.run([*SYNTHNODE, "--config", str(cfg), "generate", "--task", "inpaint",
+                          "--source", str(ct), "--region", "1,2,3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and 'region "1,2,3" is not x,y,w,h' in bad.stderr
