@@ -13,6 +13,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -131,6 +132,14 @@ def sample_file(name: str) -> Path:
     path = get_testdata_file(name)
     assert path is not None, name
     return Path(str(path))
+
+
+def frames_of(ds: Dataset) -> np.ndarray:
+    """Stored values with a frame axis, decoded by pydicom itself (YBR as RGB)."""
+    arr = ds.pixel_array
+    samples = int(ds.SamplesPerPixel)
+    return arr.reshape((int(ds.get("NumberOfFrames") or 1), ds.Rows, ds.Columns)
+                       + ((samples,) if samples > 1 else ()))
 
 
 def dataset_bytes(file_bytes: bytes) -> bytes:

@@ -23,7 +23,7 @@ from node.deid.pixels import (
     match_rule,
 )
 from node.dicom import validate_file
-from tests.nodeproc import sample_file
+from tests.nodeproc import frames_of, sample_file
 
 KEY = "k" * 32
 BOX = (10, 20, 30, 15)  # x (column), y (row), width, height
@@ -41,13 +41,6 @@ def rule(name: str = "box", regions: list[tuple[int, int, int, int]] | None = No
 def read(name: str) -> Dataset:
     return dcmread(sample_file(name))
 
-
-def frames_of(ds: Dataset) -> np.ndarray:
-    """All frames with a frame axis, decoded by pydicom (YBR as RGB)."""
-    arr = ds.pixel_array
-    samples = int(ds.SamplesPerPixel)
-    return arr.reshape((int(ds.get("NumberOfFrames") or 1), ds.Rows, ds.Columns)
-                       + ((samples,) if samples > 1 else ()))
 
 
 def inside(box: Region, rows: int, columns: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from node.generate.pixels import (
     to_model,
     to_output,
 )
-from tests.nodeproc import sample_file
+from tests.nodeproc import frames_of, sample_file
 
 RESOLUTION = 64
 
@@ -32,13 +32,6 @@ RESOLUTION = 64
 def read(name: str) -> Dataset:
     return dcmread(sample_file(name))
 
-
-def frames_of(ds: Dataset) -> np.ndarray:
-    """Stored values with a frame axis, decoded by pydicom itself (YBR as RGB)."""
-    arr = ds.pixel_array
-    samples = int(ds.SamplesPerPixel)
-    return arr.reshape((int(ds.get("NumberOfFrames") or 1), ds.Rows, ds.Columns)
-                       + ((samples,) if samples > 1 else ()))
 
 
 def model(image: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -25,11 +25,12 @@ from enum import StrEnum
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, get_decoder, pack_bits
-from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
+from pydicom.pixels import apply_color_lut, pack_bits
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 from pydicom.valuerep import VR
 
 from node.config import DeidSettings, PixelRule
+from node.pixeldata import PixelDataError, decode_frames, transfer_syntax
 
 Region = tuple[int, int, int, int]
 """A rectangle: x (first column), y (first row), width (columns), height (rows)."""
@@ -100,11 +101,6 @@ class PixelResult:
     rule: str = ""
     reason: str = ""
 
-
-class PixelDataError(Exception):
-    """This image's pixel data cannot be decoded or written back (unsupported transfer syntax,
-    photometric interpretation or encoding): the image cannot be cleaned and should be
-    quarantined. Configuration mistakes are ValueError instead."""
 
 
 # -- rules -----------------------------------------------------------------------------------
@@ -300,35 +296,14 @@ def _inpaint(
 
 # -- decoding and encoding -------------------------------------------------------------------
 
-def _transfer_syntax(ds: Dataset) -> UID:
-    meta = getattr(ds, "file_meta", None)
-    uid = meta.get("TransferSyntaxUID") if meta is not None else None
-    if not uid:
-        raise PixelDataError("no Transfer Syntax UID in the file meta: the pixel data cannot "
-                             "be decoded")
-    return UID(uid)
-
-
 def _decode(ds: Dataset) -> tuple[np.ndarray, str]:
-    """All frames as (frames, rows, columns[, samples]) and their photometric interpretation
-    (YBR decoded to RGB)."""
-    uid = _transfer_syntax(ds)
+    """All frames and their photometric interpretation; only little endian data, since the
+    cleaned pixels are written back as Explicit VR Little Endian."""
+    uid = transfer_syntax(ds)
     if not uid.is_little_endian:
         raise PixelDataError(f'transfer syntax "{uid.name}" ({uid}) is not supported for '
                              "pixel cleaning: only little endian")
-    try:
-        # pydicom annotates **kwargs as the DecodeOptions TypedDict rather than Unpack[...]
-        arr, meta = get_decoder(uid).as_array(ds, as_rgb=True)  # type: ignore[arg-type]
-    except Exception as exc:  # the decoders raise many kinds; all mean "cannot decode"
-        raise PixelDataError(
-            f'pixel data in transfer syntax "{uid.name}" ({uid}) cannot be decoded: {exc}'
-        ) from exc
-    samples = int(meta["samples_per_pixel"])
-    shape = (int(meta["number_of_frames"]), int(meta["rows"]), int(meta["columns"]))
-    frames = arr.reshape(shape + ((samples,) if samples > 1 else ()))
-    if not frames.flags.writeable or not frames.flags.c_contiguous:
-        frames = frames.copy()
-    return frames, str(meta["photometric_interpretation"])
+    return decode_frames(ds)
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
@@ -370,7 +345,7 @@ def _encode(ds: Dataset, frames: np.ndarray, photometric: str) -> None:
                              "cleaning")
     if len(data) % 2:
         data += b"\0"
-    uid = _transfer_syntax(ds)
+    uid = transfer_syntax(ds)
     ds.PixelData = data
     elem = ds["PixelData"]
     elem.VR = VR.OB if bits_allocated <= 8 else VR.OW

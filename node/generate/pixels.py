@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
-from pydicom.uid import UID
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+
+from node.pixeldata import decode_frames
 
 Region = tuple[int, int, int, int]
 """A rectangle: x (first column), y (first row), width (columns), height (rows)."""
@@ -115,7 +116,7 @@ def display_frames(ds: Dataset) -> tuple[np.ndarray, WindowInfo]:
     dense, as in MONOCHROME2. Colour: RGB (YBR converted, PALETTE COLOR looked up) scaled by
     its bit depth.
     """
-    stored, photometric = _decode(ds)
+    stored, photometric = decode_frames(ds)
     if photometric == "PALETTE COLOR":
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         rgb = apply_color_lut(stored, ds).astype(np.float64) / float((1 << bits) - 1)
@@ -179,28 +180,6 @@ def display_frames(ds: Dataset) -> tuple[np.ndarray, WindowInfo]:
         inverted=inverted,
     )
     return _unit(display), info
-
-
-def _decode(ds: Dataset) -> tuple[np.ndarray, str]:
-    """All stored frames as (F, rows, columns[, 3]) and their photometric interpretation after
-    decoding (YBR converted to RGB)."""
-    meta = getattr(ds, "file_meta", None)
-    uid = meta.get("TransferSyntaxUID") if meta is not None else None
-    if not uid:
-        raise ValueError("no Transfer Syntax UID in the file meta: the pixel data cannot be "
-                         "decoded")
-    try:
-        # pydicom annotates **kwargs as the DecodeOptions TypedDict rather than Unpack[...]
-        arr, info = get_decoder(UID(uid)).as_array(ds, as_rgb=True)  # type: ignore[arg-type]
-    except Exception as exc:  # the decoders raise many kinds; all mean "cannot decode"
-        raise ValueError(
-            f'pixel data in transfer syntax "{UID(uid).name}" ({uid}) cannot be decoded: {exc}'
-        ) from exc
-    samples = int(info["samples_per_pixel"])
-    shape = (int(info["number_of_frames"]), int(info["rows"]), int(info["columns"]))
-    return arr.reshape(shape + ((samples,) if samples > 1 else ())), str(
-        info["photometric_interpretation"]
-    )
 
 
 def _frame_item(ds: Dataset, index: int, sequence: str) -> Dataset:
