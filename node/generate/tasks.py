@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -113,6 +113,38 @@ def synthetic_source(request: Request, prompt: str, modality: str = "OT") -> Dat
     return ds
 
 
+@dataclass
+class _Unit:
+    """One image through the model: a frame of one output of one request."""
+
+    kind: SynthesisTask
+    prompt: str
+    negative: str
+    seed: int
+    strength: float | None
+    image: np.ndarray | None  # model input (R, R, 3); None for text2img
+    mask: np.ndarray | None  # inpainting mask (R, R); 1 = regenerate
+    finish: Callable[[np.ndarray], np.ndarray]  # model output -> frame in [0, 1]
+    result: np.ndarray | None = None
+
+    def group(self) -> tuple[str, str, float | None]:
+        """Units with the same group share model calls (batched by [generate] batch_size)."""
+        model = "inpaint" if self.kind in (SynthesisTask.INPAINT, SynthesisTask.OUTPAINT) else (
+            self.kind.value)
+        return model, self.negative, self.strength
+
+
+@dataclass
+class _Output:
+    request: Request
+    source: Dataset | None
+    prompt: str
+    negative: str
+    index: int
+    seed: int
+    units: list[_Unit]
+
+
 class Generation:
     """Runs requests with one set of warm models; one instance per worker process."""
 
@@ -126,72 +158,57 @@ class Generation:
 
     def run(self, request: Request, source: Dataset | None = None) -> list[Dataset]:
         """The SC objects of ``request``: ``num`` outputs (seeds seed, seed+1, ...)."""
+        return self.run_many([(request, source)])[0]
+
+    def run_many(self, jobs: Sequence[tuple[Request, Dataset | None]]) -> list[list[Dataset]]:
+        """Several requests at once (e.g. from several jobs): their images go through the model
+        together, batched by task and sampling parameters; each request's outputs are the same
+        as :meth:`run` would give (same seeds)."""
+        plans = [self._plan(request, source) for request, source in jobs]
+        self._execute([u for outputs in plans for out in outputs for u in out.units])
+        return [[self._write(out) for out in outputs] for outputs in plans]
+
+    # -- planning --------------------------------------------------------------------------
+
+    def _plan(self, request: Request, source: Dataset | None) -> list[_Output]:
         gen = self.settings.generate
+        if source is None and request.task is not SynthesisTask.TEXT2IMG:
+            raise ValueError(f"{request.task.value} needs a source image")
         prompt = prompt_for(source, gen.prompt_templates, request.prompt)
         negative = gen.negative_prompt if request.negative_prompt is None else (
             request.negative_prompt)
-        identity: NewIdentity | None = None
-        if source is None:
-            if request.task is not SynthesisTask.TEXT2IMG:
-                raise ValueError(f"{request.task.value} needs a source image")
-            reference = synthetic_source(request, prompt)
-            identity = NewIdentity(str(reference.PatientName), str(reference.PatientID),
-                                   str(reference.StudyInstanceUID))
-        else:
-            reference = source
         outputs = []
         for index in range(request.num):
             seed = request.seed + index
-            pixels = self._pixels(request, source, prompt, negative, seed)
-            uses_inpainting = request.task in (SynthesisTask.INPAINT, SynthesisTask.OUTPAINT)
-            info = self.models.inpaint_info if uses_inpainting else self.models.info
-            provenance = Synthesis(
-                task=request.task, model_id=info.model_id, weights_hash=info.weights_hash,
-                scheduler=gen.scheduler, steps=gen.steps, guidance=gen.guidance, seed=seed,
-                prompt=prompt, negative_prompt=negative,
-                strength=(request.strength or gen.strength)
-                if request.task is SynthesisTask.IMG2IMG else None,
-            )
-            outputs.append(build_sc(
-                [reference], pixels, provenance, self.settings.output,
-                series=request.series, identity=identity, index=index,
-            ))
+            units = self._units(request, source, prompt, negative, seed)
+            outputs.append(_Output(request, source, prompt, negative, index, seed, units))
         return outputs
 
-    # -- pixels ----------------------------------------------------------------------------
-
-    def _pixels(
+    def _units(
         self, request: Request, source: Dataset | None, prompt: str, negative: str, seed: int
-    ) -> Pixels:
-        models = self.models
-        resolution = models.info.resolution
+    ) -> list[_Unit]:
         if request.task is SynthesisTask.TEXT2IMG:
-            image = models.text2img([prompt], [seed], negative_prompt=negative)[0]
-            gray = source is None or int(source.get("SamplesPerPixel", 1)) == 1
-            frames01 = image.mean(axis=-1)[None] if gray else image[None]
-            bits = _output_bits(source)
-            return _as_pixels(frames01, gray, bits, spacing=None)
+            return [_Unit(request.task, prompt, negative, seed, None, None, None, _identity)]
         assert source is not None
         frames01, _window = display_frames(source)
-        color = frames01.ndim == 4
-        results = []
-        for i, frame in enumerate(frames01):
-            frame_seed = seed + 1000 * i  # each frame its own noise, reproducibly
-            results.append(self._frame(request, frame, prompt, negative, frame_seed, resolution))
-        bits = _output_bits(source)
-        out = np.stack(results)
-        return _as_pixels(out, not color, bits, spacing=carried_spacing(source))
+        return [
+            self._frame_unit(request, frame, prompt, negative, seed + 1000 * i)  # own noise
+            for i, frame in enumerate(frames01)
+        ]
 
-    def _frame(
-        self, request: Request, frame: np.ndarray, prompt: str, negative: str, seed: int,
-        resolution: int,
-    ) -> np.ndarray:
-        models = self.models
+    def _frame_unit(
+        self, request: Request, frame: np.ndarray, prompt: str, negative: str, seed: int
+    ) -> _Unit:
+        resolution = self.models.info.resolution
         if request.task is SynthesisTask.IMG2IMG:
             prepared = to_model(frame, resolution)
-            made = models.img2img(prepared.image[None], [prompt], [seed],
-                                  strength=request.strength, negative_prompt=negative)[0]
-            return _like(from_model(made, prepared.mapping), frame)
+            strength = request.strength or self.settings.generate.strength
+
+            def finish_variation(made: np.ndarray) -> np.ndarray:
+                return _like(from_model(made, prepared.mapping), frame)
+
+            return _Unit(request.task, prompt, negative, seed, strength, prepared.image, None,
+                         finish_variation)
         if request.task is SynthesisTask.INPAINT:
             keep = ~region_mask(frame.shape[:2], request.regions, request.polygons)
             canvas = frame
@@ -201,10 +218,72 @@ class Generation:
         prepared = to_model(canvas, resolution)
         # The placement maps a boolean mask so that no masked pixel is lost when shrinking.
         mask = prepared.mapping.to_model(~keep).astype(np.float32)
-        made = models.inpaint(prepared.image[None], mask[None], [prompt], [seed],
-                              negative_prompt=negative)[0]
-        back = _like(from_model(made, prepared.mapping), canvas)
-        return composite(canvas, back, keep)
+
+        def finish_fill(made: np.ndarray) -> np.ndarray:
+            return composite(canvas, _like(from_model(made, prepared.mapping), canvas), keep)
+
+        return _Unit(request.task, prompt, negative, seed, None, prepared.image, mask,
+                     finish_fill)
+
+    # -- the model -------------------------------------------------------------------------
+
+    def _execute(self, units: list[_Unit]) -> None:
+        groups: dict[tuple[str, str, float | None], list[_Unit]] = {}
+        for unit in units:
+            groups.setdefault(unit.group(), []).append(unit)
+        models = self.models
+        for (model, negative, strength), members in groups.items():
+            prompts = [u.prompt for u in members]
+            seeds = [u.seed for u in members]
+            if model == SynthesisTask.TEXT2IMG.value:
+                made = models.text2img(prompts, seeds, negative_prompt=negative)
+            elif model == SynthesisTask.IMG2IMG.value:
+                images = np.stack([u.image for u in members])  # type: ignore[misc]
+                made = models.img2img(images, prompts, seeds, strength=strength,
+                                      negative_prompt=negative)
+            else:
+                images = np.stack([u.image for u in members])  # type: ignore[misc]
+                masks = np.stack([u.mask for u in members])  # type: ignore[misc]
+                made = models.inpaint(images, masks, prompts, seeds, negative_prompt=negative)
+            for unit, image in zip(members, made, strict=True):
+                unit.result = unit.finish(image)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _write(self, out: _Output) -> Dataset:
+        gen = self.settings.generate
+        request, source = out.request, out.source
+        identity: NewIdentity | None = None
+        if source is None:
+            reference = synthetic_source(request, out.prompt)
+            identity = NewIdentity(str(reference.PatientName), str(reference.PatientID),
+                                   str(reference.StudyInstanceUID))
+        else:
+            reference = source
+        frames01 = np.stack([u.result for u in out.units])  # type: ignore[misc]
+        bits = _output_bits(source)
+        if request.task is SynthesisTask.TEXT2IMG:
+            gray = source is None or int(source.get("SamplesPerPixel", 1)) == 1
+            if gray:
+                frames01 = frames01.mean(axis=-1)
+            pixels = _as_pixels(frames01, gray, bits, spacing=None)
+        else:
+            assert source is not None
+            pixels = _as_pixels(frames01, frames01.ndim == 3, bits, carried_spacing(source))
+        uses_inpainting = request.task in (SynthesisTask.INPAINT, SynthesisTask.OUTPAINT)
+        info = self.models.inpaint_info if uses_inpainting else self.models.info
+        provenance = Synthesis(
+            task=request.task, model_id=info.model_id, weights_hash=info.weights_hash,
+            scheduler=gen.scheduler, steps=gen.steps, guidance=gen.guidance, seed=out.seed,
+            prompt=out.prompt, negative_prompt=out.negative,
+            strength=out.units[0].strength if request.task is SynthesisTask.IMG2IMG else None,
+        )
+        return build_sc([reference], pixels, provenance, self.settings.output,
+                        series=request.series, identity=identity, index=out.index)
+
+
+def _identity(image: np.ndarray) -> np.ndarray:
+    return image
 
 
 def _like(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -243,11 +322,13 @@ def deid_inpainter(generation: Generation, prompt: str = "") -> Inpainter:
         out = frames.copy()
         request = Request(SynthesisTask.INPAINT, prompt=prompt or prompt_for(
             ds, generation.settings.generate.prompt_templates), regions=tuple(regions))
-        for i, frame in enumerate(frames):
-            frame01 = frame.astype(np.float32) / top
-            made = generation._frame(request, frame01, request.prompt, "", i,
-                                     generation.models.info.resolution)
-            out[i] = np.clip(np.rint(made * top), 0, top).astype(frames.dtype)
+        units = [generation._frame_unit(request, frame.astype(np.float32) / top,
+                                        request.prompt, "", i)
+                 for i, frame in enumerate(frames)]
+        generation._execute(units)
+        for i, unit in enumerate(units):
+            assert unit.result is not None
+            out[i] = np.clip(np.rint(unit.result * top), 0, top).astype(frames.dtype)
         return out
 
     return inpaint
