@@ -154,6 +154,16 @@ def _region(text: str) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
+def _polygon(text: str) -> tuple[tuple[float, float], ...]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) < 6 or len(values) % 2:
+        raise argparse.ArgumentTypeError(f'polygon "{text}" is not x1,y1,x2,y2,x3,y3[,...]')
+    return tuple(zip(values[0::2], values[1::2], strict=True))
+
+
 def _margins(text: str) -> tuple[int, int, int, int]:
     parts = text.split(",")
     if len(parts) == 1:
@@ -183,6 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = Request(
             SynthesisTask(args.task), prompt=args.prompt or "",
             negative_prompt=args.negative_prompt, regions=tuple(args.region or ()),
+            polygons=tuple(args.polygon or ()),
             margins=args.margins or (0, 0, 0, 0), strength=args.strength, seed=args.seed,
             num=1, series=SeriesSpec(args.series_description, args.series_number),
         )
@@ -322,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", type=Path, help="source DICOM file (needed except for text2img)")
     p.add_argument("--region", type=_region, action="append", metavar="X,Y,W,H",
                    help="inpaint: a rectangle in source pixels (repeatable)")
+    p.add_argument("--polygon", type=_polygon, action="append", metavar="X1,Y1,X2,Y2,...",
+                   help="inpaint: a polygon in source pixels (repeatable)")
     p.add_argument("--margin", "--margins", dest="margins", type=_margins,
                    metavar="PX|T,R,B,L", help="outpaint: pixels to add (all sides, or each)")
     p.add_argument("--strength", type=float, default=None, help="img2img: 0..1")
