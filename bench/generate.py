@@ -96,13 +96,13 @@ def build_sd15(folder: Path, seed: int = 0) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from node.generate.models import no_progress_bars
-    from node.generate.tiny import _write_tokenizer
+    from node.generate.tiny import clip_text_config, write_tokenizer
 
     tokenizer_dir = folder.parent / f".{folder.name}.tokenizer"
-    ids = _write_tokenizer(tokenizer_dir)
+    ids = write_tokenizer(tokenizer_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(  # SD 1.5's unet/config.json
@@ -137,20 +137,9 @@ def build_sd15(folder: Path, seed: int = 0) -> None:
             sample_size=512,
             scaling_factor=0.18215,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(  # openai/clip-vit-large-patch14's text tower
-            vocab_size=ids["vocab_size"],
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            layer_norm_eps=1e-5,
-            bos_token_id=ids["bos"],
-            eos_token_id=ids["eos"],
-            pad_token_id=ids["eos"],
-        ))
+        # openai/clip-vit-large-patch14's text tower (SD 1.5's text encoder)
+        text_encoder = CLIPTextModel(clip_text_config(
+            ids, hidden=768, intermediate=3072, layers=12, heads=12))
     scheduler = DDIMScheduler(  # SD's scheduler settings (its folder names PNDM: see README)
         num_train_timesteps=1000,
         beta_start=0.00085,

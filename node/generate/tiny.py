@@ -64,7 +64,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
 
 
-def _write_tokenizer(folder: Path) -> dict[str, int]:
+def write_tokenizer(folder: Path) -> dict[str, int]:
     """A byte-level CLIP tokenizer with no merges: one token per byte (the last byte of a word
     carries ``</w>``), plus the start and end tokens. Returns the special token ids."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,6 +96,29 @@ def _write_tokenizer(folder: Path) -> dict[str, int]:
     return {"vocab_size": len(vocab), "bos": vocab[_BOS], "eos": vocab[_EOS]}
 
 
+def clip_text_config(
+    ids: dict[str, int], *, hidden: int, intermediate: int, layers: int, heads: int
+) -> Any:
+    """A CLIP text tower of the given size over the tokenizer ``write_tokenizer`` made (the
+    tiny model's, and the SD-1.5-sized benchmark's)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=ids["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=hidden,
+        layer_norm_eps=1e-5,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["eos"],
+    )
+
+
 def is_complete(folder: Path) -> bool:
     """Whether ``folder`` holds a finished tiny build (text2img and inpainting variants)."""
     return (folder / "model_index.json").is_file() and (
@@ -105,7 +128,7 @@ def is_complete(folder: Path) -> bool:
 
 def _components(tokenizer_dir: Path, ids: dict[str, int]) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     def unet(in_channels: int) -> UNet2DConditionModel:
         return UNet2DConditionModel(
@@ -121,19 +144,7 @@ def _components(tokenizer_dir: Path, ids: dict[str, int]) -> dict[str, Any]:
             norm_num_groups=8,
         )
 
-    text_config = CLIPTextConfig(
-        vocab_size=ids["vocab_size"],
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        layer_norm_eps=1e-5,
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        pad_token_id=ids["eos"],
-    )
+    text_config = clip_text_config(ids, hidden=32, intermediate=37, layers=2, heads=4)
     return {
         "unet": unet(4),
         "unet_inpaint": unet(9),
@@ -205,7 +216,7 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
     try:
-        ids = _write_tokenizer(work / "tokenizer-src")
+        ids = write_tokenizer(work / "tokenizer-src")
         # A private RNG: building must not disturb the caller's random state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
