@@ -99,7 +99,7 @@ def build_sd15(folder: Path, seed: int = 0) -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from node.generate.models import no_progress_bars
-    from node.generate.tiny import clip_text_config, write_tokenizer
+    from node.generate.tiny import SD_SCHEDULER, clip_text_config, write_tokenizer
 
     tokenizer_dir = folder.parent / f".{folder.name}.tokenizer"
     ids = write_tokenizer(tokenizer_dir)
@@ -140,15 +140,7 @@ def build_sd15(folder: Path, seed: int = 0) -> None:
         # openai/clip-vit-large-patch14's text tower (SD 1.5's text encoder)
         text_encoder = CLIPTextModel(clip_text_config(
             ids, hidden=768, intermediate=3072, layers=12, heads=12))
-    scheduler = DDIMScheduler(  # SD's scheduler settings (its folder names PNDM: see README)
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD_SCHEDULER)  # SD's (its folder names PNDM: see README)
     pipe: Any = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
         unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -205,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for index in tqdm(range(args.num), unit="image", disable=args.num < 2, file=sys.stderr):
-        one = Request(**{**request.__dict__, "seed": args.seed + index})
+        one = dataclasses.replace(request, seed=args.seed + index)
         try:
             (ds,) = generation.run(one, source)
         except (ValueError, RuntimeError) as exc:

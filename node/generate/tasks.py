@@ -244,7 +244,10 @@ class Generation:
             else:
                 images = np.stack([u.image for u in members])  # type: ignore[misc]
                 masks = np.stack([u.mask for u in members])  # type: ignore[misc]
-                made = models.inpaint(images, masks, prompts, seeds, negative_prompt=negative)
+                # keep_unmasked off: finish_fill composites the kept pixels exactly, in the
+                # source's geometry, so a blend in the model's square would be work thrown away.
+                made = models.inpaint(images, masks, prompts, seeds, negative_prompt=negative,
+                                      keep_unmasked=False)
             for unit, image in zip(members, made, strict=True):
                 unit.result = unit.finish(image)
 

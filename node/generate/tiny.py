@@ -96,6 +96,19 @@ def write_tokenizer(folder: Path) -> dict[str, int]:
     return {"vocab_size": len(vocab), "bos": vocab[_BOS], "eos": vocab[_EOS]}
 
 
+SD_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+"""Stable Diffusion's DDIM settings (steps_offset=1 also avoids diffusers' deprecation warning),
+for the tiny model and the SD-1.5-sized benchmark model alike."""
+
+
 def clip_text_config(
     ids: dict[str, int], *, hidden: int, intermediate: int, layers: int, heads: int
 ) -> Any:
@@ -162,14 +175,7 @@ def _components(tokenizer_dir: Path, ids: dict[str, int]) -> dict[str, Any]:
         ),
         "text_encoder": CLIPTextModel(text_config),
         "tokenizer": CLIPTokenizer.from_pretrained(tokenizer_dir),
-        "scheduler": DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        "scheduler": DDIMScheduler(**SD_SCHEDULER),
     }
 
 
