@@ -238,3 +238,19 @@ def test_cli_polygon_and_deidentify_with_inpainting(settings: Settings, tmp_path
     pixels = dcmread(written).pixel_array
     assert pixels[:40, :120].any()  # generated anatomy, not a black box
     assert np.array_equal(pixels[40:], dcmread(us).pixel_array[40:])
+
+
+def test_task_parameters_make_distinct_outputs_and_are_recorded(generation: Generation) -> None:
+    """Two inpaintings of one source with one seed but different regions are different objects:
+    the same UIDs would make Orthanc keep the first and drop the second."""
+    ct = source("CT_small.dcm")
+    (a,) = generation.run(Request(SynthesisTask.INPAINT, regions=((10, 10, 20, 20),), seed=4), ct)
+    (b,) = generation.run(Request(SynthesisTask.INPAINT, regions=((30, 30, 20, 20),), seed=4), ct)
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+    assert "regions 10,10,20,20" in a.DerivationDescription
+    (c,) = generation.run(Request(SynthesisTask.OUTPAINT, margins=(8, 8, 8, 8), seed=4), ct)
+    (d,) = generation.run(Request(SynthesisTask.OUTPAINT, margins=(8, 8, 8, 16), seed=4), ct)
+    assert c.SOPInstanceUID != d.SOPInstanceUID
+    assert "margins 8,8,8,16 (top,right,bottom,left)" in d.DerivationDescription
+    # How the source's values were mapped into the model's input is recorded too.
+    assert "source values: " in a.DerivationDescription

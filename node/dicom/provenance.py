@@ -50,6 +50,12 @@ class Synthesis:
     prompt: str = ""
     negative_prompt: str = ""
     strength: float | None = None
+    parameters: tuple[tuple[str, str], ...] = ()
+    """Task parameters as (name, value) text, e.g. ("regions", "10,10,20,20"): recorded, and
+    part of the output's UIDs (other regions or margins make another object)."""
+    source_values: str = ""
+    """How the source's stored values were mapped into the model's input (rescale, window,
+    MONOCHROME1 inversion): recorded only."""
 
     def series_key(self) -> dict[str, Any]:
         """Parameters shared by every output of one series (all but the seed)."""
@@ -57,6 +63,7 @@ class Synthesis:
             "task": self.task.value, "model": self.model_id, "weights": self.weights_hash,
             "scheduler": self.scheduler, "steps": self.steps, "guidance": self.guidance,
             "prompt": self.prompt, "negative": self.negative_prompt, "strength": self.strength,
+            "parameters": [list(p) for p in self.parameters],
         }
 
     def instance_key(self) -> dict[str, Any]:
@@ -71,6 +78,9 @@ class Synthesis:
         ]
         if self.strength is not None:
             parts.append(f"strength {self.strength:g}")
+        parts += [f"{name} {value}"[:200] for name, value in self.parameters]
+        if self.source_values:
+            parts.append(f"source values: {self.source_values}"[:200])
         text = "; ".join(parts)
         if self.prompt:
             room = 1024 - len(text) - len('; prompt ""')

@@ -143,6 +143,7 @@ class _Output:
     index: int
     seed: int
     units: list[_Unit]
+    source_values: str = ""  # how the source's values became model input (provenance)
 
 
 class Generation:
@@ -177,24 +178,23 @@ class Generation:
         prompt = prompt_for(source, gen.prompt_templates, request.prompt)
         negative = gen.negative_prompt if request.negative_prompt is None else (
             request.negative_prompt)
+        frames01, values = None, ""
+        if request.task is not SynthesisTask.TEXT2IMG:
+            assert source is not None
+            frames01, window = display_frames(source)  # once per request, not per output
+            values = window.describe()
         outputs = []
         for index in range(request.num):
             seed = request.seed + index
-            units = self._units(request, source, prompt, negative, seed)
-            outputs.append(_Output(request, source, prompt, negative, index, seed, units))
+            if frames01 is None:
+                units = [_Unit(request.task, prompt, negative, seed, None, None, None,
+                               _identity)]
+            else:
+                units = [self._frame_unit(request, frame, prompt, negative, seed + 1000 * i)
+                         for i, frame in enumerate(frames01)]  # each frame its own noise
+            outputs.append(_Output(request, source, prompt, negative, index, seed, units,
+                                   values))
         return outputs
-
-    def _units(
-        self, request: Request, source: Dataset | None, prompt: str, negative: str, seed: int
-    ) -> list[_Unit]:
-        if request.task is SynthesisTask.TEXT2IMG:
-            return [_Unit(request.task, prompt, negative, seed, None, None, None, _identity)]
-        assert source is not None
-        frames01, _window = display_frames(source)
-        return [
-            self._frame_unit(request, frame, prompt, negative, seed + 1000 * i)  # own noise
-            for i, frame in enumerate(frames01)
-        ]
 
     def _frame_unit(
         self, request: Request, frame: np.ndarray, prompt: str, negative: str, seed: int
@@ -280,9 +280,25 @@ class Generation:
             scheduler=gen.scheduler, steps=gen.steps, guidance=gen.guidance, seed=out.seed,
             prompt=out.prompt, negative_prompt=out.negative,
             strength=out.units[0].strength if request.task is SynthesisTask.IMG2IMG else None,
+            parameters=_parameters(request), source_values=out.source_values,
         )
         return build_sc([reference], pixels, provenance, self.settings.output,
                         series=request.series, identity=identity, index=out.index)
+
+
+def _parameters(request: Request) -> tuple[tuple[str, str], ...]:
+    """The task's own parameters, as recorded in the output (and part of its UIDs)."""
+    if request.task is SynthesisTask.INPAINT:
+        found = []
+        if request.regions:
+            found.append(("regions", " ".join(",".join(map(str, r)) for r in request.regions)))
+        if request.polygons:
+            found.append(("polygons", " ".join(
+                ",".join(f"{x:g},{y:g}" for x, y in polygon) for polygon in request.polygons)))
+        return tuple(found)
+    if request.task is SynthesisTask.OUTPAINT:
+        return (("margins", ",".join(map(str, request.margins)) + " (top,right,bottom,left)"),)
+    return ()
 
 
 def _identity(image: np.ndarray) -> np.ndarray:
