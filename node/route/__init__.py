@@ -1,0 +1,27 @@
+"""Routing rules: which ``[[rules]]`` apply to which series of a study, and why the others
+don't. Matching is per series; ``[route] mode`` says whether a series gets the first rule
+that matches it or every one."""
+
+from node.route.rules import (
+    Criterion,
+    Routing,
+    Scan,
+    SeriesFacts,
+    Unreadable,
+    Verdict,
+    criteria,
+    route,
+    series_facts,
+)
+
+__all__ = [
+    "Criterion",
+    "Routing",
+    "Scan",
+    "SeriesFacts",
+    "Unreadable",
+    "Verdict",
+    "criteria",
+    "route",
+    "series_facts",
+]
