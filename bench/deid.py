@@ -88,7 +88,7 @@ from common import (
 )
 from common import tail as _tail
 
-from tests.orthancproc import OrthancProcess  # after common: it puts the repo root on sys.path
+from node.localorthanc import OrthancProcess
 
 KEY_ENV = "SYNTHNODE__DEID__KEY"
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-deid"

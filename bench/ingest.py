@@ -63,7 +63,7 @@ from common import (
     write_doc,
 )
 
-from tests.orthancproc import OrthancProcess  # after common: it puts the repo root on sys.path
+from node.localorthanc import OrthancProcess
 
 HOST = "127.0.0.1"
 SCU_AET = "BENCHSCU"

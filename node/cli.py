@@ -37,12 +37,101 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        return Path(args.config).resolve()
+    env = os.environ.get("SYNTHNODE_CONFIG")
+    return Path(env).resolve() if env else None
+
+
+def needs_deid_key(settings: Settings) -> list[str]:
+    """The rules whose tasks de-identify (and so need ``[deid] key``)."""
+    from node.config import TaskKind
+
+    return [r.name for r in settings.rules
+            if any(t.task is TaskKind.DEIDENTIFY or (
+                t.task is not TaskKind.FORWARD and t.deidentified_source) for t in r.tasks)]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.server import Server
 
     settings = _settings(args)
     configure_logging(settings.log.level)
-    return Server(settings).run()
+    rules = needs_deid_key(settings)
+    if rules and not settings.deid.key:
+        print(f"synthnode serve: rules {', '.join(rules)} de-identify, but [deid] key is empty: "
+              "set SYNTHNODE__DEID__KEY (a long random secret, the same on every machine that "
+              "must give the same pseudonyms)", file=sys.stderr)
+        return 2
+    return Server(settings, _config_path(args)).run()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from node.jobs import run_worker
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    return run_worker(settings, args.queue, args.workers)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    configure_logging("WARNING")
+    return run_demo(args.workdir, args.timeout)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.jobs import JobState, Queues
+
+    settings = _settings(args)
+    queues = Queues(settings.jobs)
+    if args.jobs_command == "retry":
+        code = 0
+        for job_id in args.ids:
+            try:
+                job = queues.retry(job_id)
+            except KeyError as exc:
+                print(f"synthnode jobs retry: {exc.args[0]}", file=sys.stderr)
+                code = 1
+                continue
+            print(f"{job.id} re-queued on {job.queue}")
+        return code
+    jobs = queues.store.all()
+    if args.state:
+        jobs = [j for j in jobs if j.state.value == args.state]
+    if args.json:
+        print(json.dumps([json.loads(j.to_json()) for j in jobs], indent=2))
+        return 0
+    counts = {s.value: sum(1 for j in jobs if j.state is s) for s in JobState}
+    waiting = queues.sizes()
+    print(f"jobs on {settings.jobs.backend.value}: " + ", ".join(
+        f"{n} {state}" for state, n in counts.items()) + "; queued messages: " + ", ".join(
+        f"{q} {n}" for q, n in waiting.items()))
+    now = time.time()
+    for state in JobState:
+        group = [j for j in jobs if j.state is state]
+        if not group:
+            continue
+        print(f"{state.value}:")
+        for j in group:
+            extra = f"  last error: {j.last_error}" if j.last_error else ""
+            if j.state is JobState.DONE:
+                extra = f"  {j.outputs} outputs, {j.quarantined} quarantined"
+            elif j.state is JobState.PENDING and j.not_before > now:
+                extra += f"  (retry in {_age(j.not_before - now)})"
+            print(f"  {j.id}  {j.task['task']:<10} rule {j.rule}  study {j.study_uid}  "
+                  f"gen {j.generation}  attempts {j.attempts}  {_age(now - j.updated_at)} ago"
+                  f"{extra}")
+    return 0
 
 
 def parse_peer(text: str) -> tuple[str, str, int]:
@@ -238,6 +327,28 @@ def cmd_model_init_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from node.route import route, series_facts
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    scan = series_facts(args.paths, calling_aet=args.calling_aet, called_aet=args.called_aet)
+    routings = route(settings.rules, settings.route.mode, scan.series)
+    origin = "configured" if "rules" in settings.model_fields_set else "default"
+    print(f"{len(settings.rules)} {origin} rules, mode {settings.route.mode.value}")
+    for routing in routings:
+        print("\n".join(routing.explain()))
+    for item in scan.unreadable:
+        print(f"unreadable: {item.path}: {item.reason}")
+    if not routings:
+        print("synthnode rules test: no DICOM file found", file=sys.stderr)
+        return 2
+    unmatched = sum(1 for r in routings if not r.applied())
+    print(f"{len(routings)} stud{'y' if len(routings) == 1 else 'ies'}, {unmatched} matched "
+          f"by no rule, {len(scan.unreadable)} unreadable files")
+    return 0 if unmatched == 0 else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from node.spool import Spool
 
@@ -259,7 +370,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         "study_uid": s.study_uid, "state": s.state.value,
                         "generation": s.generation, "series": s.series,
                         "instances": s.instances, "size_bytes": s.size_bytes,
-                        "last_received_at": s.last_received_at,
+                        "last_received_at": s.last_received_at, "note": s.note,
                     }
                     for s in studies
                 ],
@@ -279,7 +390,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in studies:
         print(f"  {s.study_uid}  {s.state.value:<9} gen {s.generation}  {s.series} series  "
               f"{s.instances} instances  {s.size_bytes / 1e6:.1f} MB  "
-              f"last {now - s.last_received_at:.0f} s ago")
+              f"last {now - s.last_received_at:.0f} s ago" + (f"  {s.note}" if s.note else ""))
     return 0
 
 
@@ -295,8 +406,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="receive studies (DICOM SCP) into the spool")
+    p = sub.add_parser("serve", help="receive studies (DICOM SCP), route them into jobs and run "
+                                     "the workers ([jobs] cpu_workers, gpu_workers)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the whole product on the embedded default: a private "
+                       "Orthanc, the node, sample studies in, what arrived out")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep everything here (default: a temporary folder, removed after)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the jobs")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("worker", help="run jobs of one queue against the shared backend")
+    p.add_argument("--queue", required=True, choices=["cpu", "gpu"],
+                   help="cpu: de-identify and forward; gpu: generation")
+    p.add_argument("--workers", type=int, default=1,
+                   help="jobs at once (processes when > 1; default 1)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("jobs", help="jobs by state with their last error; retry dead ones")
+    p.add_argument("--state", choices=["pending", "running", "done", "dead"])
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_jobs, jobs_command="list")
+    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
+    q = jobs_sub.add_parser("retry", help="re-queue jobs (attempts start again)")
+    q.add_argument("ids", nargs="+", metavar="ID")
+    q.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     p.add_argument("peer", help="AE@HOST:PORT")
@@ -352,6 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = model_sub.add_parser("init-tiny", help="build the tiny untrained model (no network)")
     q.add_argument("dir", type=Path)
     q.set_defaults(func=cmd_model_init_tiny)
+
+    p = sub.add_parser("rules", help="routing rules")
+    rules_sub = p.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
+    q = rules_sub.add_parser(
+        "test", help="which rule applies to which series of the studies in files and folders, "
+                     "and why the others don't"
+    )
+    q.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    q.add_argument("--calling-aet", default="", metavar="AE",
+                   help="the sender's AE title to assume (default: unknown)")
+    q.add_argument("--called-aet", default="", metavar="AE",
+                   help="the called AE title to assume (default: unknown)")
+    q.set_defaults(func=cmd_rules_test)
 
     p = sub.add_parser("status", help="studies in the spool, stable or not, and counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")

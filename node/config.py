@@ -21,7 +21,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from node.uids import is_valid_uid
 
@@ -128,6 +136,10 @@ class SpoolSettings(_Section):
     check_interval_s: float = Field(1.0, gt=0, le=60)
     on_duplicate: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     fsync: bool = Field(True, description="fsync each instance before acknowledging it")
+    retention_s: float = Field(
+        3600.0, ge=0, description="a study's files stay this long after all its jobs are done "
+                                  "(or no rule matched it), then are removed"
+    )
 
 
 class OrthancSettings(_Section):
@@ -293,6 +305,182 @@ class GenerateSettings(_Section):
     )
 
 
+class QueueBackend(StrEnum):
+    """Where the job queues and job states live (Huey storage)."""
+
+    SQLITE = "sqlite"
+    """A SQLite file on this machine: no server (the embedded default)."""
+
+    REDIS = "redis"
+    """A Redis server: workers on several machines share the queues."""
+
+
+class JobsSettings(_Section):
+    """``[jobs]``: the durable queues between the spool and the workers (Huey), and the job
+    states the node keeps beside them (pending, running with a heartbeat, done, dead)."""
+
+    backend: QueueBackend = QueueBackend.SQLITE
+    sqlite_file: Path = Field(Path("var/queue.sqlite3"), description="backend sqlite")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://",
+                           description="backend redis; a password belongs in the environment")
+    name: str = Field("synthnode", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                      description="queue name prefix: several nodes may share one backend")
+    cpu_workers: int = Field(2, ge=0, le=64, description="processes serve starts for the cpu "
+                             "queue (de-identify, forward); 0 = run them elsewhere")
+    gpu_workers: int = Field(1, ge=0, le=16, description="processes serve starts for the gpu "
+                             "queue (generation); 0 = run them elsewhere")
+    max_attempts: int = Field(5, ge=1, le=100, description="tries of a job before dead-letter")
+    backoff_initial_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    heartbeat_s: float = Field(2.0, gt=0, description="a running job's heartbeat period")
+    heartbeat_timeout_s: float = Field(
+        20.0, gt=0, description="a running job silent this long has lost its worker: retried"
+    )
+    work_dir: Path = Field(Path("var/work"), description="outputs staged before dispatch")
+    keep_done_s: float = Field(7 * 86400.0, ge=0, description="job records kept after done")
+
+
+class TaskKind(StrEnum):
+    """What a rule's task makes of the matched series."""
+
+    DEIDENTIFY = "deidentify"
+    """De-identified counterparts (``[deid]``), every instance."""
+
+    TEXT2IMG = "text2img"
+    """Synthetic images from a prompt (the template for the series' modality by default)."""
+
+    INPAINT = "inpaint"
+    """Regions of every image regenerated, the rest kept."""
+
+    OUTPAINT = "outpaint"
+    """Every image extended by margins."""
+
+    IMG2IMG = "img2img"
+    """A variation of every image."""
+
+    FORWARD = "forward"
+    """The original instances, unchanged (to a research PACS that may hold them)."""
+
+    @property
+    def queue(self) -> str:
+        """The queue whose workers run it: "gpu" for generation, "cpu" otherwise."""
+        return "cpu" if self in (TaskKind.DEIDENTIFY, TaskKind.FORWARD) else "gpu"
+
+
+class RuleTask(_Section):
+    """``[[rules.tasks]]``: one task of a rule, run on every series the rule matched."""
+
+    task: TaskKind
+    destinations: list[str] | None = Field(
+        None, description='where results go: "orthanc" or [[destinations]] names; '
+                          "None = the rule's"
+    )
+    prompt: str = Field("", description='text2img/inpaint/outpaint/img2img; "" = the template '
+                                        "for the modality")
+    negative_prompt: str | None = None
+    regions: list[tuple[int, int, int, int]] = Field(
+        default_factory=list, description="inpaint: rectangles [x, y, width, height] in px"
+    )
+    margins: tuple[int, int, int, int] = Field(
+        (0, 0, 0, 0), description="outpaint: px added at [top, right, bottom, left]"
+    )
+    strength: float | None = Field(None, gt=0, le=1, description="img2img; None = [generate]")
+    seed: int = Field(0, ge=0)
+    num: int = Field(1, ge=1, le=64, description="text2img: images per series")
+    series_description: str = Field("", max_length=64, description='"" = a default per task')
+    series_number: int | None = Field(None, ge=0)
+    deidentified_source: bool = Field(
+        True, description="generation works on the de-identified source, so outputs carry "
+                          "the pseudonym and never the patient's identity"
+    )
+
+    @field_validator("margins")
+    @classmethod
+    def _non_negative(cls, value: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        if min(value) < 0:
+            raise ValueError("margins are pixels >= 0")
+        return value
+
+
+class RuleMatch(_Section):
+    """``[rules.match]``: every criterion given must hold for a series (empty = any series).
+    Lists match any of their values (case-insensitive); strings are regular expressions
+    searched in the value (case-insensitive)."""
+
+    modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list, description="BodyPartExamined")
+    sop_class: list[str] = Field(default_factory=list, description="SOP Class UIDs")
+    study_description: str = Field("", description="regular expression")
+    series_description: str = Field("", description="regular expression")
+    calling_aet: list[str] = Field(default_factory=list, description="the sender's AE title")
+    called_aet: list[str] = Field(default_factory=list, description="the AE title it called")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="any attribute by keyword: regular expression"
+    )
+
+    @field_validator("study_description", "series_description")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f'"{value}" is not a regular expression ({exc})') from None
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        from pydicom.datadict import tag_for_keyword
+
+        for keyword, pattern in value.items():
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f'"{keyword}" is not a DICOM keyword (e.g. "Manufacturer")')
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f'{keyword}: "{pattern}" is not a regular expression '
+                                 f"({exc})") from None
+        return value
+
+
+class Rule(_Section):
+    """``[[rules]]``: which series (``match``) get which tasks, and where the results go."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    match: RuleMatch = RuleMatch()
+    tasks: list[RuleTask] = Field(min_length=1)
+    destinations: list[str] = Field(
+        default_factory=lambda: ["orthanc"],
+        description='"orthanc" (the [orthanc] REST API) or [[destinations]] names',
+    )
+
+
+class RouteMode(StrEnum):
+    """How many rules apply to a series."""
+
+    FIRST = "first"
+    """The first rule (in file order) that matches a series applies; the others don't."""
+
+    ALL = "all"
+    """Every rule that matches a series applies."""
+
+
+class RouteSettings(_Section):
+    """``[route]``: how ``[[rules]]`` are applied."""
+
+    mode: RouteMode = RouteMode.ALL
+
+
+def default_rules() -> list[Rule]:
+    """Used when the configuration has no ``rules`` key: de-identify every study, and make a
+    synthetic counterpart (img2img of the de-identified image) of every CR and DX series."""
+    return [
+        Rule(name="deidentify-all", tasks=[RuleTask(task=TaskKind.DEIDENTIFY)]),
+        Rule(name="synthetic-radiographs", match=RuleMatch(modality=["CR", "DX"]),
+             tasks=[RuleTask(task=TaskKind.IMG2IMG)]),
+    ]
+
+
 class LogSettings(_Section):
     """``[log]``: logs carry UIDs, AE titles and job ids, never names, IDs, dates or free text."""
 
@@ -310,6 +498,9 @@ class Settings(_Section):
     deid: DeidSettings = DeidSettings()
     generate: GenerateSettings = GenerateSettings()
     destinations: list[Destination] = Field(default_factory=list)
+    jobs: JobsSettings = JobsSettings()
+    route: RouteSettings = RouteSettings()
+    rules: list[Rule] = Field(default_factory=default_rules)
     log: LogSettings = LogSettings()
 
     @field_validator("destinations")
@@ -319,6 +510,21 @@ class Settings(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique: {names}")
         return value
+
+    @model_validator(mode="after")
+    def _rules_consistent(self) -> Settings:
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rule names must be unique: {names}")
+        known = {"orthanc"} | {d.name for d in self.destinations}
+        for rule in self.rules:
+            for target in [*rule.destinations,
+                           *(t for task in rule.tasks for t in task.destinations or ())]:
+                if target not in known:
+                    raise ValueError(f'rule "{rule.name}": destination "{target}" is neither '
+                                     f'"orthanc" nor a [[destinations]] name '
+                                     f"(known: {', '.join(sorted(known))})")
+        return self
 
     def destination(self, name: str) -> Destination:
         """The destination called ``name``; KeyError naming the known ones otherwise."""
@@ -380,6 +586,8 @@ def _describe(error: dict[str, Any], source: str, model: type[BaseModel]) -> str
             allowed = ", ".join(f"[{s}]" for s in model.model_fields)
             return f"{source}: [{key}]: unknown section (allowed: {allowed})"
         return f"{source}: {where}: unknown key (allowed: {allowed})"
+    if not loc:  # a check across sections: its input is the whole file (secrets included)
+        return f"{source}: {error['msg']}"
     value = error.get("input")
     return f"{source}: {where} = {value!r}: {error['msg']}"
 
@@ -433,6 +641,10 @@ def load_settings(
             "output": settings.output.model_copy(
                 update={"quarantine_dir": resolve(settings.output.quarantine_dir)}
             ),
+            "jobs": settings.jobs.model_copy(update={
+                "sqlite_file": resolve(settings.jobs.sqlite_file),
+                "work_dir": resolve(settings.jobs.work_dir),
+            }),
             "deid": settings.deid.model_copy(
                 update={"honest_broker_file": resolve(broker) if broker else None}
             ),

@@ -1,9 +1,13 @@
 """``synthnode serve``: start-up, main loop and graceful shutdown (the uvicorn Server shape).
 
-Start-up: recover the spool (before any port opens), start the stability monitor, listen.
+Start-up: recover the spool (before any port opens), start the worker processes
+(``[jobs] cpu_workers``, ``gpu_workers``), the job scheduler and the stability monitor (stable
+studies -> rules -> jobs), listen.
 Shutdown on SIGTERM/SIGINT: stop accepting associations, let in-flight ones finish (up to
 ``shutdown_timeout_s``, then abort them: nothing unacknowledged is lost, the peer resends),
-stop the monitor, close the index, return 0.
+stop the monitor and the scheduler, let workers finish the job in hand (up to
+``shutdown_timeout_s``, then kill them: their jobs are retried on the next start), close the
+index, return 0.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from node import __version__
 from node.config import Settings
+from node.jobs import Queues, Scheduler, WorkerPool
 from node.receive.scp import ReceiveCounters, start_scp
-from node.spool import Spool, StabilityMonitor, StableStudyHandler, log_stable_study
+from node.spool import Spool, StabilityMonitor
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +34,9 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Server:
     """The node's long-running process."""
 
-    def __init__(self, settings: Settings, handler: StableStudyHandler = log_stable_study) -> None:
+    def __init__(self, settings: Settings, config: Path | None = None) -> None:
         self.settings = settings
-        self.handler = handler
+        self.config = config
         self.counters = ReceiveCounters()
         self.should_exit = threading.Event()
         self._saved: dict[int, Any] = {}
@@ -46,25 +52,32 @@ class Server:
                     "spool recovered: %d partial files removed, %d instances re-indexed",
                     removed, added,
                 )
-            monitor = StabilityMonitor(spool, self.handler)
+            queues = Queues(self.settings.jobs)
+            scheduler = Scheduler(self.settings, spool, queues)
+            pool = WorkerPool(self.settings, self.config)
+            pool.start()
+            scheduler.start()
+            monitor = StabilityMonitor(spool, scheduler.on_stable)
             monitor.start()
             node = self.settings.node
             server = start_scp(node, spool, self.counters)
             host, port = server.server_address[:2]
             log.info(
-                "synthnode %s listening as %s on %s:%d, spool %s",
-                __version__, node.ae_title, host, port, spool.dir,
+                "synthnode %s listening as %s on %s:%d, spool %s, %d rules, queues on %s",
+                __version__, node.ae_title, host, port, spool.dir, len(self.settings.rules),
+                self.settings.jobs.backend.value,
             )
             try:
                 while not self.should_exit.wait(0.5):
-                    pass
+                    pool.check()
             finally:
-                self._shutdown(server, monitor, spool)
+                self._shutdown(server, monitor, spool, scheduler, pool)
         finally:
             self._restore_signals()
         return 0
 
-    def _shutdown(self, server: Any, monitor: StabilityMonitor, spool: Spool) -> None:
+    def _shutdown(self, server: Any, monitor: StabilityMonitor, spool: Spool,
+                  scheduler: Scheduler, pool: WorkerPool) -> None:
         log.info("shutting down: no new associations")
         server.shutdown()  # closes the listening socket; accepted associations continue
         deadline = time.monotonic() + self.settings.node.shutdown_timeout_s
@@ -76,6 +89,8 @@ class Server:
                         assoc.requestor.ae_title)
             assoc.abort()
         monitor.stop()
+        scheduler.stop()
+        pool.stop(self.settings.node.shutdown_timeout_s)
         spool.close()
         c = self.counters
         log.info(

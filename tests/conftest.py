@@ -7,43 +7,20 @@ only on that namespace's loopback and tmpfs mounts stay private. Subprocesses in
 
 from __future__ import annotations
 
-import ctypes
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from node.localorthanc import OrthancProcess, free_port, isolate_network
 from tests.nodeproc import NodeProcess, StoreSCP, write_config
-from tests.orthancproc import OrthancProcess, free_port
-
-CLONE_NEWNS = 0x00020000
-CLONE_NEWNET = 0x40000000
-CLONE_NEWUSER = 0x10000000
 
 
 def _isolate() -> None:
-    if os.environ.get("SYNTHNODE_TEST_ISOLATED") == "1":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    uid, gid = os.geteuid(), os.getegid()
-    flags = CLONE_NEWNET | CLONE_NEWNS
-    if uid != 0:
-        flags |= CLONE_NEWUSER
-    if libc.unshare(flags) != 0:
-        err = ctypes.get_errno()
-        raise pytest.UsageError(
-            f"cannot create a private network namespace ({os.strerror(err)}): run the tests as "
-            "root, or where unprivileged user namespaces are allowed"
-        )
-    if uid != 0:
-        Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
-        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
-    # Mounts made by tests must not leak to the host.
-    subprocess.run(["mount", "--make-rprivate", "/"], check=False, capture_output=True)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    os.environ["SYNTHNODE_TEST_ISOLATED"] = "1"
+    try:
+        isolate_network()
+    except OSError as exc:
+        raise pytest.UsageError(str(exc.strerror)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,13 +39,17 @@ def node_factory(tmp_path: Path):
     """Start ``synthnode serve`` subprocesses with a private config; all are stopped after."""
     started: list[NodeProcess] = []
 
-    def start(**sections: dict) -> NodeProcess:
+    def start(rules: str = "", **sections: dict) -> NodeProcess:
+        """``rules``: TOML ``[[rules]]`` text ("" = none); workers only where ``[jobs]`` asks."""
         sections.setdefault("node", {})
         sections["node"].setdefault("port", free_port())
         sections.setdefault("spool", {})
         sections["spool"].setdefault("dir", str(tmp_path / "spool"))
         sections["spool"].setdefault("stable_after_s", 3600)
-        cfg = write_config(tmp_path / f"node{len(started)}.toml", sections)
+        sections.setdefault("jobs", {})
+        sections["jobs"].setdefault("cpu_workers", 0)
+        sections["jobs"].setdefault("gpu_workers", 0)
+        cfg = write_config(tmp_path / f"node{len(started)}.toml", sections, rules)
         proc = NodeProcess(cfg, sections, tmp_path / f"node{len(started)}.log")
         proc.start()
         started.append(proc)

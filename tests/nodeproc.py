@@ -36,12 +36,14 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
+def write_config(path: Path, sections: dict[str, dict[str, Any]], rules: str = "") -> Path:
+    """A TOML file of ``sections`` (key = value tables) and, after them, ``rules``: TOML text
+    of ``[[rules]]`` tables, or "" for ``rules = []`` (a node that routes nothing)."""
+    lines = [] if rules else ["rules = []"]
     for section, keys in sections.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + rules)
     return path
 
 
@@ -153,8 +155,10 @@ def dataset_bytes(file_bytes: bytes) -> bytes:
 def make_study(
     folder: Path, source: str = "CT_small.dcm", series: int = 1, per_series: int = 1,
     patient_name: str = "Doe^Jane", patient_id: str = "PID-0001",
+    modalities: tuple[str, ...] = (),
 ) -> list[Path]:
-    """Copies of a pydicom test file as one study: new UIDs, the given identity."""
+    """Copies of a pydicom test file as one study: new UIDs, the given identity; series ``s``
+    gets Modality ``modalities[s]`` when given."""
     folder.mkdir(parents=True, exist_ok=True)
     template = dcmread(sample_file(source))
     study_uid = generate_uid()
@@ -168,6 +172,8 @@ def make_study(
             ds.StudyInstanceUID = study_uid
             ds.SeriesInstanceUID = series_uid
             ds.SeriesNumber = s + 1
+            if s < len(modalities):
+                ds.Modality = modalities[s]
             ds.InstanceNumber = i + 1
             ds.SOPInstanceUID = generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

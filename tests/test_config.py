@@ -21,7 +21,7 @@ def test_example_documents_every_key_with_the_defaults() -> None:
     assert set(data) | {"destinations"} == set(Settings.model_fields)
     assert "# [[destinations]]" in text
     for section, model in Settings.model_fields.items():
-        if section == "destinations":
+        if section in ("destinations", "rules"):
             continue
         annotation = model.annotation
         assert annotation is not None
@@ -32,13 +32,17 @@ def test_example_documents_every_key_with_the_defaults() -> None:
             assert documented, f"[{section}] {key} is not in the example"
         assert set(data[section]) <= {f.alias or n for n, f in annotation.model_fields.items()}
     loaded = load_settings(EXAMPLE, environ={})
-    resolved = {"spool": {"dir"}, "output": {"quarantine_dir"}}
-    for section in ("node", "spool", "orthanc", "output", "dispatch", "deid", "log"):
+    resolved = {"spool": {"dir"}, "output": {"quarantine_dir"},
+                "jobs": {"sqlite_file", "work_dir"}}
+    assert loaded.rules == defaults.rules
+    for section in ("node", "spool", "orthanc", "output", "dispatch", "deid", "jobs", "route",
+                    "log"):
         skip = resolved.get(section, set())
         assert getattr(loaded, section).model_dump(exclude=skip) == getattr(
             defaults, section
         ).model_dump(exclude=skip), section
     assert loaded.spool.dir == EXAMPLE.parent / defaults.spool.dir
+    assert loaded.jobs.sqlite_file == EXAMPLE.parent / defaults.jobs.sqlite_file
     assert loaded.output.quarantine_dir == EXAMPLE.parent / defaults.output.quarantine_dir
 
 
@@ -103,3 +107,21 @@ def test_destinations_and_secrets(tmp_path: Path) -> None:
         load_settings(cfg, environ={})
     with pytest.raises(ConfigError, match=r"\[output\] uid_root = '1\.2\.x'"):
         load_settings(environ={"SYNTHNODE__OUTPUT__UID_ROOT": '"1.2.x"'})
+
+
+def test_rule_keys_are_documented_and_rule_errors_leak_no_secret(tmp_path: Path) -> None:
+    from node.config import RuleMatch, RuleTask
+
+    text = EXAMPLE.read_text()
+    for model in (RuleTask, RuleMatch):
+        for name in model.model_fields:
+            assert name in text, f"rules key {name} is not in the example"
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[deid]\nkey = "very-secret-key-value"\n[[rules]]\nname = "r"\n'
+                   'destinations = ["nowhere"]\n[[rules.tasks]]\ntask = "deidentify"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    message = str(info.value)
+    assert 'rule "r": destination "nowhere" is neither "orthanc" nor a [[destinations]]' in (
+        message)
+    assert "very-secret-key-value" not in message

@@ -25,9 +25,9 @@ from node.dispatch import DispatchResult, send_to_orthanc, send_to_peer
 from node.dispatch.dimse import status_outcome
 from node.dispatch.orthanc import has_labels
 from node.dispatch.retry import Outcome, backoff_delays, run_rounds, transient
+from node.localorthanc import OrthancProcess
 from tests.conftest import free_port
 from tests.nodeproc import SYNTHNODE, StoreSCP, dataset_bytes, make_study, sample_file
-from tests.orthancproc import OrthancProcess
 
 FAST_RETRIES = {"max_attempts": 8, "backoff_initial_s": 0.2, "backoff_max_s": 1.0}
 

@@ -12,6 +12,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
+from node.localorthanc import free_port
 from node.receive.check import StoreStatus, inspect_dataset
 from tests.nodeproc import (
     SYNTHNODE,
@@ -21,7 +22,6 @@ from tests.nodeproc import (
     dcmtk,
     make_study,
 )
-from tests.orthancproc import free_port
 
 
 def _reference_bytes(storescp: StoreSCP, files: list[Path]) -> dict[str, bytes]:
@@ -139,7 +139,10 @@ def test_stable_state_survives_kill9_neither_lost_nor_handed_twice(
     assert _handed(log, uid_a) == 1, "a study handed before the crash was handed again"
     assert _handed(log, uid_b) == 1
     states = {s["study_uid"]: (s["state"], s["generation"]) for s in node.status()["studies"]}
-    assert states == {uid_a: ("handed", 1), uid_b: ("handed", 1)}
+    # rules = []: handed on, nothing made of them, and status says so.
+    assert states == {uid_a: ("unrouted", 1), uid_b: ("unrouted", 1)}
+    notes = {s["note"] for s in node.status()["studies"]}
+    assert notes == {"no rule matched: nothing made of this study"}
 
     # More instances for a handed study start a new generation, handed on once more.
     extra = make_study(tmp_path / "c", per_series=1)

@@ -11,8 +11,8 @@ from pydicom import dcmread
 from node.config import Settings
 from node.dicom import Pixels, SeriesSpec, build_sc, save_checked
 from node.dispatch import send_to_orthanc
+from node.localorthanc import OrthancProcess
 from tests.nodeproc import sample_file
-from tests.orthancproc import OrthancProcess
 from tests.test_dispatch import settings_for
 from tests.test_sc_writer import DEID, IDENTITY, synthesis
 

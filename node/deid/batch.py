@@ -8,11 +8,12 @@ names or IDs and never reach the output. One bad file never stops the others.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -161,18 +162,29 @@ def _describe(exc: BaseException) -> str:
 
 # -- main side -----------------------------------------------------------------------------
 
-def _broker_append(path: Path, mappings: Iterator[tuple[str, str, str, str]]) -> None:
-    """Append new original -> pseudonym pairs to the honest-broker file (created 0600)."""
+def record_mappings(path: Path, mappings: Iterable[tuple[str, str, str, str]]) -> int:
+    """Append the (patient id, pseudonym, study UID, new study UID) pairs not yet in the
+    honest-broker file ``path`` (created 0600); several processes may call it at once (the
+    file is locked while read and appended). Returns how many were new."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        for patient_id, pseudonym, study_uid, new_study_uid in mappings:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "r+", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        f.seek(0)
+        seen = set()
+        for line in f.read().splitlines():
+            entry = json.loads(line)
+            seen.add((entry["patient_id"], entry["pseudonym"], entry["study_instance_uid"],
+                      entry["new_study_instance_uid"]))
+        new = [m for m in dict.fromkeys(mappings) if m not in seen]
+        for patient_id, pseudonym, study_uid, new_study_uid in new:
             f.write(json.dumps({
                 "patient_id": patient_id, "pseudonym": pseudonym,
                 "study_instance_uid": study_uid, "new_study_instance_uid": new_study_uid,
             }) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    return len(new)
 
 
 def run(paths: Sequence[Path], out_dir: Path, settings: Settings, workers: int = 1,
@@ -194,17 +206,5 @@ def run(paths: Sequence[Path], out_dir: Path, settings: Settings, workers: int =
     bar.close()
     broker = settings.deid.honest_broker_file
     if broker is not None:
-        seen: set[tuple[str, str, str, str]] = set()
-        unique: list[tuple[str, str, str, str]] = []
-        if broker.exists():  # pairs recorded by earlier runs are not repeated
-            for line in broker.read_text(encoding="utf-8").splitlines():
-                entry = json.loads(line)
-                seen.add((entry["patient_id"], entry["pseudonym"],
-                          entry["study_instance_uid"], entry["new_study_instance_uid"]))
-        for result in summary.results:
-            if result.mapping is not None and result.mapping not in seen:
-                seen.add(result.mapping)
-                unique.append(result.mapping)
-        if unique:
-            _broker_append(broker, iter(unique))
+        record_mappings(broker, (r.mapping for r in summary.results if r.mapping is not None))
     return summary

@@ -41,7 +41,17 @@ CREATE TABLE IF NOT EXISTS studies (
     handed_generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
+CREATE TABLE IF NOT EXISTS study_jobs (
+    study_uid        TEXT NOT NULL,
+    job_id           TEXT NOT NULL,
+    PRIMARY KEY (study_uid, job_id)
+);
 """
+# Columns added after the first release: (table, column, definition).
+MIGRATIONS = (
+    ("studies", "note", "TEXT NOT NULL DEFAULT ''"),
+    ("studies", "done_at", "REAL"),
+)
 
 
 class StudyState(StrEnum):
@@ -54,7 +64,18 @@ class StudyState(StrEnum):
     """No instance for ``stable_after_s`` seconds; waiting to be handed to the next stage."""
 
     HANDED = "handed"
-    """Handed to the next stage for its current generation; a new instance starts a new one."""
+    """Handed to the next stage for its current generation (its jobs are queued or running);
+    a new instance starts a new generation."""
+
+    DONE = "done"
+    """Every job of the current generation is done; the files go after ``retention_s``."""
+
+    UNROUTED = "unrouted"
+    """No rule matched: nothing was made of it; the files go after ``retention_s``."""
+
+    REMOVED = "removed"
+    """Its files were removed after retention; the row keeps the generation count, so a
+    study sent again is a new generation and its jobs run again."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,8 @@ class StudySummary:
     size_bytes: int
     first_received_at: float
     last_received_at: float
+    note: str = ""
+    """What the router decided (rules and job count, or that no rule matched)."""
 
 
 class Index:
@@ -92,6 +115,10 @@ class Index:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        for table, column, definition in MIGRATIONS:
+            columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -189,10 +216,86 @@ class Index:
             rows = self._db.execute(
                 "SELECT s.study_uid, s.state, s.generation, COUNT(DISTINCT i.series_uid),"
                 " COUNT(i.sop_instance_uid), COALESCE(SUM(i.size_bytes), 0),"
-                " s.first_received_at, s.last_received_at"
+                " s.first_received_at, s.last_received_at, s.note"
                 " FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid"
                 " GROUP BY s.study_uid ORDER BY s.last_received_at"
             ).fetchall()
         return [
-            StudySummary(r[0], StudyState(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows
+            StudySummary(r[0], StudyState(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            for r in rows
         ]
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def instance_aets(self, study_uid: str) -> dict[str, tuple[str, str]]:
+        """SOP Instance UID -> (calling AE, called AE) of a study's instances."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, calling_aet, called_aet FROM instances"
+                " WHERE study_uid = ?", (study_uid,),
+            ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def set_routed(self, study_uid: str, job_ids: list[str], note: str) -> None:
+        """Record the jobs the router made for a study (replacing earlier ones) and why."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM study_jobs WHERE study_uid = ?", (study_uid,))
+            db.executemany("INSERT INTO study_jobs VALUES (?, ?)",
+                           [(study_uid, j) for j in job_ids])
+            db.execute("UPDATE studies SET note = ? WHERE study_uid = ?", (note, study_uid))
+
+    def handed(self) -> list[tuple[str, int, list[str]]]:
+        """(study UID, generation, job ids) of studies whose jobs are under way."""
+        with self._lock:
+            studies = self._db.execute(
+                "SELECT study_uid, generation FROM studies WHERE state = 'handed'"
+            ).fetchall()
+            jobs: dict[str, list[str]] = {}
+            for study_uid, job in self._db.execute(
+                "SELECT j.study_uid, j.job_id FROM study_jobs j JOIN studies s"
+                " ON s.study_uid = j.study_uid WHERE s.state = 'handed'"
+            ):
+                jobs.setdefault(study_uid, []).append(job)
+        return [(s, g, jobs.get(s, [])) for s, g in studies]
+
+    def mark_done(self, study_uid: str, generation: int, now: float | None = None) -> bool:
+        """Jobs of this generation all done (or none made): done, or unrouted."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE studies SET done_at = ?, state = CASE WHEN EXISTS (SELECT 1 FROM"
+                " study_jobs j WHERE j.study_uid = studies.study_uid) THEN 'done'"
+                " ELSE 'unrouted' END WHERE study_uid = ? AND generation = ?"
+                " AND state = 'handed'",
+                (now, study_uid, generation),
+            )
+            return cur.rowcount == 1
+
+    def removable(self, done_before: float) -> list[tuple[str, int]]:
+        """(study UID, generation) of done or unrouted studies done before ``done_before``."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT study_uid, generation FROM studies WHERE state IN ('done', 'unrouted')"
+                " AND done_at <= ?", (done_before,),
+            ).fetchall()
+
+    def forget_instance(self, study_uid: str, generation: int, sop_instance_uid: str) -> bool:
+        """Delete an instance row if its study is still done/unrouted at ``generation``."""
+        with self.transaction() as db:
+            still = db.execute(
+                "SELECT 1 FROM studies WHERE study_uid = ? AND generation = ?"
+                " AND state IN ('done', 'unrouted')", (study_uid, generation),
+            ).fetchone()
+            if still is None:
+                return False
+            db.execute("DELETE FROM instances WHERE sop_instance_uid = ? AND study_uid = ?",
+                       (sop_instance_uid, study_uid))
+            return True
+
+    def mark_removed(self, study_uid: str, generation: int) -> bool:
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE studies SET state = 'removed' WHERE study_uid = ? AND generation = ?"
+                " AND state IN ('done', 'unrouted')", (study_uid, generation),
+            )
+            return cur.rowcount == 1

@@ -11,6 +11,7 @@ UIDs cannot start with a dot, so the spool's own entries never collide with a st
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -196,7 +197,13 @@ class Spool:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # retention removed the folder meanwhile: make it again
+                with self._dirs_lock:
+                    self._dirs_made.discard(final.parent)
+                self._make_dirs(final.parent)
+                os.replace(tmp, final)
             if self.settings.fsync:
                 _fsync_dir(final.parent)
         except OSError as exc:
@@ -276,6 +283,27 @@ class Spool:
             if self.index.mark_handed(study_uid, generation):
                 handed += 1
         return handed
+
+    def remove_study(self, study_uid: str, generation: int) -> int:
+        """Remove the files of a done (or unrouted) study, instance by instance, each under its
+        store lock so that a resend of the same instance cannot be acknowledged and then
+        removed. Stops if the study receives something meanwhile. Returns files removed."""
+        removed = 0
+        for row in self.index.study_instances(study_uid):
+            with self._locks[hash(row.sop_instance_uid) % len(self._locks)]:
+                if not self.index.forget_instance(study_uid, generation, row.sop_instance_uid):
+                    return removed  # a new generation began: it keeps what is left
+                self.instance_path(row.study_uid, row.series_uid,
+                                   row.sop_instance_uid).unlink(missing_ok=True)
+                removed += 1
+        if self.index.mark_removed(study_uid, generation):
+            study = self.dir / study_uid
+            with self._dirs_lock:
+                for folder in [*(p for p in study.glob("*") if p.is_dir()), study]:
+                    self._dirs_made.discard(folder)
+                    with contextlib.suppress(OSError):  # not empty: something arrived
+                        folder.rmdir()
+        return removed
 
     def summaries(self) -> list[StudySummary]:
         return self.index.summaries()

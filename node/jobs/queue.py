@@ -1,0 +1,106 @@
+"""The queues: Huey, on SQLite (embedded, no server) or Redis (several machines), one code path.
+
+Three Huey namespaces share one backend: ``<name>-cpu`` (de-identify, forward), ``<name>-gpu``
+(generation) and ``<name>-jobs``, whose key-value space holds the job records
+(:mod:`node.jobs.state`). A message carries only a job id; what to do is in the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from huey import Huey, RedisHuey, SqliteHuey
+from huey.api import TaskWrapper
+
+from node.config import JobsSettings, QueueBackend
+from node.jobs.state import Job, JobState, JobStore
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("cpu", "gpu")
+TASK_NAME = "synthnode.run_job"
+
+
+def make_huey(settings: JobsSettings, suffix: str) -> Huey:
+    """The Huey instance for one namespace of the configured backend."""
+    name = f"{settings.name}-{suffix}"
+    if settings.backend is QueueBackend.REDIS:
+        return RedisHuey(name, url=settings.redis_url, results=False, utc=True)
+    settings.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteHuey(name, filename=str(settings.sqlite_file), results=False, utc=True,
+                      fsync=True, timeout=30)
+
+
+_runner: Callable[[str], None] | None = None
+
+
+def run_job(job_id: str) -> None:
+    """The one Huey task (registered by this module's name in producers and consumers alike):
+    hands the job id to the worker's runner."""
+    if _runner is None:
+        raise RuntimeError("this process enqueues jobs; it does not run them")
+    _runner(job_id)
+
+
+class Queues:
+    """The cpu and gpu queues and the job store of one backend.
+
+    ``run`` is what a worker process executes for a job id (one per process); producers (the
+    scheduler, the ``jobs`` command) leave it unset."""
+
+    def __init__(self, settings: JobsSettings, run: Callable[[str], None] | None = None) -> None:
+        global _runner
+        if run is not None:
+            _runner = run
+        self.settings = settings
+        self.huey = {q: make_huey(settings, q) for q in QUEUES}
+        self.store = JobStore(make_huey(settings, "jobs").storage)
+        self._tasks: dict[str, TaskWrapper] = {
+            q: h.task(name=TASK_NAME)(run_job) for q, h in self.huey.items()
+        }
+
+    def enqueue(self, job: Job, delay_s: float = 0.0) -> None:
+        """Put ``job``'s id on its queue, now or after ``delay_s`` (Huey's schedule)."""
+        task = self._tasks[job.queue]
+        if delay_s > 0:
+            task.schedule(args=(job.id,), delay=delay_s)
+        else:
+            task(job.id)
+
+    def fail(self, job: Job, reason: str, permanent: bool = False) -> Job:
+        """Record a failed attempt of ``job``: pending again after a backoff (exponential from
+        ``backoff_initial_s``, capped at ``backoff_max_s``), or dead when ``permanent`` or after
+        the last attempt. Returns the new record."""
+        s = self.settings
+        if permanent or job.attempts >= s.max_attempts:
+            why = "permanent failure" if permanent else f"{job.attempts} attempts"
+            dead = job.but(state=JobState.DEAD, last_error=reason)
+            self.store.put(dead)
+            log.error("job %s dead (%s): %s", job.id, why, reason)
+            return dead
+        delay = min(s.backoff_initial_s * 2 ** max(0, job.attempts - 1), s.backoff_max_s)
+        again = job.but(state=JobState.PENDING, last_error=reason,
+                        not_before=time.time() + delay)
+        self.store.put(again)
+        self.enqueue(again, delay)
+        log.warning("job %s attempt %d failed, retry in %.0f s: %s", job.id, job.attempts,
+                    delay, reason)
+        return again
+
+    def retry(self, job_id: str) -> Job:
+        """Re-queue a job by hand (``synthnode jobs retry``): attempts start again.
+        KeyError when there is no such job."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise KeyError(f'no job "{job_id}"')
+        job = job.but(state=JobState.PENDING, attempts=0, not_before=0.0)
+        self.store.put(job)
+        self.enqueue(job)
+        log.info("job %s re-queued by hand on queue %s", job.id, job.queue)
+        return job
+
+    def sizes(self) -> dict[str, int]:
+        """Messages waiting per queue (scheduled retries not counted)."""
+        return {q: h.pending_count() for q, h in self.huey.items()}

@@ -1,0 +1,325 @@
+"""What a worker does with a job id: make the task's outputs, deliver them, record the result.
+
+    job record -> the study's files in the spool (shared file system for remote workers)
+        -> deidentify | forward | text2img | inpaint | outpaint | img2img
+        -> outputs staged in ``[jobs] work_dir/<job>/`` (SC objects checked by dciodvfy)
+        -> every destination of the rule (Orthanc REST, C-STORE peers), retried
+        -> record: done, or pending again with a backoff, or dead after the last attempt
+
+Exactly-once effect: output UIDs are deterministic, so a job run twice (a retry, a worker lost
+after sending half) stores nothing twice. Outputs made once are kept with a manifest until
+delivered, so a retry after a delivery failure does not run the model again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.config import DeidOutput, Settings, TaskKind
+from node.deid import DeidentificationError, Deidentifier, Quarantined
+from node.deid.batch import as_secondary_capture, record_mappings
+from node.dicom import SeriesSpec, SynthesisTask, mark_deidentified, save_checked
+from node.dispatch import DispatchResult, send_to_orthanc, send_to_peer
+from node.jobs.queue import Queues
+from node.jobs.state import Job, JobState
+
+if TYPE_CHECKING:
+    from node.generate.tasks import Generation
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+GENERATION_CHUNK = 16  # sources per model call: bounds memory on long series
+
+
+class JobFailed(Exception):
+    """The job did not complete; ``permanent`` when no retry can mend it."""
+
+    def __init__(self, reason: str, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+
+@dataclass
+class Made:
+    """A job's outputs: files to deliver, and what was set aside and why."""
+
+    files: list[Path] = field(default_factory=list)
+    quarantined: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Runner:
+    """Runs jobs in one worker process; keeps models and the de-identifier warm."""
+
+    def __init__(self, settings: Settings, queues: Queues) -> None:
+        self.settings = settings
+        self.queues = queues
+        self.name = worker_name()
+        self.stop = threading.Event()
+        self._deid: Deidentifier | None = None
+        self._generation: Generation | None = None
+
+    # -- the record ----------------------------------------------------------------------
+
+    def run(self, job_id: str) -> None:
+        """Huey's task body: run ``job_id`` unless it is done, dead, early or someone else's."""
+        store, jobs = self.queues.store, self.settings.jobs
+        job = store.get(job_id)
+        now = time.time()
+        if job is None:
+            log.warning("job %s: no record (purged?); message dropped", job_id)
+            return
+        if job.state in (JobState.DONE, JobState.DEAD):
+            log.debug("job %s already %s; message dropped", job.id, job.state.value)
+            return
+        if job.not_before > now + 1.0:
+            log.debug("job %s not due yet; its scheduled message will run it", job.id)
+            return
+        if job.state is JobState.RUNNING:
+            beat = store.heartbeat(job.id)
+            if beat is not None and now - beat.at < jobs.heartbeat_timeout_s:
+                log.debug("job %s is running on %s; message dropped", job.id, beat.worker)
+                return
+        job = job.but(state=JobState.RUNNING, attempts=job.attempts + 1, worker=self.name,
+                      not_before=0.0)
+        store.put(job)
+        store.beat(job.id, self.name)
+        log.info("job %s started: %s of rule %s on study %s (%d series), attempt %d of %d",
+                 job.id, job.task["task"], job.rule, job.study_uid, len(job.series_uids),
+                 job.attempts, jobs.max_attempts)
+        beating = threading.Event()
+        beat_thread = threading.Thread(target=self._beat, args=(job.id, beating),
+                                       name=f"heartbeat-{job.id}", daemon=True)
+        beat_thread.start()
+        started = time.monotonic()
+        try:
+            made = self.execute(job)
+        except JobFailed as exc:
+            self.queues.fail(job, exc.reason, exc.permanent)
+        except Exception as exc:  # noqa: BLE001 - a job's failure never kills the worker
+            log.exception("job %s failed unexpectedly", job.id)
+            self.queues.fail(job, f"internal error: {type(exc).__name__}", permanent=False)
+        else:
+            current = store.get(job.id)
+            if current is not None and current.generation > job.generation:
+                log.info("job %s: study changed while it ran; the newer run follows", job.id)
+            else:
+                store.put(job.but(state=JobState.DONE, last_error="", outputs=len(made.files),
+                                  quarantined=made.quarantined, notes=tuple(made.notes[:20])))
+                shutil.rmtree(self._work(job), ignore_errors=True)
+                log.info("job %s done in %.2f s: %d outputs delivered, %d quarantined",
+                         job.id, time.monotonic() - started, len(made.files), made.quarantined)
+        finally:
+            beating.set()
+            beat_thread.join()
+            store.clear_beat(job.id)
+
+    def _beat(self, job_id: str, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.jobs.heartbeat_s):
+            try:
+                self.queues.store.beat(job_id, self.name)
+            except Exception:  # noqa: BLE001 - a missed beat is retried on the next period
+                log.warning("job %s: heartbeat not recorded", job_id)
+
+    # -- the work ------------------------------------------------------------------------
+
+    def execute(self, job: Job) -> Made:
+        """Make (or reuse) the outputs and deliver them to every destination."""
+        task = job.rule_task
+        sources = self._sources(job)
+        work = self._work(job)
+        if task.task is TaskKind.FORWARD:
+            made = Made(files=sources)
+        else:
+            made = self._reuse(work, job) or self._make(job, sources, work)
+        self._deliver(job, made.files)
+        return made
+
+    def _work(self, job: Job) -> Path:
+        return self.settings.jobs.work_dir / job.id
+
+    def _sources(self, job: Job) -> list[Path]:
+        study = self.settings.spool.dir / job.study_uid
+        files = [f for s in job.series_uids for f in sorted((study / s).glob("*.dcm"))]
+        if not files:
+            raise JobFailed(f"study {job.study_uid}: no instance of its series in the spool "
+                            f"{self.settings.spool.dir} (removed, or not shared with this "
+                            "worker)", permanent=True)
+        return files
+
+    def _reuse(self, work: Path, job: Job) -> Made | None:
+        try:
+            manifest = json.loads((work / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if manifest.get("generation") != job.generation:
+            return None
+        files = [work / name for name in manifest["files"]]
+        if not all(f.exists() for f in files):
+            return None
+        log.info("job %s: delivering the %d outputs made by an earlier attempt", job.id,
+                 len(files))
+        return Made(files, int(manifest["quarantined"]), list(manifest["notes"]))
+
+    def _make(self, job: Job, sources: list[Path], work: Path) -> Made:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        kind = job.rule_task.task
+        made = (self._deidentify(job, sources, work) if kind is TaskKind.DEIDENTIFY
+                else self._synthesize(job, sources, work))
+        manifest = {"generation": job.generation, "files": [f.name for f in made.files],
+                    "quarantined": made.quarantined, "notes": made.notes}
+        tmp = work / f"{MANIFEST}.part"
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, work / MANIFEST)
+        return made
+
+    def deidentifier(self) -> Deidentifier:
+        if self._deid is None:
+            inpainter = None
+            if any(rule.fill == "inpaint" for rule in self.settings.deid.pixel_rules):
+                from node.generate.tasks import deid_inpainter
+
+                inpainter = deid_inpainter(self.generation())
+            try:
+                self._deid = Deidentifier(self.settings.deid, self.settings.output,
+                                          inpainter=inpainter)
+            except DeidentificationError as exc:
+                raise JobFailed(str(exc), permanent=True) from None
+        return self._deid
+
+    def generation(self) -> Generation:
+        if self._generation is None:
+            from node.generate.tasks import Generation
+
+            self._generation = Generation(self.settings)
+        return self._generation
+
+    def _deidentify(self, job: Job, sources: list[Path], work: Path) -> Made:
+        deid = self.deidentifier()
+        made = Made()
+        mappings: set[tuple[str, str, str, str]] = set()
+        for path in sources:
+            source = _read(path)
+            patient, study = str(source.get("PatientID", "")), str(source.StudyInstanceUID)
+            try:
+                identifiers = deid.identifiers(source)
+                output = deid.deidentify(source, in_place=True)
+                if self.settings.deid.output is DeidOutput.SC:
+                    output = as_secondary_capture(deid, output)
+                data = deid.encode(output, identifiers)
+            except Quarantined as exc:
+                made.quarantined += 1
+                made.notes.append(f"{path.stem}: {exc}")
+                log.warning("job %s: instance %s quarantined: %s", job.id, path.stem, exc)
+                continue
+            except DeidentificationError as exc:
+                raise JobFailed(str(exc), permanent=True) from None
+            target = work / f"{output.SOPInstanceUID}.dcm"
+            target.write_bytes(data)
+            made.files.append(target)
+            mappings.add((patient, str(output.PatientID), study, str(output.StudyInstanceUID)))
+        broker = self.settings.deid.honest_broker_file
+        if broker is not None and mappings:
+            record_mappings(broker, mappings)
+        return made
+
+    def _synthesize(self, job: Job, sources: list[Path], work: Path) -> Made:
+        from node.generate.tasks import Request
+
+        task = job.rule_task
+        kind = SynthesisTask(task.task.value)
+        series = SeriesSpec(task.series_description or f"synthnode {kind.value}",
+                            9000 + job.task_index if task.series_number is None
+                            else task.series_number)
+        if kind is SynthesisTask.TEXT2IMG:  # one request per series: its first instance
+            seen: set[str] = set()
+            firsts = []
+            for p in sources:
+                if p.parent.name not in seen:
+                    seen.add(p.parent.name)
+                    firsts.append(p)
+            sources = firsts
+        try:
+            request = Request(kind, prompt=task.prompt, negative_prompt=task.negative_prompt,
+                              regions=tuple(task.regions), margins=task.margins,
+                              strength=task.strength, seed=task.seed,
+                              num=task.num if kind is SynthesisTask.TEXT2IMG else 1,
+                              series=series)
+        except ValueError as exc:
+            raise JobFailed(f"rule {job.rule} task {job.task_index}: {exc}", permanent=True) \
+                from None
+        made = Made()
+        for start in range(0, len(sources), GENERATION_CHUNK):
+            batch: list[Dataset] = []
+            for path in sources[start:start + GENERATION_CHUNK]:
+                ds = _read(path)
+                if task.deidentified_source:
+                    try:
+                        ds = self.deidentifier().deidentify(ds, in_place=True)
+                    except Quarantined as exc:
+                        made.quarantined += 1
+                        made.notes.append(f"{path.stem}: source not de-identifiable: {exc}")
+                        continue
+                batch.append(ds)
+            try:
+                results = self.generation().run_many([(request, ds) for ds in batch])
+            except ValueError as exc:
+                raise JobFailed(f"generation failed: {exc}", permanent=True) from None
+            for outputs in results:
+                for out in outputs:
+                    if task.deidentified_source:  # its identity is the pseudonymous one
+                        mark_deidentified(out, self.deidentifier().record(),
+                                          self.settings.output, synthetic=True)
+                    saved = save_checked(out, work, self.settings.output, job.id)
+                    if saved.quarantined:
+                        made.quarantined += 1
+                        made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
+                    else:
+                        made.files.append(saved.path)
+        return made
+
+    def _deliver(self, job: Job, files: list[Path]) -> None:
+        if not files:
+            return
+        task = str(job.task["task"])
+        for name in job.destinations:
+            results: list[DispatchResult]
+            if name == "orthanc":
+                results = send_to_orthanc(files, self.settings, job.id, task, stop=self.stop)
+            else:
+                try:
+                    destination = self.settings.destination(name)
+                except KeyError as exc:
+                    raise JobFailed(str(exc.args[0]), permanent=True) from None
+                results = send_to_peer(files, destination, self.settings, stop=self.stop)
+            failed = [r for r in results if not r.ok]
+            if failed:
+                raise JobFailed(f"{len(failed)} of {len(results)} objects not delivered to "
+                                f"{failed[0].destination}: {failed[0].reason}")
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        return dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - the spool holds only checked files
+        raise JobFailed(f"spooled instance {path.stem} cannot be read "
+                        f"({type(exc).__name__})", permanent=True) from None

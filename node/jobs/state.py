@@ -1,0 +1,150 @@
+"""Job states, kept by the node beside the queue.
+
+Huey removes a message from its queue when a worker takes it: a worker killed mid-task takes the
+message with it. So every job also has a record here (pending, running with a heartbeat, done,
+dead), in the key-value store of the same Huey storage as the queues (SQLite file or Redis: one
+code path), and the scheduler re-enqueues running jobs whose heartbeat stopped.
+
+Records are JSON under ``job:<id>``; heartbeats are separate keys (``hb:<id>``) so that a
+heartbeat never overwrites a state change made by someone else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from huey.constants import EmptyData
+from huey.storage import BaseStorage
+
+from node.config import RuleTask
+
+_JOB = "job:"
+_BEAT = "hb:"
+
+
+class JobState(StrEnum):
+    """Where a job stands."""
+
+    PENDING = "pending"
+    """Queued (or waiting for its retry time)."""
+
+    RUNNING = "running"
+    """A worker has it and beats its heartbeat."""
+
+    DONE = "done"
+    """Outputs made and delivered (quarantined outputs are counted, not sent)."""
+
+    DEAD = "dead"
+    """Failed ``[jobs] max_attempts`` times, or failed in a way no retry mends; kept with its
+    reason until ``synthnode jobs retry`` re-queues it."""
+
+
+def job_id(study_uid: str, rule: str, task_index: int, task: str) -> str:
+    """The job's id: the same for the same (study, rule, task), so a study handed on again
+    (a crash, more instances) names the same job and never a second one."""
+    digest = hashlib.sha256(f"{study_uid}\0{rule}\0{task_index}\0{task}".encode()).hexdigest()
+    return f"{task}-{digest[:20]}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One task of one rule on the series of one study that the rule matched."""
+
+    id: str
+    study_uid: str
+    generation: int
+    """The spool generation of the study it was made for."""
+    rule: str
+    task_index: int
+    task: dict[str, Any]
+    """The rule's task as configured when the job was made (a ``RuleTask`` dump)."""
+    queue: str
+    series_uids: tuple[str, ...]
+    destinations: tuple[str, ...]
+    state: JobState = JobState.PENDING
+    attempts: int = 0
+    last_error: str = ""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    not_before: float = 0.0
+    worker: str = ""
+    outputs: int = 0
+    quarantined: int = 0
+    notes: tuple[str, ...] = ()
+    """Per-object reasons worth showing (quarantine reasons), UIDs only."""
+
+    @property
+    def rule_task(self) -> RuleTask:
+        return RuleTask.model_validate(self.task)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Job:
+        data = json.loads(raw)
+        data["state"] = JobState(data["state"])
+        for name in ("series_uids", "destinations", "notes"):
+            data[name] = tuple(data.get(name, ()))
+        return cls(**data)
+
+    def but(self, **changes: Any) -> Job:
+        """A copy with ``changes`` and a fresh ``updated_at``."""
+        return replace(self, updated_at=time.time(), **changes)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker: str
+    at: float
+
+
+class JobStore:
+    """Job records and heartbeats in a Huey storage's key-value space."""
+
+    def __init__(self, storage: BaseStorage) -> None:
+        self.storage = storage
+
+    def get(self, job_id: str) -> Job | None:
+        raw = self.storage.peek_data(_JOB + job_id)
+        return None if raw is EmptyData else Job.from_json(raw)
+
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+        keys = [_JOB + j for j in job_ids]
+        found = self.storage.peek_many(keys) if keys else {}
+        return {k[len(_JOB):]: Job.from_json(v) for k, v in found.items()}
+
+    def put(self, job: Job) -> None:
+        self.storage.put_data(_JOB + job.id, job.to_json())
+
+    def delete(self, job_id: str) -> None:
+        self.storage.delete_data(_JOB + job_id)
+        self.storage.delete_data(_BEAT + job_id)
+
+    def all(self) -> list[Job]:
+        """Every job, oldest first."""
+        jobs = [Job.from_json(v) for k, v in self.storage.result_items().items()
+                if str(k).startswith(_JOB)]
+        return sorted(jobs, key=lambda j: (j.created_at, j.id))
+
+    def beat(self, job_id: str, worker: str, now: float | None = None) -> None:
+        at = time.time() if now is None else now
+        self.storage.put_data(_BEAT + job_id, json.dumps([worker, at]).encode())
+
+    def heartbeat(self, job_id: str) -> Heartbeat | None:
+        raw = self.storage.peek_data(_BEAT + job_id)
+        if raw is EmptyData:
+            return None
+        worker, at = json.loads(raw)
+        return Heartbeat(str(worker), float(at))
+
+    def clear_beat(self, job_id: str) -> None:
+        self.storage.delete_data(_BEAT + job_id)
