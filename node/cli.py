@@ -96,7 +96,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     queues = Queues(settings.jobs)
     if args.jobs_command == "retry":
         code = 0
-        for job_id in args.ids:
+        ids = list(args.ids)
+        if args.dead:
+            ids += [j.id for j in queues.store.all() if j.state is JobState.DEAD]
+        if not ids:
+            print("synthnode jobs retry: no job named (give IDs or --dead)", file=sys.stderr)
+            return 2
+        for job_id in ids:
             try:
                 job = queues.retry(job_id)
             except KeyError as exc:
@@ -430,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs, jobs_command="list")
     jobs_sub = p.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
     q = jobs_sub.add_parser("retry", help="re-queue jobs (attempts start again)")
-    q.add_argument("ids", nargs="+", metavar="ID")
+    q.add_argument("ids", nargs="*", metavar="ID")
+    q.add_argument("--dead", action="store_true", help="every dead job")
     q.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")

@@ -329,9 +329,9 @@ class JobsSettings(_Section):
                              "queue (de-identify, forward); 0 = run them elsewhere")
     gpu_workers: int = Field(1, ge=0, le=16, description="processes serve starts for the gpu "
                              "queue (generation); 0 = run them elsewhere")
-    max_attempts: int = Field(5, ge=1, le=100, description="tries of a job before dead-letter")
+    max_attempts: int = Field(12, ge=1, le=100, description="tries of a job before dead-letter")
     backoff_initial_s: float = Field(5.0, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
+    backoff_max_s: float = Field(600.0, gt=0)
     heartbeat_s: float = Field(2.0, gt=0, description="a running job's heartbeat period")
     heartbeat_timeout_s: float = Field(
         20.0, gt=0, description="a running job silent this long has lost its worker: retried"
