@@ -22,9 +22,10 @@ from typing import Any
 
 from node import __version__
 from node.config import Settings
-from node.jobs import Queues, Scheduler, WorkerPool
+from node.jobs import Queues, Reaper, WorkerPool
 from node.receive.scp import ReceiveCounters, start_scp
-from node.spool import Spool, StabilityMonitor
+from node.route import Router
+from node.spool import Retention, Spool, StabilityMonitor
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ class Server:
                     removed, added,
                 )
             queues = Queues(self.settings.jobs)
-            scheduler = Scheduler(self.settings, spool, queues)
             pool = WorkerPool(self.settings, self.config)
             pool.start()
-            scheduler.start()
-            monitor = StabilityMonitor(spool, scheduler.on_stable)
+            monitor = StabilityMonitor(
+                spool, Router(self.settings, queues).on_stable,
+                also=(Reaper(self.settings.jobs, queues).tick,
+                      Retention(spool, queues.store).tick),
+            )
             monitor.start()
             node = self.settings.node
             server = start_scp(node, spool, self.counters)
@@ -71,13 +74,13 @@ class Server:
                 while not self.should_exit.wait(0.5):
                     pool.check()
             finally:
-                self._shutdown(server, monitor, spool, scheduler, pool)
+                self._shutdown(server, monitor, spool, pool)
         finally:
             self._restore_signals()
         return 0
 
     def _shutdown(self, server: Any, monitor: StabilityMonitor, spool: Spool,
-                  scheduler: Scheduler, pool: WorkerPool) -> None:
+                  pool: WorkerPool) -> None:
         log.info("shutting down: no new associations")
         server.shutdown()  # closes the listening socket; accepted associations continue
         deadline = time.monotonic() + self.settings.node.shutdown_timeout_s
@@ -89,7 +92,6 @@ class Server:
                         assoc.requestor.ae_title)
             assoc.abort()
         monitor.stop()
-        scheduler.stop()
         pool.stop(self.settings.node.shutdown_timeout_s)
         spool.close()
         c = self.counters

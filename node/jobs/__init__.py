@@ -2,8 +2,8 @@
 worker processes with heartbeats, retried with backoff, dead-lettered after the last attempt."""
 
 from node.jobs.queue import QUEUES, Queues
+from node.jobs.reaper import Reaper
 from node.jobs.runner import JobFailed, Runner
-from node.jobs.scheduler import Scheduler
 from node.jobs.state import Job, JobState, JobStore, job_id
 from node.jobs.worker import WorkerPool, run_worker
 
@@ -14,8 +14,8 @@ __all__ = [
     "JobState",
     "JobStore",
     "Queues",
+    "Reaper",
     "Runner",
-    "Scheduler",
     "WorkerPool",
     "job_id",
     "run_worker",

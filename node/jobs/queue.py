@@ -48,7 +48,7 @@ class Queues:
     """The cpu and gpu queues and the job store of one backend.
 
     ``run`` is what a worker process executes for a job id (one per process); producers (the
-    scheduler, the ``jobs`` command) leave it unset."""
+    router, the ``jobs`` command) leave it unset."""
 
     def __init__(self, settings: JobsSettings, run: Callable[[str], None] | None = None) -> None:
         global _runner
@@ -68,6 +68,21 @@ class Queues:
             task.schedule(args=(job.id,), delay=delay_s)
         else:
             task(job.id)
+
+    def submit(self, job: Job) -> bool:
+        """Record ``job`` as pending and enqueue it, unless the same job was already made for
+        this generation of its study (running, done, dead, or waiting for a retry). Returns
+        whether it was enqueued."""
+        existing = self.store.get(job.id)
+        if existing is not None and existing.generation >= job.generation and (
+            existing.state is not JobState.PENDING or existing.not_before > time.time()
+        ):
+            return False
+        self.store.put(job)
+        self.enqueue(job)
+        log.info("job %s queued on %s: %s of rule %s, study %s generation %d", job.id,
+                 job.queue, job.task["task"], job.rule, job.study_uid, job.generation)
+        return True
 
     def fail(self, job: Job, reason: str, permanent: bool = False) -> Job:
         """Record a failed attempt of ``job``: pending again after a backoff (exponential from

@@ -3,7 +3,7 @@
 Huey removes a message from its queue when a worker takes it: a worker killed mid-task takes the
 message with it. So every job also has a record here (pending, running with a heartbeat, done,
 dead), in the key-value store of the same Huey storage as the queues (SQLite file or Redis: one
-code path), and the scheduler re-enqueues running jobs whose heartbeat stopped.
+code path), and the reaper re-enqueues running jobs whose heartbeat stopped.
 
 Records are JSON under ``job:<id>``; heartbeats are separate keys (``hb:<id>``) so that a
 heartbeat never overwrites a state change made by someone else.

@@ -1,8 +1,8 @@
 """Workers: ``synthnode worker --queue cpu|gpu`` (a Huey consumer running :class:`Runner`), and
 the pool of such processes that ``synthnode serve`` starts and restarts.
 
-Each worker is its own process: a ``kill -9`` takes one job with it, which the scheduler's
-heartbeat check retries; the pool starts a new process in its place.
+Each worker is its own process: a ``kill -9`` takes one job with it, which the reaper (its
+heartbeat check) retries; the pool starts a new process in its place.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 don't. Matching is per series; ``[route] mode`` says whether a series gets the first rule
 that matches it or every one."""
 
+from node.route.router import Routed, Router, StudyLike
 from node.route.rules import (
     Criterion,
     Routing,
@@ -16,9 +17,12 @@ from node.route.rules import (
 
 __all__ = [
     "Criterion",
+    "Routed",
+    "Router",
     "Routing",
     "Scan",
     "SeriesFacts",
+    "StudyLike",
     "Unreadable",
     "Verdict",
     "criteria",

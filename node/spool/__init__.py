@@ -2,6 +2,7 @@
 
 from node.spool.index import InstanceRow, StudyState, StudySummary
 from node.spool.monitor import StabilityMonitor, log_stable_study
+from node.spool.retention import Retention
 from node.spool.spool import (
     Spool,
     SpoolError,
@@ -12,6 +13,7 @@ from node.spool.spool import (
 
 __all__ = [
     "InstanceRow",
+    "Retention",
     "Spool",
     "SpoolError",
     "StabilityMonitor",

@@ -16,14 +16,15 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 
 from node.config import DuplicatePolicy, SpoolSettings
+from node.route import Routed
 from node.spool.index import Index, InstanceRow, StudySummary
 from node.uids import is_valid_uid
 
@@ -67,16 +68,20 @@ class StableStudy:
     generation: int
     path: Path
     instances: tuple[InstanceRow, ...]
+    aets: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """SOP Instance UID -> (calling AE title, called AE title) it arrived with."""
 
     @property
     def series_uids(self) -> tuple[str, ...]:
         return tuple(sorted({i.series_uid for i in self.instances}))
 
 
-StableStudyHandler = Callable[[StableStudy], None]
-"""The interface later stages plug into. Called at least once for each generation of a stable
-study, from the spool's monitor thread; it must be idempotent on (study_uid, generation) and
-return quickly (enqueue, don't process). If it raises, the hand-off is retried on the next tick."""
+StableStudyHandler = Callable[[StableStudy], Routed | None]
+"""The interface later stages plug into (the router). Called at least once for each generation
+of a stable study, from the spool's monitor thread; it must be idempotent on (study_uid,
+generation) and return quickly (enqueue, don't process). What it returns (the study's jobs, or
+None when it made none to track) is recorded with the study. If it raises, the hand-off is
+retried on the next tick."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -273,9 +278,12 @@ class Spool:
                 generation,
                 self.dir / study_uid,
                 tuple(self.index.study_instances(study_uid)),
+                self.index.instance_aets(study_uid),
             )
             try:
-                handler(study)
+                routed = handler(study)
+                if routed is not None:
+                    self.index.set_routed(study_uid, list(routed.job_ids), routed.note)
             except Exception:
                 log.exception("hand-off of study %s generation %d failed; will retry",
                               study_uid, generation)

@@ -1,0 +1,49 @@
+"""The reaper: running jobs whose worker stopped beating are retried; old done jobs forgotten.
+
+Huey removes a message when a worker takes it, so a worker killed mid-job takes the message
+with it; its job record still says running, and its heartbeat stops. ``serve`` calls
+:meth:`Reaper.tick` every ``[spool] check_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from node.config import JobsSettings
+from node.jobs.queue import Queues
+from node.jobs.state import JobState
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    """Finds jobs lost with their worker and puts them back on their queue."""
+
+    def __init__(self, settings: JobsSettings, queues: Queues) -> None:
+        self.settings = settings
+        self.queues = queues
+
+    def tick(self, now: float) -> int:
+        """One pass; returns how many lost jobs were retried (or dead-lettered)."""
+        store = self.queues.store
+        lost = 0
+        for job in store.all():
+            if job.state is JobState.DONE and now - job.updated_at > self.settings.keep_done_s:
+                store.delete(job.id)
+                continue
+            if job.state is not JobState.RUNNING:
+                continue
+            beat = store.heartbeat(job.id)
+            last = beat.at if beat is not None else job.updated_at
+            if now - last < self.settings.heartbeat_timeout_s:
+                continue
+            current = store.get(job.id)  # it may have finished since the listing
+            if current is None or current.state is not JobState.RUNNING or (
+                current.attempts != job.attempts
+            ):
+                continue
+            store.clear_beat(job.id)
+            self.queues.fail(current, f"worker {current.worker} stopped (no heartbeat for "
+                                      f"{now - last:.0f} s)")
+            lost += 1
+        return lost

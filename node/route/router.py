@@ -1,0 +1,84 @@
+"""The router: a stable study in, its jobs on the queues out (the spool's hand-off).
+
+For each series, the rules that apply (:func:`route`); for each (rule, task), one job with a
+deterministic id, submitted to its queue. Idempotent: the same study and generation name the
+same jobs, and jobs already made for them are not made again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from node.config import RuleTask, Settings
+from node.jobs import Job, Queues, job_id
+from node.route.rules import route, series_facts
+
+log = logging.getLogger(__name__)
+
+
+class StudyLike(Protocol):
+    """What the router needs of a stable study (the spool's ``StableStudy``)."""
+
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def aets(self) -> Mapping[str, tuple[str, str]]: ...
+
+
+@dataclass(frozen=True)
+class Routed:
+    """What became of a study: the ids of its jobs (none: no rule matched) and why."""
+
+    job_ids: tuple[str, ...]
+    note: str
+
+
+class Router:
+    """Applies ``[[rules]]`` to stable studies and submits their jobs."""
+
+    def __init__(self, settings: Settings, queues: Queues) -> None:
+        self.settings = settings
+        self.queues = queues
+
+    def on_stable(self, study: StudyLike) -> Routed:
+        """Route ``study`` and submit its jobs; return quickly (workers do the work)."""
+        scan = series_facts([study.path], study.aets)
+        series = [s for s in scan.series if s.study_uid == study.study_uid]
+        for bad in scan.unreadable:
+            log.warning("study %s: spooled file %s skipped by the router: %s",
+                        study.study_uid, bad.path.name, bad.reason)
+        jobs: list[Job] = []
+        rules_used: list[str] = []
+        for routing in route(self.settings.rules, self.settings.route.mode, series):
+            for rule, series_uids in routing.applied():
+                rules_used.append(rule.name)
+                for index, task in enumerate(rule.tasks):
+                    jobs.append(self._job(study, rule.name, index, task, series_uids,
+                                          tuple(task.destinations or rule.destinations)))
+        for job in jobs:
+            self.queues.submit(job)
+        if jobs:
+            note = f"{len(jobs)} jobs from rules {', '.join(rules_used)}"
+        else:
+            note = "no rule matched: nothing made of this study"
+        log.info("study stable study_uid=%s generation=%d series=%d: %s", study.study_uid,
+                 study.generation, len(series), note)
+        return Routed(tuple(j.id for j in jobs), note)
+
+    @staticmethod
+    def _job(study: StudyLike, rule: str, index: int, task: RuleTask,
+             series_uids: tuple[str, ...], destinations: tuple[str, ...]) -> Job:
+        return Job(
+            id=job_id(study.study_uid, rule, index, task.task.value),
+            study_uid=study.study_uid, generation=study.generation, rule=rule,
+            task_index=index, task=task.model_dump(mode="json"), queue=task.task.queue,
+            series_uids=series_uids, destinations=destinations,
+        )
