@@ -22,7 +22,14 @@ from node.config import load_settings
 from node.dicom import validate_file
 from node.jobs import Job, JobState, Queues
 from node.localorthanc import OrthancProcess, free_port
-from tests.nodeproc import SYNTHNODE, NodeProcess, StoreSCP, make_study, storescu
+from tests.nodeproc import (
+    SYNTHNODE,
+    NodeProcess,
+    StoreSCP,
+    dataset_bytes,
+    make_study,
+    storescu,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -299,3 +306,43 @@ def test_redis_backend_two_worker_processes_share_the_work(
             w.send_signal(signal.SIGINT)
         for w in workers:
             w.wait(30)
+
+
+def test_every_task_kind_through_the_queues(
+    node_factory, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    rules = """
+[[rules]]
+name = "everything"
+[[rules.tasks]]
+task = "forward"
+[[rules.tasks]]
+task = "text2img"
+num = 2
+prompt = "A CT image of the chest"
+[[rules.tasks]]
+task = "inpaint"
+regions = [[10, 10, 20, 20]]
+[[rules.tasks]]
+task = "outpaint"
+margins = [8, 0, 8, 0]
+"""
+    node = jobs_node(node_factory, tmp_path, orthanc, rules=rules, jobs={"gpu_workers": 1})
+    files = make_study(tmp_path / "in", per_series=1)
+    assert storescu(node.port, files).returncode == 0
+    wait_for(all_done(node, 4), what="forward, text2img, inpaint and outpaint jobs")
+    outputs = {j.task["task"]: j.outputs for j in records(node)}
+    assert outputs == {"forward": 1, "text2img": 2, "inpaint": 1, "outpaint": 1}
+    assert orthanc.count_instances() == 5
+    source = dcmread(files[0])
+    forwarded = orthanc.find_instance(str(source.SOPInstanceUID))
+    assert forwarded is not None  # the original, byte for byte as the node received it
+    assert dataset_bytes(orthanc.request("GET", f"/instances/{forwarded}/file")) == (
+        dataset_bytes(node.spooled()[str(source.SOPInstanceUID)].read_bytes()))
+    for tags, metadata in orthanc_instances(orthanc):
+        if metadata["SynthnodeTask"] == "outpaint":
+            assert (int(tags.kw("Rows")), int(tags.kw("Columns"))) == (
+                source.Rows + 16, source.Columns)
+        if metadata["SynthnodeTask"] in ("text2img", "inpaint", "outpaint"):
+            assert tags.kw("SyntheticData") == "YES"
+            assert tags.kw("PatientID").startswith("SN")  # made from the de-identified source
