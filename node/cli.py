@@ -72,7 +72,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log.level)
-    return run_worker(settings, args.queue, args.workers)
+    return run_worker(settings, args.queue, args.workers, args.nice)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -428,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: de-identify and forward; gpu: generation")
     p.add_argument("--workers", type=int, default=1,
                    help="jobs at once (processes when > 1; default 1)")
+    p.add_argument("--nice", type=int, default=0, help="add this much niceness (default 0)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("jobs", help="jobs by state with their last error; retry dead ones")

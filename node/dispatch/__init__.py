@@ -7,12 +7,13 @@ Logs and results name SOP Instance UIDs, job ids and AE titles, never patient da
 
 from node.dispatch.dimse import PeerDispatcher, send_to_peer
 from node.dispatch.orthanc import OrthancDispatcher, send_to_orthanc
-from node.dispatch.outgoing import DispatchResult, ObjectLike
+from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing
 
 __all__ = [
     "DispatchResult",
     "ObjectLike",
     "OrthancDispatcher",
+    "Outgoing",
     "PeerDispatcher",
     "send_to_orthanc",
     "send_to_peer",

@@ -20,9 +20,6 @@ from node.dispatch.retry import RoundFn, permanent, run_rounds
 
 log = logging.getLogger(__name__)
 
-ObjectLike = str | os.PathLike[str] | Dataset
-"""A DICOM file (path to a Part 10 file) or a data set with File Meta Information."""
-
 
 @dataclass(frozen=True)
 class DispatchResult:
@@ -57,9 +54,16 @@ class Outgoing:
         return buffer.getvalue()
 
 
+ObjectLike = str | os.PathLike[str] | Dataset | Outgoing
+"""A DICOM file (path to a Part 10 file), a data set with File Meta Information, or an
+:class:`Outgoing` (a file already identified by its producer: its header is not read again)."""
+
+
 def load(obj: ObjectLike) -> Outgoing:
     """Identify ``obj`` from its header (a file's pixel data is not read); ValueError naming
     what is missing or inconsistent. Messages never contain element values other than UIDs."""
+    if isinstance(obj, Outgoing):
+        return obj
     if isinstance(obj, Dataset):
         ts = obj.file_meta.get("TransferSyntaxUID") if hasattr(obj, "file_meta") else None
         sop_class, sop_instance = obj.get("SOPClassUID"), obj.get("SOPInstanceUID")

@@ -31,7 +31,8 @@ from node.config import DeidOutput, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import as_secondary_capture, record_mappings
 from node.dicom import SeriesSpec, SynthesisTask, mark_deidentified, save_checked
-from node.dispatch import DispatchResult, send_to_orthanc, send_to_peer
+from node.dispatch import DispatchResult, Outgoing, send_to_orthanc, send_to_peer
+from node.dispatch.outgoing import load
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState
 
@@ -57,7 +58,8 @@ class JobFailed(Exception):
 class Made:
     """A job's outputs: files to deliver, and what was set aside and why."""
 
-    files: list[Path] = field(default_factory=list)
+    files: list[Outgoing] = field(default_factory=list)
+    """Identified as they were made, so that dispatch need not read their headers again."""
     quarantined: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -147,7 +149,7 @@ class Runner:
         sources = self._sources(job)
         work = self._work(job)
         if task.task is TaskKind.FORWARD:
-            made = Made(files=sources)
+            made = Made(files=[_identify(p) for p in sources])
         else:
             made = self._reuse(work, job) or self._make(job, sources, work)
         self._deliver(job, made.files)
@@ -172,8 +174,9 @@ class Runner:
             return None
         if manifest.get("generation") != job.generation:
             return None
-        files = [work / name for name in manifest["files"]]
-        if not all(f.exists() for f in files):
+        files = [Outgoing(work / name, sop_class, sop_instance, ts)
+                 for name, sop_class, sop_instance, ts in manifest["files"]]
+        if not all(isinstance(f.source, Path) and f.source.exists() for f in files):
             return None
         log.info("job %s: delivering the %d outputs made by an earlier attempt", job.id,
                  len(files))
@@ -185,7 +188,9 @@ class Runner:
         kind = job.rule_task.task
         made = (self._deidentify(job, sources, work) if kind is TaskKind.DEIDENTIFY
                 else self._synthesize(job, sources, work))
-        manifest = {"generation": job.generation, "files": [f.name for f in made.files],
+        manifest = {"generation": job.generation,
+                    "files": [[Path(str(f.source)).name, f.sop_class_uid, f.sop_instance_uid,
+                               f.transfer_syntax_uid] for f in made.files],
                     "quarantined": made.quarantined, "notes": made.notes}
         tmp = work / f"{MANIFEST}.part"
         tmp.write_text(json.dumps(manifest))
@@ -235,7 +240,7 @@ class Runner:
                 raise JobFailed(str(exc), permanent=True) from None
             target = work / f"{output.SOPInstanceUID}.dcm"
             target.write_bytes(data)
-            made.files.append(target)
+            made.files.append(_outgoing(target, output))
             mappings.add((patient, str(output.PatientID), study, str(output.StudyInstanceUID)))
         broker = self.settings.deid.honest_broker_file
         if broker is not None and mappings:
@@ -294,10 +299,10 @@ class Runner:
                         made.quarantined += 1
                         made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
                     else:
-                        made.files.append(saved.path)
+                        made.files.append(_outgoing(saved.path, out))
         return made
 
-    def _deliver(self, job: Job, files: list[Path]) -> None:
+    def _deliver(self, job: Job, files: list[Outgoing]) -> None:
         if not files:
             return
         task = str(job.task["task"])
@@ -315,6 +320,18 @@ class Runner:
             if failed:
                 raise JobFailed(f"{len(failed)} of {len(results)} objects not delivered to "
                                 f"{failed[0].destination}: {failed[0].reason}")
+
+
+def _outgoing(path: Path, ds: Dataset) -> Outgoing:
+    return Outgoing(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                    str(ds.file_meta.TransferSyntaxUID))
+
+
+def _identify(path: Path) -> Outgoing:
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise JobFailed(f"spooled instance {path.stem}: {exc}", permanent=True) from None
 
 
 def _read(path: Path) -> Dataset:

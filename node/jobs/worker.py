@@ -21,12 +21,18 @@ from node.jobs.runner import Runner
 
 log = logging.getLogger(__name__)
 
+NICE = 5
+"""Niceness that ``serve``'s worker processes add to their own."""
 
-def run_worker(settings: Settings, queue: str, workers: int = 1) -> int:
+
+def run_worker(settings: Settings, queue: str, workers: int = 1, nice: int = 0) -> int:
     """Consume ``queue`` until SIGINT (finish the jobs in hand, then stop) or SIGTERM (stop
-    now: the jobs in hand are retried elsewhere). Returns the exit status."""
+    now: the jobs in hand are retried elsewhere), at ``nice`` more niceness. Returns the exit
+    status."""
     if queue not in QUEUES:
         raise ValueError(f'queue "{queue}" is not one of {", ".join(QUEUES)}')
+    if nice:
+        os.nice(nice)
     runner: Runner | None = None
 
     def run(job_id: str) -> None:
@@ -62,7 +68,9 @@ class WorkerPool:
         env = dict(os.environ)
         if self.config is not None:
             env[ENV_CONFIG] = str(self.config)
-        cmd = [sys.executable, "-m", "node", "worker", "--queue", queue]
+        # Beside the receiver, workers yield the CPU to it: a C-STORE is answered first, the
+        # queue catches up when the senders pause.
+        cmd = [sys.executable, "-m", "node", "worker", "--queue", queue, "--nice", str(NICE)]
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
     def start(self) -> None:

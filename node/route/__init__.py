@@ -11,6 +11,7 @@ from node.route.rules import (
     Unreadable,
     Verdict,
     criteria,
+    facts_of,
     route,
     series_facts,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Unreadable",
     "Verdict",
     "criteria",
+    "facts_of",
     "route",
     "series_facts",
 ]

@@ -8,20 +8,28 @@ same jobs, and jobs already made for them are not made again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from node.config import RuleTask, Settings
 from node.jobs import Job, Queues, job_id
-from node.route.rules import route, series_facts
+from node.route.rules import facts_of, route
 
 log = logging.getLogger(__name__)
 
 
+class InstanceLike(Protocol):
+    @property
+    def series_uid(self) -> str: ...
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+
 class StudyLike(Protocol):
-    """What the router needs of a stable study (the spool's ``StableStudy``)."""
+    """What the router needs of a stable study (the spool's ``StableStudy``): files are
+    ``path/<series UID>/<SOP Instance UID>.dcm``."""
 
     @property
     def study_uid(self) -> str: ...
@@ -31,6 +39,8 @@ class StudyLike(Protocol):
     def path(self) -> Path: ...
     @property
     def aets(self) -> Mapping[str, tuple[str, str]]: ...
+    @property
+    def instances(self) -> Sequence[InstanceLike]: ...
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,13 @@ class Router:
 
     def on_stable(self, study: StudyLike) -> Routed:
         """Route ``study`` and submit its jobs; return quickly (workers do the work)."""
-        scan = series_facts([study.path], study.aets)
-        series = [s for s in scan.series if s.study_uid == study.study_uid]
+        members: dict[tuple[str, str], list[tuple[Path, str]]] = {}
+        for row in study.instances:  # the index knows the series: one header read per series
+            members.setdefault((study.study_uid, row.series_uid), []).append(
+                (study.path / row.series_uid / f"{row.sop_instance_uid}.dcm",
+                 row.sop_instance_uid))
+        scan = facts_of(members, study.aets)
+        series = scan.series
         for bad in scan.unreadable:
             log.warning("study %s: spooled file %s skipped by the router: %s",
                         study.study_uid, bad.path.name, bad.reason)

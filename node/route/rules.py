@@ -164,7 +164,22 @@ def series_facts(
             unreadable.append(Unreadable(path, "no Study or Series Instance UID"))
             continue
         members.setdefault(key, []).append((path, str(ds.get("SOPInstanceUID") or "")))
+    scan = facts_of(members, aets, calling_aet=calling_aet, called_aet=called_aet)
+    return Scan(scan.series, unreadable + scan.unreadable)
+
+
+Members = Mapping[tuple[str, str], Sequence[tuple[Path, str]]]
+"""(Study Instance UID, Series Instance UID) -> its instances as (file, SOP Instance UID)."""
+
+
+def facts_of(
+    members: Members, aets: Mapping[str, tuple[str, str]] | None = None, *,
+    calling_aet: str = "", called_aet: str = "",
+) -> Scan:
+    """The facts of series whose instances are already known (e.g. from the spool's index):
+    one header read per series, sorted by Study then Series Instance UID."""
     series = []
+    unreadable: list[Unreadable] = []
     for (study_uid, series_uid), files in sorted(members.items()):
         header, aet, kept = None, (calling_aet, called_aet), []
         for path, sop_uid in sorted(files):
