@@ -6,7 +6,7 @@ Logs and results name SOP Instance UIDs, job ids and AE titles, never patient da
 """
 
 from node.dispatch.dimse import PeerDispatcher, send_to_peer
-from node.dispatch.orthanc import OrthancDispatcher, send_to_orthanc
+from node.dispatch.orthanc import OrthancDispatcher, orthanc_client, send_to_orthanc
 from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ObjectLike",
     "OrthancDispatcher",
     "Outgoing",
+    "orthanc_client",
     "PeerDispatcher",
     "send_to_orthanc",
     "send_to_peer",

@@ -53,6 +53,19 @@ class _TimeoutAdapter(HTTPAdapter):
                             verify, cert, proxies)
 
 
+def orthanc_client(orthanc: OrthancSettings) -> OrthancApiClient:
+    """An orthanc-api-client for ``[orthanc]`` whose every request is bounded by ``timeout_s``
+    and not retried behind our back."""
+    client = OrthancApiClient(orthanc.url, user=orthanc.username or None,
+                              pwd=orthanc.password or None)
+    # The client mounts urllib3 retries (3 connects, backoff) and sets no timeout: replace
+    # them, or attempts multiply invisibly and a hung Orthanc hangs us.
+    adapter = _TimeoutAdapter(orthanc.timeout_s)
+    client._http_session.mount("http://", adapter)
+    client._http_session.mount("https://", adapter)
+    return client
+
+
 class OrthancDispatcher:
     """Sends objects to the Orthanc of ``[orthanc]``, retrying as ``[dispatch]`` says.
 
@@ -64,13 +77,7 @@ class OrthancDispatcher:
         self.settings = orthanc
         self.dispatch = dispatch
         self.name = f"orthanc {orthanc.url}"
-        self._client = OrthancApiClient(orthanc.url, user=orthanc.username or None,
-                                        pwd=orthanc.password or None)
-        # The client mounts urllib3 retries (3 connects, backoff) and sets no timeout: replace
-        # them, or attempts multiply invisibly and a hung Orthanc hangs us.
-        adapter = _TimeoutAdapter(orthanc.timeout_s)
-        self._client._http_session.mount("http://", adapter)
-        self._client._http_session.mount("https://", adapter)
+        self._client = orthanc_client(orthanc)
         self._labels: bool | None = None  # Orthanc >= 1.12, known after the first contact
 
     def close(self) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import requests
+from orthanc_api_client import exceptions as orthanc_errors
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -31,7 +33,13 @@ from node.config import DeidOutput, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import as_secondary_capture, record_mappings
 from node.dicom import SeriesSpec, SynthesisTask, mark_deidentified, save_checked
-from node.dispatch import DispatchResult, Outgoing, send_to_orthanc, send_to_peer
+from node.dispatch import (
+    DispatchResult,
+    Outgoing,
+    orthanc_client,
+    send_to_orthanc,
+    send_to_peer,
+)
 from node.dispatch.outgoing import load
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState
@@ -127,6 +135,8 @@ class Runner:
                 store.put(job.but(state=JobState.DONE, last_error="", outputs=len(made.files),
                                   quarantined=made.quarantined, notes=tuple(made.notes[:20])))
                 shutil.rmtree(self._work(job), ignore_errors=True)
+                shutil.rmtree(self.settings.jobs.work_dir / f"{job.id}.source",
+                              ignore_errors=True)
                 log.info("job %s done in %.2f s: %d outputs delivered, %d quarantined",
                          job.id, time.monotonic() - started, len(made.files), made.quarantined)
         finally:
@@ -159,12 +169,49 @@ class Runner:
         return self.settings.jobs.work_dir / job.id
 
     def _sources(self, job: Job) -> list[Path]:
+        if job.orthanc_study:
+            return self._fetch(job)
         study = self.settings.spool.dir / job.study_uid
         files = [f for s in job.series_uids for f in sorted((study / s).glob("*.dcm"))]
         if not files:
             raise JobFailed(f"study {job.study_uid}: no instance of its series in the spool "
                             f"{self.settings.spool.dir} (removed, or not shared with this "
                             "worker)", permanent=True)
+        return files
+
+    def _fetch(self, job: Job) -> list[Path]:
+        """Download the job's series from ``[orthanc]`` (a study the plugin routed)."""
+        folder = self.settings.jobs.work_dir / f"{job.id}.source"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        client = orthanc_client(self.settings.orthanc)
+        where = f"Orthanc at {self.settings.orthanc.url}"
+        files = []
+        try:
+            study = client.get_json(f"studies/{job.orthanc_study}")
+            for series_id in study["Series"]:
+                series = client.get_json(f"series/{series_id}")
+                if series["MainDicomTags"].get("SeriesInstanceUID") not in job.series_uids:
+                    continue
+                for instance in series["Instances"]:
+                    path = folder / f"{instance}.dcm"
+                    path.write_bytes(client.get_binary(f"instances/{instance}/file"))
+                    files.append(path)
+        except orthanc_errors.ResourceNotFound:
+            raise JobFailed(f"study {job.orthanc_study} is no longer in {where}",
+                            permanent=True) from None
+        except orthanc_errors.OrthancApiException as exc:
+            raise JobFailed(f"cannot fetch study {job.orthanc_study} from {where}: "
+                            f"{type(exc).__name__}") from None
+        except (requests.RequestException, TypeError, KeyError, AttributeError) as exc:
+            # (the client answers None for request errors it does not translate)
+            raise JobFailed(f"cannot fetch study {job.orthanc_study} from {where}: "
+                            f"{type(exc).__name__}") from None
+        finally:
+            client.close()
+        if not files:
+            raise JobFailed(f"study {job.orthanc_study} in {where} has none of the job's "
+                            "series", permanent=True)
         return files
 
     def _reuse(self, work: Path, job: Job) -> Made | None:

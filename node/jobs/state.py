@@ -78,6 +78,13 @@ class Job:
     quarantined: int = 0
     notes: tuple[str, ...] = ()
     """Per-object reasons worth showing (quarantine reasons), UIDs only."""
+    orthanc_study: str = ""
+    """Orthanc's id of the study when it came from Orthanc (the plugin): the worker fetches
+    its series from ``[orthanc]``; "" = the study is in the spool."""
+
+    @property
+    def source(self) -> str:
+        return "orthanc" if self.orthanc_study else "spool"
 
     @property
     def rule_task(self) -> RuleTask:
@@ -148,3 +155,26 @@ class JobStore:
 
     def clear_beat(self, job_id: str) -> None:
         self.storage.delete_data(_BEAT + job_id)
+
+    # -- small records of other stages (e.g. the Orthanc plugin's study markers) -----------
+
+    def get_record(self, key: str) -> dict[str, Any] | None:
+        raw = self.storage.peek_data(key)
+        return None if raw is EmptyData else dict(json.loads(raw))
+
+    def put_record(self, key: str, value: dict[str, Any], if_empty: bool = False) -> bool:
+        """Store ``value`` at ``key`` (only if nothing is there, with ``if_empty``); whether
+        it was stored."""
+        data = json.dumps(value).encode()
+        if if_empty:
+            return bool(self.storage.put_if_empty(key, data))
+        self.storage.put_data(key, data)
+        return True
+
+    def delete_record(self, key: str) -> None:
+        self.storage.delete_data(key)
+
+    def records(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every record whose key starts with ``prefix``, by key."""
+        return {str(k): dict(json.loads(v)) for k, v in self.storage.result_items().items()
+                if str(k).startswith(prefix)}

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from node.config import RuleTask, Settings
 from node.jobs import Job, Queues, job_id
-from node.route.rules import facts_of, route
+from node.route.rules import SeriesFacts, facts_of, route
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +66,44 @@ class Router:
                 (study.path / row.series_uid / f"{row.sop_instance_uid}.dcm",
                  row.sop_instance_uid))
         scan = facts_of(members, study.aets)
-        series = scan.series
         for bad in scan.unreadable:
             log.warning("study %s: spooled file %s skipped by the router: %s",
                         study.study_uid, bad.path.name, bad.reason)
+        return self.route_series(study.study_uid, study.generation, scan.series)
+
+    def route_series(self, study_uid: str, generation: int, series: Sequence[SeriesFacts],
+                     orthanc_study: str = "") -> Routed:
+        """Apply the rules to ``series`` of one study and submit the jobs; with
+        ``orthanc_study`` (Orthanc's id of the study) workers fetch it from Orthanc, not from
+        the spool."""
         jobs: list[Job] = []
         rules_used: list[str] = []
         for routing in route(self.settings.rules, self.settings.route.mode, series):
             for rule, series_uids in routing.applied():
                 rules_used.append(rule.name)
                 for index, task in enumerate(rule.tasks):
-                    jobs.append(self._job(study, rule.name, index, task, series_uids,
-                                          tuple(task.destinations or rule.destinations)))
+                    jobs.append(make_job(study_uid, generation, rule.name, index, task,
+                                         series_uids,
+                                         tuple(task.destinations or rule.destinations),
+                                         orthanc_study))
         for job in jobs:
             self.queues.submit(job)
         if jobs:
             note = f"{len(jobs)} jobs from rules {', '.join(rules_used)}"
         else:
             note = "no rule matched: nothing made of this study"
-        log.info("study stable study_uid=%s generation=%d series=%d: %s", study.study_uid,
-                 study.generation, len(series), note)
+        log.info("study stable study_uid=%s generation=%d series=%d: %s", study_uid,
+                 generation, len(series), note)
         return Routed(tuple(j.id for j in jobs), note)
 
-    @staticmethod
-    def _job(study: StudyLike, rule: str, index: int, task: RuleTask,
-             series_uids: tuple[str, ...], destinations: tuple[str, ...]) -> Job:
-        return Job(
-            id=job_id(study.study_uid, rule, index, task.task.value),
-            study_uid=study.study_uid, generation=study.generation, rule=rule,
-            task_index=index, task=task.model_dump(mode="json"), queue=task.task.queue,
-            series_uids=series_uids, destinations=destinations,
-        )
+
+def make_job(study_uid: str, generation: int, rule: str, index: int, task: RuleTask,
+             series_uids: tuple[str, ...], destinations: tuple[str, ...],
+             orthanc_study: str = "") -> Job:
+    """The job of task ``index`` of ``rule`` on these series of one study."""
+    return Job(
+        id=job_id(study_uid, rule, index, task.task.value),
+        study_uid=study_uid, generation=generation, rule=rule, task_index=index,
+        task=task.model_dump(mode="json"), queue=task.task.queue, series_uids=series_uids,
+        destinations=destinations, orthanc_study=orthanc_study,
+    )

@@ -1,0 +1,190 @@
+"""Studies Orthanc hands over through the plugin (``plugins/orthanc/``): routed by the same
+rules, run by the same workers, which fetch them from Orthanc.
+
+Durable markers (in the job backend, beside the job records) make Orthanc's events safe to
+lose: a study is marked *seen* when Orthanc receives it (NEW_STUDY) and *routed* when its jobs
+are submitted (STABLE_STUDY). After a restart, STABLE_STUDY does not fire for studies that were
+still arriving (Orthanc keeps stability in memory), so :meth:`OrthancStudies.reconcile`, run on
+ORTHANC_STARTED, routes every study still marked seen.
+
+The node's own outputs come back to Orthanc and fire the same events: a series whose first
+instance carries the node's metadata (``[orthanc] job_metadata``) or a Contributing Equipment
+item by the node (``[output] manufacturer``) is never routed: no feedback loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydantic import ValidationError
+from pydicom import dcmread
+
+from node.config import RuleTask, Settings
+from node.jobs import Job, Queues
+from node.route.router import Routed, Router, make_job
+from node.route.rules import SeriesFacts
+
+log = logging.getLogger(__name__)
+
+MARKER = "orthanc-study:"
+MANUAL_RULE = "manual"
+
+
+class StudyNotFound(LookupError):
+    """Orthanc has no such study (HTTP 404)."""
+
+
+class BadRequest(ValueError):
+    """A trigger request that cannot be carried out (HTTP 400); the message says why."""
+
+
+RestGet = Callable[[str], bytes]
+"""GET on Orthanc's REST API (in the plugin: ``orthanc.RestApiGet``, no network); raises
+:class:`LookupError` for an unknown resource."""
+
+
+@dataclass(frozen=True)
+class StudyFacts:
+    study_uid: str
+    series: list[SeriesFacts]
+    outputs: int
+    """Series left out because the node made them."""
+
+
+class OrthancStudies:
+    """Routes the studies of one Orthanc; the plugin calls it from its own thread."""
+
+    def __init__(self, settings: Settings, queues: Queues, rest: RestGet) -> None:
+        self.settings = settings
+        self.queues = queues
+        self.rest = rest
+        self.router = Router(settings, queues)
+
+    def _json(self, path: str) -> Any:
+        return json.loads(self.rest(path))
+
+    # -- events --------------------------------------------------------------------------
+
+    def seen(self, study_id: str) -> None:
+        """NEW_STUDY: remember the study until it is routed."""
+        self.queues.store.put_record(MARKER + study_id, {"state": "seen", "generation": 0,
+                                                         "at": time.time()}, if_empty=True)
+
+    def stable(self, study_id: str) -> Routed | None:
+        """STABLE_STUDY: route the study (a new generation each time it becomes stable);
+        None when it is gone or consists of the node's own outputs."""
+        key = MARKER + study_id
+        marker = self.queues.store.get_record(key) or {"generation": 0}
+        try:
+            facts = self.facts(study_id)
+        except StudyNotFound:
+            self.queues.store.delete_record(key)
+            return None
+        generation = int(marker.get("generation", 0)) + 1
+        if not facts.series:
+            self.queues.store.put_record(key, {"state": "own-output", "generation": generation,
+                                               "at": time.time()})
+            log.info("orthanc study %s: only synthnode outputs (%d series); not routed",
+                     study_id, facts.outputs)
+            return None
+        routed = self.router.route_series(facts.study_uid, generation, facts.series,
+                                          orthanc_study=study_id)
+        self.queues.store.put_record(key, {"state": "routed", "generation": generation,
+                                           "jobs": list(routed.job_ids), "note": routed.note,
+                                           "at": time.time()})
+        return routed
+
+    def reconcile(self) -> int:
+        """ORTHANC_STARTED: route the studies seen but never routed; returns how many."""
+        routed = 0
+        for key, marker in self.queues.store.records(MARKER).items():
+            if marker.get("state") == "seen" and self.stable(key[len(MARKER):]) is not None:
+                routed += 1
+        if routed:
+            log.info("orthanc start: %d studies received before the restart were routed",
+                     routed)
+        return routed
+
+    # -- what rules see ------------------------------------------------------------------
+
+    def facts(self, study_id: str) -> StudyFacts:
+        """One header per series (the node's outputs left out), with the AE titles Orthanc
+        recorded; :class:`StudyNotFound` when Orthanc has no such study."""
+        try:
+            study = self._json(f"/studies/{study_id}")
+        except LookupError:
+            raise StudyNotFound(f'Orthanc has no study "{study_id}"') from None
+        series: list[SeriesFacts] = []
+        outputs = 0
+        study_uid = str(study["MainDicomTags"].get("StudyInstanceUID", ""))
+        for series_id in study["Series"]:
+            first = self._json(f"/series/{series_id}")["Instances"][0]
+            metadata = self._json(f"/instances/{first}/metadata?expand")
+            header = dcmread(BytesIO(self.rest(f"/instances/{first}/file")),
+                             stop_before_pixels=True)
+            if self._ours(metadata, header):
+                outputs += 1
+                continue
+            series.append(SeriesFacts(
+                study_uid, str(header.SeriesInstanceUID), header,
+                calling_aet=str(metadata.get("RemoteAET", "")),
+                called_aet=str(metadata.get("CalledAET", "")),
+            ))
+        return StudyFacts(study_uid, series, outputs)
+
+    def _ours(self, metadata: dict[str, Any], header: Any) -> bool:
+        if self.settings.orthanc.job_metadata in metadata:
+            return True
+        return any(str(item.get("Manufacturer", "")) == self.settings.output.manufacturer
+                   for item in header.get("ContributingEquipmentSequence", []))
+
+    # -- by hand (REST) ------------------------------------------------------------------
+
+    def trigger(self, study_id: str, body: Any) -> Job:
+        """``POST /synthnode/studies/{id}/jobs``: one task (a ``[[rules.tasks]]`` entry as JSON,
+        plus an optional ``"series"`` list of Series Instance UIDs) on the study.
+        :class:`BadRequest` or :class:`StudyNotFound` when it cannot be."""
+        if not isinstance(body, dict):
+            raise BadRequest('the body must be a JSON object such as {"task": "img2img"}')
+        body = dict(body)
+        wanted = body.pop("series", None)
+        if wanted is not None and not (isinstance(wanted, list)
+                                       and all(isinstance(u, str) for u in wanted)):
+            raise BadRequest('"series" must be a list of Series Instance UIDs')
+        try:
+            task = RuleTask.model_validate(body)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                for e in exc.errors())
+            raise BadRequest(f"not a valid task: {problems}") from None
+        known = {"orthanc"} | {d.name for d in self.settings.destinations}
+        destinations = tuple(task.destinations or ["orthanc"])
+        unknown = [d for d in destinations if d not in known]
+        if unknown:
+            raise BadRequest(f"unknown destination {', '.join(unknown)} (known: "
+                             f"{', '.join(sorted(known))})")
+        facts = self.facts(study_id)
+        uids = [s.series_uid for s in facts.series]
+        if wanted is not None:
+            missing = [u for u in wanted if u not in uids]
+            if missing:
+                raise BadRequest(f"the study has no series {', '.join(missing)} (that the node "
+                                 "did not make)")
+            uids = [u for u in uids if u in wanted]
+        if not uids:
+            raise BadRequest("the study holds only synthnode outputs: nothing to work on")
+        marker = self.queues.store.get_record(MARKER + study_id) or {}
+        spec = json.dumps([task.model_dump(mode="json"), sorted(uids)], sort_keys=True)
+        rule = f"{MANUAL_RULE}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
+        job = make_job(facts.study_uid, max(1, int(marker.get("generation", 0))), rule, 0,
+                       task, tuple(uids), destinations, orthanc_study=study_id)
+        self.queues.submit(job)
+        return self.queues.store.get(job.id) or job
