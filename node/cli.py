@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -80,6 +81,93 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging("WARNING")
     return run_demo(args.workdir, args.timeout)
+
+
+def _date(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a date YYYY-MM-DD') from None
+
+
+def cmd_mirror_backfill(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from node.jobs import JobState, Queues
+    from node.route.backfill import Backfill, BackfillError, Step, follow
+
+    settings = _settings(args)
+    configure_logging("WARNING")
+    queues = Queues(settings.jobs)
+    try:
+        backfill = Backfill(settings, queues, args.source)
+        try:
+            studies = backfill.find(args.since, args.until)
+            bar = tqdm(total=len(studies), unit="study", desc="routing", file=sys.stderr,
+                       disable=args.quiet)
+            walk = backfill.walk(studies, lambda _study, _step: bar.update())
+            bar.close()
+        finally:
+            backfill.close()
+    except BackfillError as exc:
+        print(f"synthnode mirror backfill: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(studies)} studies from {args.source}: {walk.count(Step.QUEUED)} queued, "
+          f"{walk.count(Step.DONE)} done before, {walk.count(Step.OWN_OUTPUT)} synthnode "
+          f"outputs (skipped), {walk.count(Step.GONE)} gone")
+    if args.no_wait or not walk.jobs:
+        return 0
+    bar = tqdm(total=len(walk.jobs), unit="job", desc="mirroring", file=sys.stderr,
+               disable=args.quiet)
+    jobs: dict = {}
+    last_change, seen = time.monotonic(), -1
+    for jobs in follow(queues, walk.jobs):
+        finished = sum(1 for j in jobs.values() if j.state in (JobState.DONE, JobState.DEAD))
+        bar.update(finished - bar.n)
+        if finished != seen:
+            last_change, seen = time.monotonic(), finished
+        elif time.monotonic() - last_change > args.stall_s:
+            bar.close()
+            print(f"no job finished in {args.stall_s:.0f} s: are workers running "
+                  "(synthnode serve, or synthnode worker --queue cpu)? Re-run to go on "
+                  "watching; nothing is lost.", file=sys.stderr)
+            return 1
+    bar.close()
+    done = [j for j in jobs.values() if j.state is JobState.DONE]
+    dead = [j for j in jobs.values() if j.state is JobState.DEAD]
+    print(f"mirrored: {sum(j.outputs for j in done)} instances in {len(done)} jobs, "
+          f"{sum(j.quarantined for j in done)} quarantined, {len(dead)} jobs failed")
+    for j in dead:
+        print(f"  failed: {j.id} study {j.study_uid}: {j.last_error}")
+    return 0 if not dead else 1
+
+
+def cmd_mirror_status(args: argparse.Namespace) -> int:
+    from node.jobs import Queues
+    from node.jobs.report import by_day
+
+    settings = _settings(args)
+    days = by_day(Queues(settings.jobs).store.all())[: args.days]
+    if args.json:
+        print(json.dumps([{
+            "day": d.day.isoformat(), "studies": d.studies, "instances": d.instances,
+            "quarantined": d.quarantined, "failed": d.failed, "waiting": d.waiting,
+            "quarantine_reasons": dict(d.quarantine_reasons),
+            "failure_reasons": dict(d.failure_reasons)} for d in days], indent=2))
+        return 0
+    if not days:
+        print("nothing mirrored yet")
+        return 0
+    print(f"{'day':<10}  {'studies':>7}  {'instances':>9}  {'quarantined':>11}  {'failed':>6}"
+          f"  {'waiting':>7}")
+    for d in days:
+        print(f"{d.day}  {d.studies:>7}  {d.instances:>9}  {d.quarantined:>11}  {d.failed:>6}"
+              f"  {d.waiting:>7}")
+        for reason, n in d.quarantine_reasons.most_common():
+            print(f"    quarantined {n}: {reason}")
+        for reason, n in d.failure_reasons.most_common():
+            print(f"    failed {n}: {reason}")
+    return 0
 
 
 def _age(seconds: float) -> str:
@@ -202,7 +290,12 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"synthnode send: --to {args.to}: {exc.args[0] if exc.args else exc}",
                   file=sys.stderr)
             return 2
-        results = send_to_peer(args.files, destination, settings, args.calling_aet)
+        if destination.is_orthanc:
+            target = settings.model_copy(update={
+                "orthanc": destination.orthanc_settings(settings.orthanc)})
+            results = send_to_orthanc(args.files, target, args.job, args.task)
+        else:
+            results = send_to_peer(args.files, destination, settings, args.calling_aet)
     for path, r in zip(args.files, results, strict=True):
         tries = f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"
         state = "sent  " if r.ok else "FAILED"
@@ -430,6 +523,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jobs at once (processes when > 1; default 1)")
     p.add_argument("--nice", type=int, default=0, help="add this much niceness (default 0)")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("mirror", help="mirror a clinical archive, de-identified, into a "
+                       "research archive: backfill and status")
+    mirror_sub = p.add_subparsers(dest="mirror_command", required=True, metavar="SUBCOMMAND")
+    q = mirror_sub.add_parser("backfill", help="route the studies an Orthanc already holds")
+    q.add_argument("--from", dest="source", required=True, metavar="NAME",
+                   help='the clinical Orthanc: a [[destinations]] name with a url, or '
+                        '"orthanc" ([orthanc])')
+    q.add_argument("--since", type=_date, required=True, metavar="YYYY-MM-DD",
+                   help="first Study Date")
+    q.add_argument("--until", type=_date, default=None, metavar="YYYY-MM-DD",
+                   help="last Study Date (default: no end)")
+    q.add_argument("--no-wait", action="store_true",
+                   help="queue the jobs and return (default: follow them to the end)")
+    q.add_argument("--stall-s", type=float, default=120.0,
+                   help="give up watching when no job finishes for this long (default 120)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_mirror_backfill)
+    q = mirror_sub.add_parser("status", help="per day: mirrored, quarantined, failed, and why")
+    q.add_argument("--days", type=int, default=14, help="days shown (default 14)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_mirror_status)
 
     p = sub.add_parser("jobs", help="jobs by state with their last error; retry dead ones")
     p.add_argument("--state", choices=["pending", "running", "done", "dead"])

@@ -101,6 +101,16 @@ class DeidOption(StrEnum):
     """113102: images likely to show a face (3D head acquisitions) are quarantined."""
 
 
+def check_options(value: list[DeidOption]) -> list[DeidOption]:
+    """De-identification options that can hold together; ValueError naming the clash."""
+    dates = {DeidOption.RETAIN_LONGITUDINAL_FULL_DATES,
+             DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
+    if dates <= set(value):
+        raise ValueError("retain_longitudinal_full_dates and "
+                         "retain_longitudinal_modified_dates exclude each other")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -182,12 +192,45 @@ class DispatchSettings(_Section):
 
 
 class Destination(_Section):
-    """``[[destinations]]``: a DICOM peer that receives outputs by C-STORE."""
+    """``[[destinations]]``: a DICOM peer (``ae_title``, ``host``, ``port``: C-STORE, and C-FIND
+    with C-GET for backfill) or another Orthanc (``url``: REST), named in rules, ``synthnode
+    send --to`` and ``synthnode mirror backfill --from``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: AETitle | None = None
+    host: str = ""
+    port: int | None = Field(None, ge=1, le=65535)
+    url: str = Field("", pattern=r"^(https?://.+)?$", description="an Orthanc's REST API")
+    username: str = ""
+    password_env: str = Field(
+        "", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$|^$",
+        description="the environment variable that holds the REST password (never the file)",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        peer = (self.ae_title, self.host, self.port)
+        if self.url and any(peer):
+            raise ValueError(f'destination "{self.name}": either url (an Orthanc) or '
+                             "ae_title, host and port (a DICOM peer), not both")
+        if not self.url and not all(peer):
+            raise ValueError(f'destination "{self.name}": give url (an Orthanc), or ae_title, '
+                             "host and port (a DICOM peer)")
+        return self
+
+    @property
+    def is_orthanc(self) -> bool:
+        return bool(self.url)
+
+    def orthanc_settings(self, base: OrthancSettings, environ: dict[str, str] | None = None
+                         ) -> OrthancSettings:
+        """``[orthanc]`` for this Orthanc: its url and user, the password from
+        ``password_env``, timeouts and metadata names from ``base``."""
+        env = os.environ if environ is None else environ
+        return base.model_copy(update={
+            "url": self.url, "username": self.username,
+            "password": env.get(self.password_env, "") if self.password_env else "",
+        })
 
 
 class DeidOutput(StrEnum):
@@ -251,12 +294,7 @@ class DeidSettings(_Section):
     @field_validator("options")
     @classmethod
     def _consistent(cls, value: list[DeidOption]) -> list[DeidOption]:
-        dates = {DeidOption.RETAIN_LONGITUDINAL_FULL_DATES,
-                 DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
-        if dates <= set(value):
-            raise ValueError("retain_longitudinal_full_dates and "
-                             "retain_longitudinal_modified_dates exclude each other")
-        return value
+        return check_options(value)
 
     @field_validator("safe_private")
     @classmethod
@@ -393,6 +431,15 @@ class RuleTask(_Section):
         True, description="generation works on the de-identified source, so outputs carry "
                           "the pseudonym and never the patient's identity"
     )
+    options: list[DeidOption] | None = Field(
+        None, description="de-identification options for this task (a mirror's profile); "
+                          "None = [deid] options"
+    )
+
+    @field_validator("options")
+    @classmethod
+    def _consistent(cls, value: list[DeidOption] | None) -> list[DeidOption] | None:
+        return None if value is None else check_options(value)
 
     @field_validator("margins")
     @classmethod
@@ -414,6 +461,19 @@ class RuleMatch(_Section):
     series_description: str = Field("", description="regular expression")
     calling_aet: list[str] = Field(default_factory=list, description="the sender's AE title")
     called_aet: list[str] = Field(default_factory=list, description="the AE title it called")
+    source: list[str] = Field(
+        default_factory=list,
+        description='how the study came: "dicom" (C-STORE to the node), "orthanc" (handed over '
+                    'by the plugin), "backfill" (synthnode mirror backfill)',
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if v not in ("dicom", "orthanc", "backfill")]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a source is dicom, orthanc or backfill")
+        return value
     tags: dict[str, str] = Field(
         default_factory=dict, description="any attribute by keyword: regular expression"
     )

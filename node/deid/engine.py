@@ -85,6 +85,10 @@ _DUMMY: dict[str, Any] = {
 _DATE_VRS = ("DA", "DT")
 
 
+_SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
+"""Structured Report storage SOP classes (PS3.4 B.5): a document tree in Content Sequence."""
+
+
 class DeidentificationError(Exception):
     """De-identification cannot run (bad settings, unusable data); the message says why and
     holds no patient data."""
@@ -202,6 +206,12 @@ class Deidentifier:
         recognizable = likely_recognizable(source)
         if recognizable and DeidOption.CLEAN_RECOGNIZABLE_VISUAL_FEATURES in self.options:
             raise Quarantined(f"recognizable visual features likely: {recognizable}")
+        if (str(source.get("SOPClassUID", "")).startswith(_SR_CLASSES)
+                and "ContentSequence" in source
+                and DeidOption.CLEAN_STRUCTURED_CONTENT not in self.options):
+            # The Basic Profile removes Content Sequence: what would be left is an empty report.
+            raise Quarantined("structured report with free text: its content would be removed "
+                              "(enable the clean_structured_content option to keep it, cleaned)")
         synthetic = str(source.get("SyntheticData", "")).upper() == "YES"
         ds = source if in_place else copy.deepcopy(source)
         subject = str(ds.get("PatientID", "") or ds.get("PatientName", "") or

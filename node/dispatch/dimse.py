@@ -74,7 +74,10 @@ class PeerDispatcher:
 
     def __init__(self, destination: Destination, dispatch: DispatchSettings,
                  node: NodeSettings, calling_aet: str | None = None) -> None:
+        if destination.is_orthanc or destination.ae_title is None or destination.port is None:
+            raise ValueError(f'destination "{destination.name}" is not a DICOM peer')
         self.destination = destination
+        self.ae_title, self.port = destination.ae_title, destination.port
         self.dispatch = dispatch
         self.node = node
         self.calling_aet = calling_aet or node.ae_title
@@ -119,7 +122,7 @@ class PeerDispatcher:
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, [syntax])
         d = self.destination
-        return ae.associate(d.host, d.port, ae_title=d.ae_title,
+        return ae.associate(d.host, self.port, ae_title=self.ae_title,
                             evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
 
     def _association(self, contexts: list[Context], indices: list[int],

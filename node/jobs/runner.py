@@ -29,7 +29,7 @@ from orthanc_api_client import exceptions as orthanc_errors
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.config import DeidOutput, Settings, TaskKind
+from node.config import DeidOutput, RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import as_secondary_capture, record_mappings
 from node.dicom import SeriesSpec, SynthesisTask, mark_deidentified, save_checked
@@ -84,7 +84,7 @@ class Runner:
         self.queues = queues
         self.name = worker_name()
         self.stop = threading.Event()
-        self._deid: Deidentifier | None = None
+        self._deid: dict[tuple[str, ...], Deidentifier] = {}
         self._generation: Generation | None = None
 
     # -- the record ----------------------------------------------------------------------
@@ -184,8 +184,14 @@ class Runner:
         folder = self.settings.jobs.work_dir / f"{job.id}.source"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        client = orthanc_client(self.settings.orthanc)
-        where = f"Orthanc at {self.settings.orthanc.url}"
+        source = self.settings.orthanc
+        if job.orthanc_source:
+            try:
+                source = self.settings.destination(job.orthanc_source).orthanc_settings(source)
+            except KeyError as exc:
+                raise JobFailed(str(exc.args[0]), permanent=True) from None
+        client = orthanc_client(source)
+        where = f"Orthanc at {source.url}"
         files = []
         try:
             study = client.get_json(f"studies/{job.orthanc_study}")
@@ -244,19 +250,23 @@ class Runner:
         os.replace(tmp, work / MANIFEST)
         return made
 
-    def deidentifier(self) -> Deidentifier:
-        if self._deid is None:
+    def deidentifier(self, task: RuleTask | None = None) -> Deidentifier:
+        """The de-identifier for ``task``'s options (``[deid] options`` when it sets none)."""
+        deid = self.settings.deid
+        if task is not None and task.options is not None:
+            deid = deid.model_copy(update={"options": task.options})
+        key = tuple(sorted(o.value for o in deid.options))
+        if key not in self._deid:
             inpainter = None
-            if any(rule.fill == "inpaint" for rule in self.settings.deid.pixel_rules):
+            if any(rule.fill == "inpaint" for rule in deid.pixel_rules):
                 from node.generate.tasks import deid_inpainter
 
                 inpainter = deid_inpainter(self.generation())
             try:
-                self._deid = Deidentifier(self.settings.deid, self.settings.output,
-                                          inpainter=inpainter)
+                self._deid[key] = Deidentifier(deid, self.settings.output, inpainter=inpainter)
             except DeidentificationError as exc:
                 raise JobFailed(str(exc), permanent=True) from None
-        return self._deid
+        return self._deid[key]
 
     def generation(self) -> Generation:
         if self._generation is None:
@@ -266,12 +276,13 @@ class Runner:
         return self._generation
 
     def _deidentify(self, job: Job, sources: list[Path], work: Path) -> Made:
-        deid = self.deidentifier()
+        deid = self.deidentifier(job.rule_task)
         made = Made()
         mappings: set[tuple[str, str, str, str]] = set()
         for path in sources:
             source = _read(path)
             patient, study = str(source.get("PatientID", "")), str(source.StudyInstanceUID)
+            sop = str(source.SOPInstanceUID)  # before de-identification remaps it
             try:
                 identifiers = deid.identifiers(source)
                 output = deid.deidentify(source, in_place=True)
@@ -280,8 +291,8 @@ class Runner:
                 data = deid.encode(output, identifiers)
             except Quarantined as exc:
                 made.quarantined += 1
-                made.notes.append(f"{path.stem}: {exc}")
-                log.warning("job %s: instance %s quarantined: %s", job.id, path.stem, exc)
+                made.notes.append(f"{sop}: {exc}")
+                log.warning("job %s: instance %s quarantined: %s", job.id, sop, exc)
                 continue
             except DeidentificationError as exc:
                 raise JobFailed(str(exc), permanent=True) from None
@@ -324,12 +335,13 @@ class Runner:
             batch: list[Dataset] = []
             for path in sources[start:start + GENERATION_CHUNK]:
                 ds = _read(path)
+                sop = str(ds.SOPInstanceUID)
                 if task.deidentified_source:
                     try:
-                        ds = self.deidentifier().deidentify(ds, in_place=True)
+                        ds = self.deidentifier(task).deidentify(ds, in_place=True)
                     except Quarantined as exc:
                         made.quarantined += 1
-                        made.notes.append(f"{path.stem}: source not de-identifiable: {exc}")
+                        made.notes.append(f"{sop}: source not de-identifiable: {exc}")
                         continue
                 batch.append(ds)
             try:
@@ -339,7 +351,7 @@ class Runner:
             for outputs in results:
                 for out in outputs:
                     if task.deidentified_source:  # its identity is the pseudonymous one
-                        mark_deidentified(out, self.deidentifier().record(),
+                        mark_deidentified(out, self.deidentifier(task).record(),
                                           self.settings.output, synthetic=True)
                     saved = save_checked(out, work, self.settings.output, job.id)
                     if saved.quarantined:
@@ -362,7 +374,12 @@ class Runner:
                     destination = self.settings.destination(name)
                 except KeyError as exc:
                     raise JobFailed(str(exc.args[0]), permanent=True) from None
-                results = send_to_peer(files, destination, self.settings, stop=self.stop)
+                if destination.is_orthanc:
+                    target = self.settings.model_copy(update={
+                        "orthanc": destination.orthanc_settings(self.settings.orthanc)})
+                    results = send_to_orthanc(files, target, job.id, task, stop=self.stop)
+                else:
+                    results = send_to_peer(files, destination, self.settings, stop=self.stop)
             failed = [r for r in results if not r.ok]
             if failed:
                 raise JobFailed(f"{len(failed)} of {len(results)} objects not delivered to "

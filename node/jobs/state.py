@@ -79,8 +79,10 @@ class Job:
     notes: tuple[str, ...] = ()
     """Per-object reasons worth showing (quarantine reasons), UIDs only."""
     orthanc_study: str = ""
-    """Orthanc's id of the study when it came from Orthanc (the plugin): the worker fetches
-    its series from ``[orthanc]``; "" = the study is in the spool."""
+    """Orthanc's id of the study when it came from an Orthanc (the plugin, backfill): the
+    worker fetches its series from there; "" = the study is in the spool."""
+    orthanc_source: str = ""
+    """Which Orthanc: a ``[[destinations]]`` name, "" = ``[orthanc]``."""
 
     @property
     def source(self) -> str:

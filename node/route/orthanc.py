@@ -61,10 +61,14 @@ class StudyFacts:
 class OrthancStudies:
     """Routes the studies of one Orthanc; the plugin calls it from its own thread."""
 
-    def __init__(self, settings: Settings, queues: Queues, rest: RestGet) -> None:
+    def __init__(self, settings: Settings, queues: Queues, rest: RestGet,
+                 source_name: str = "") -> None:
+        """``source_name``: the ``[[destinations]]`` entry that is this Orthanc, "" when it is
+        ``[orthanc]`` (workers fetch studies from there)."""
         self.settings = settings
         self.queues = queues
         self.rest = rest
+        self.source_name = source_name
         self.router = Router(settings, queues)
 
     def _json(self, path: str) -> Any:
@@ -88,18 +92,26 @@ class OrthancStudies:
             self.queues.store.delete_record(key)
             return None
         generation = int(marker.get("generation", 0)) + 1
+        routed = self.route(study_id, generation, "orthanc", facts)
+        state = "own-output" if routed is None else "routed"
+        self.queues.store.put_record(key, {
+            "state": state, "generation": generation, "at": time.time(),
+            **({"jobs": list(routed.job_ids), "note": routed.note} if routed else {}),
+        })
+        return routed
+
+    def route(self, study_id: str, generation: int, source: str,
+              facts: StudyFacts | None = None) -> Routed | None:
+        """Apply the rules to the study and submit its jobs (workers fetch it from this
+        Orthanc); None when it holds only the node's outputs. :class:`StudyNotFound`."""
+        facts = facts or self.facts(study_id)
         if not facts.series:
-            self.queues.store.put_record(key, {"state": "own-output", "generation": generation,
-                                               "at": time.time()})
             log.info("orthanc study %s: only synthnode outputs (%d series); not routed",
                      study_id, facts.outputs)
             return None
-        routed = self.router.route_series(facts.study_uid, generation, facts.series,
-                                          orthanc_study=study_id)
-        self.queues.store.put_record(key, {"state": "routed", "generation": generation,
-                                           "jobs": list(routed.job_ids), "note": routed.note,
-                                           "at": time.time()})
-        return routed
+        return self.router.route_series(facts.study_uid, generation, facts.series,
+                                        orthanc_study=study_id, source=source,
+                                        orthanc_source=self.source_name)
 
     def reconcile(self) -> int:
         """ORTHANC_STARTED: route the studies seen but never routed; returns how many."""
@@ -185,6 +197,7 @@ class OrthancStudies:
         spec = json.dumps([task.model_dump(mode="json"), sorted(uids)], sort_keys=True)
         rule = f"{MANUAL_RULE}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
         job = make_job(facts.study_uid, max(1, int(marker.get("generation", 0))), rule, 0,
-                       task, tuple(uids), destinations, orthanc_study=study_id)
+                       task, tuple(uids), destinations, orthanc_study=study_id,
+                       orthanc_source=self.source_name)
         self.queues.submit(job)
         return self.queues.store.get(job.id) or job

@@ -7,6 +7,7 @@ same jobs, and jobs already made for them are not made again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -72,10 +73,14 @@ class Router:
         return self.route_series(study.study_uid, study.generation, scan.series)
 
     def route_series(self, study_uid: str, generation: int, series: Sequence[SeriesFacts],
-                     orthanc_study: str = "") -> Routed:
+                     orthanc_study: str = "", source: str = "", orthanc_source: str = ""
+                     ) -> Routed:
         """Apply the rules to ``series`` of one study and submit the jobs; with
         ``orthanc_study`` (Orthanc's id of the study) workers fetch it from Orthanc, not from
-        the spool."""
+        the spool; ``source`` names where the study came from when its facts don't (for
+        ``[rules.match] source``)."""
+        if source:
+            series = [dataclasses.replace(s, source=source) for s in series]
         jobs: list[Job] = []
         rules_used: list[str] = []
         for routing in route(self.settings.rules, self.settings.route.mode, series):
@@ -85,7 +90,7 @@ class Router:
                     jobs.append(make_job(study_uid, generation, rule.name, index, task,
                                          series_uids,
                                          tuple(task.destinations or rule.destinations),
-                                         orthanc_study))
+                                         orthanc_study, orthanc_source))
         for job in jobs:
             self.queues.submit(job)
         if jobs:
@@ -99,11 +104,11 @@ class Router:
 
 def make_job(study_uid: str, generation: int, rule: str, index: int, task: RuleTask,
              series_uids: tuple[str, ...], destinations: tuple[str, ...],
-             orthanc_study: str = "") -> Job:
+             orthanc_study: str = "", orthanc_source: str = "") -> Job:
     """The job of task ``index`` of ``rule`` on these series of one study."""
     return Job(
         id=job_id(study_uid, rule, index, task.task.value),
         study_uid=study_uid, generation=generation, rule=rule, task_index=index,
         task=task.model_dump(mode="json"), queue=task.task.queue, series_uids=series_uids,
-        destinations=destinations, orthanc_study=orthanc_study,
+        destinations=destinations, orthanc_study=orthanc_study, orthanc_source=orthanc_source,
     )

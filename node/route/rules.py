@@ -45,6 +45,8 @@ class SeriesFacts:
     """The AE title it was sent to ("" = unknown)."""
     files: tuple[Path, ...] = ()
     """Every instance file of the series, sorted."""
+    source: str = "dicom"
+    """How the node got it: "dicom" (C-STORE), "orthanc" (the plugin), "backfill"."""
 
 
 class Unreadable(NamedTuple):
@@ -241,7 +243,8 @@ def criteria(match: RuleMatch, facts: SeriesFacts) -> tuple[Criterion, ...]:
         if pattern := getattr(match, field):
             out.append(_search(field, keyword, _text(_element(ds, keyword)), pattern))
     for field, label, value in (("calling_aet", "calling AE title", facts.calling_aet),
-                                ("called_aet", "called AE title", facts.called_aet)):
+                                ("called_aet", "called AE title", facts.called_aet),
+                                ("source", "source", facts.source)):
         if allowed := getattr(match, field):
             out.append(_one_of(field, label, value.strip() or None, allowed))
     for keyword, pattern in match.tags.items():

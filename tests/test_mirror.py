@@ -1,0 +1,214 @@
+"""Research PACS mirroring with two real Orthancs: a clinical one (running the plugin, or walked
+by backfill) and a research one, and the node's workers between them."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from node.localorthanc import OrthancProcess
+from tests.nodeproc import SYNTHNODE, NodeProcess, make_study
+from tests.phi_corpus import make_planted_sr, make_planted_study
+from tests.test_jobs import all_done, jobs_node, records, wait_for
+from tests.test_plugin import LIBPYTHON, PLUGIN, upload
+
+pytestmark = pytest.mark.slow
+
+PASSWORD_ENV = "SYNTHNODE_TEST_RESEARCH_PW"
+OPTIONS = '["retain_longitudinal_modified_dates", "clean_descriptors"]'
+
+
+def mirror_rules(research: OrthancProcess, clinical: OrthancProcess | None = None) -> str:
+    """The research Orthanc (and the clinical one, for backfill) as destinations, and one
+    mirror rule: everything the plugin hands over or backfill finds, de-identified."""
+    text = (f'[[destinations]]\nname = "research"\nurl = "{research.url}"\n'
+            f'username = "{research.username}"\npassword_env = "{PASSWORD_ENV}"\n')
+    if clinical is not None:
+        text += (f'[[destinations]]\nname = "clinical"\nurl = "{clinical.url}"\n'
+                 f'username = "{clinical.username}"\npassword_env = "{PASSWORD_ENV}"\n')
+    return text + f"""
+[[rules]]
+name = "mirror"
+destinations = ["research"]
+[rules.match]
+source = ["orthanc", "backfill"]
+[[rules.tasks]]
+task = "deidentify"
+options = {OPTIONS}
+"""
+
+
+@pytest.fixture
+def research(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    proc = OrthancProcess(tmp_path / "research", aet="RESEARCH", password="research-pw-1")
+    monkeypatch.setenv(PASSWORD_ENV, proc.password)
+    proc.start()
+    yield proc
+    proc.stop(kill=True)
+
+
+def mirror(node_factory: Callable[..., NodeProcess], tmp_path: Path, research: OrthancProcess,
+           **sections: dict[str, Any]) -> tuple[OrthancProcess, NodeProcess]:
+    """A clinical Orthanc running the plugin, and the node mirroring it into ``research``."""
+    clinical = OrthancProcess(tmp_path / "clinical", password=research.password)
+    node = jobs_node(node_factory, tmp_path, clinical, rules=mirror_rules(research),
+                     **sections)
+    clinical.config.update({
+        "Plugins": [LIBPYTHON], "PythonScript": str(PLUGIN), "StableAge": 1,
+        "Synthnode": {"Venv": sys.prefix, "Config": str(node.config)},
+    })
+    clinical.start()
+    return clinical, node
+
+
+def dated(files: list[Path], day: datetime.date) -> list[Path]:
+    for path in files:
+        ds = dcmread(path)
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            setattr(ds, keyword, day.strftime("%Y%m%d"))
+        ds.save_as(path)
+    return files
+
+
+def research_tags(research: OrthancProcess) -> list[dict[str, Any]]:
+    return [research.get_json(f"/instances/{i}/simplified-tags")
+            for i in research.get_json("/instances")]
+
+
+def test_clinical_studies_appear_deidentified_with_one_pseudonym_and_their_interval(
+    node_factory, tmp_path: Path, research: OrthancProcess
+) -> None:
+    clinical, node = mirror(node_factory, tmp_path, research)
+    first = dated(make_study(tmp_path / "a", per_series=2, patient_id="MRN-123456",
+                             patient_name="Smith^Alice"), datetime.date(2024, 3, 1))
+    second = dated(make_study(tmp_path / "b", per_series=3, patient_id="MRN-123456",
+                              patient_name="Smith^Alice"), datetime.date(2024, 3, 11))
+    upload(clinical, first)
+    upload(clinical, second)
+
+    wait_for(lambda: research.count_instances() == 5, what="both studies in research")
+    wait_for(all_done(node, 2), what="two mirror jobs done")
+    tags = research_tags(research)
+    assert {t["PatientID"] for t in tags} == {tags[0]["PatientID"]}  # one pseudonym
+    assert tags[0]["PatientID"] != "MRN-123456" and "Smith" not in str(tags)
+    dates = {t["StudyInstanceUID"]: datetime.date.fromisoformat(
+        f"{t['StudyDate'][:4]}-{t['StudyDate'][4:6]}-{t['StudyDate'][6:]}") for t in tags}
+    assert len(dates) == 2
+    early, late = sorted(dates.values())
+    assert (late - early).days == 10  # the interval kept, the dates shifted
+    assert early != datetime.date(2024, 3, 1)
+    assert not {str(dcmread(first[0]).StudyInstanceUID),
+                str(dcmread(second[0]).StudyInstanceUID)} & set(dates)
+
+    out = subprocess.run([*SYNTHNODE, "--config", str(node.config), "mirror", "status",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    (today,) = json.loads(out)
+    assert (today["studies"], today["instances"], today["failed"]) == (2, 5, 0)
+
+
+def test_research_down_then_back_everything_arrives_once(
+    node_factory, tmp_path: Path, research: OrthancProcess
+) -> None:
+    clinical, node = mirror(node_factory, tmp_path, research)
+    research.stop(kill=True)
+    files = make_study(tmp_path / "in", per_series=6)
+    upload(clinical, files)
+
+    def retrying() -> bool:
+        jobs = records(node)
+        return bool(jobs) and jobs[0].attempts >= 2 and "unreachable" in jobs[0].last_error
+    wait_for(retrying, what="the mirror job retrying while research is down")
+    research.start()
+    wait_for(all_done(node, 1), what="the job once research is back")
+    assert research.count_instances() == len(files)
+    assert len(research.get_json("/series")) == 1
+
+
+def test_backfill_interrupted_and_resumed_completes_without_duplicates(
+    node_factory, tmp_path: Path, research: OrthancProcess
+) -> None:
+    clinical = OrthancProcess(tmp_path / "clinical", password=research.password)
+    clinical.start()
+    days = [datetime.date(2023, 1, 1) + datetime.timedelta(days=7 * n) for n in range(12)]
+    for n, day in enumerate(days):
+        upload(clinical, dated(make_study(tmp_path / f"s{n}", per_series=2,
+                                          patient_id=f"MRN-{n % 3}"), day))
+    old = dated(make_study(tmp_path / "old", per_series=1), datetime.date(2019, 5, 5))
+    upload(clinical, old)  # before --since: not mirrored
+    node = jobs_node(node_factory, tmp_path, None, rules=mirror_rules(research, clinical),
+                     jobs={"cpu_workers": 0})
+    backfill = [*SYNTHNODE, "--config", str(node.config), "mirror", "backfill", "--from",
+                "clinical", "--since", "2023-01-01", "--quiet"]
+
+    first = subprocess.Popen(backfill, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: records(node), timeout_s=60, what="the first jobs")
+    first.send_signal(signal.SIGKILL)  # interrupted: part routed, nothing mirrored yet
+    first.wait(10)
+    interrupted_at = len(records(node))
+    assert 1 <= interrupted_at <= 12
+
+    worker = subprocess.Popen([*SYNTHNODE, "--config", str(node.config), "worker", "--queue",
+                               "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        again = subprocess.run(backfill, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "12 studies from clinical" in again.stdout
+        assert "mirrored: 24 instances in 12 jobs, 0 quarantined, 0 jobs failed" in again.stdout
+        assert research.count_instances() == 24  # every instance once
+        assert len(research.get_json("/studies")) == 12
+        assert len(records(node)) == 12
+        third = subprocess.run(backfill, capture_output=True, text=True, timeout=120)
+        assert "0 queued, 12 done before" in third.stdout
+        assert research.count_instances() == 24
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(30)
+        clinical.stop(kill=True)
+
+
+def test_planted_phi_never_reaches_the_research_archive(
+    node_factory, tmp_path: Path, research: OrthancProcess
+) -> None:
+    broker = tmp_path / "protected" / "broker.jsonl"
+    clinical, node = mirror(node_factory, tmp_path, research,
+                            deid={"honest_broker_file": str(broker)})
+    study = make_planted_study(tmp_path / "in", n_series=3, per_series=2, seed=11)
+    sr = make_planted_sr(tmp_path / "in" / "sr", study=study, seed=11)
+    upload(clinical, study.files + sr.files)
+
+    wait_for(all_done(node, 1), what="the mirror job")
+    (job,) = records(node)
+    # CT and MR are mirrored; the US (burned-in text, no pixel rule) and the SR (free text
+    # without clean_structured_content) are quarantined, never sent.
+    assert (job.outputs, job.quarantined) == (4, 3)
+    assert research.count_instances() == 4
+    assert {t["Modality"] for t in research_tags(research)} == {"CT", "MR"}
+    stored = b"".join(p.read_bytes() for p in research.storage.rglob("*") if p.is_file())
+    leaks = [x.where for x in study.planted + sr.planted if x.value.encode() in stored]
+    assert not leaks, leaks
+    assert not [d for d in study.dates + sr.dates if len(d) >= 8 and d.encode() in stored]
+    logs = node.log() + clinical.log() + research.log()  # UIDs may be logged; nothing else
+    assert not [x.where for x in study.planted + sr.planted
+                if x.value in logs and not x.where.startswith("UID")]
+
+    out = subprocess.run([*SYNTHNODE, "--config", str(node.config), "mirror", "status"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "quarantined 2: burned-in annotation likely" in out
+    assert "quarantined 1: structured report with free text" in out
+    # The honest broker: the one place original and pseudonym meet, readable by its owner only.
+    assert stat.S_IMODE(broker.stat().st_mode) == 0o600
+    (mapping,) = [json.loads(line) for line in broker.read_text().splitlines()]
+    assert mapping["patient_id"] == study.patient_id
+    assert mapping["pseudonym"] == research_tags(research)[0]["PatientID"]
+    assert os.environ.get(PASSWORD_ENV) not in node.log()
