@@ -212,3 +212,39 @@ def test_planted_phi_never_reaches_the_research_archive(
     assert mapping["patient_id"] == study.patient_id
     assert mapping["pseudonym"] == research_tags(research)[0]["PatientID"]
     assert os.environ.get(PASSWORD_ENV) not in node.log()
+
+
+def test_backfill_from_a_pacs_by_cfind_and_cget(
+    node_factory, tmp_path: Path, research: OrthancProcess
+) -> None:
+    clinical = OrthancProcess(tmp_path / "pacs", aet="PACS", password=research.password)
+    days = [datetime.date(2022, 6, 1), datetime.date(2022, 6, 9), datetime.date(2022, 7, 1)]
+    modalities = [("CT",), ("MR", "CT"), ("CT",)]
+    studies = [dated(make_study(tmp_path / f"s{n}", series=len(m), per_series=2,
+                                modalities=m, patient_id="MRN-77"), day)
+               for n, (day, m) in enumerate(zip(days, modalities, strict=True))]
+    peer = (f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+            f"port = {clinical.dicom_port}\n")
+    rules = mirror_rules(research) + '[rules.match]\nmodality = ["CT"]\n'
+    rules = rules.replace('[rules.match]\nsource = ["orthanc", "backfill"]\n', "")
+    node = jobs_node(node_factory, tmp_path, None, rules=peer + rules)
+    # The PACS knows the node (C-FIND and C-GET allowed); the node needs no address of its own.
+    clinical.config["DicomModalities"] = {"synthnode": {
+        "AET": "SYNTHNODE", "Host": "127.0.0.1", "Port": node.port, "AllowFind": True,
+        "AllowGet": True}}
+    clinical.start()
+    try:
+        for files in studies:
+            upload(clinical, files)
+        backfill = [*SYNTHNODE, "--config", str(node.config), "mirror", "backfill", "--from",
+                    "pacs", "--since", "2022-06-05", "--quiet"]
+        done = subprocess.run(backfill, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "2 studies from pacs: 2 queued" in done.stdout  # 1 June is before --since
+        # The CT series are mirrored (the rule's filter); the MR series is not.
+        assert research.count_instances() == 4
+        assert {t["Modality"] for t in research_tags(research)} == {"CT"}
+        again = subprocess.run(backfill, capture_output=True, text=True, timeout=120)
+        assert "0 queued, 2 done before" in again.stdout and research.count_instances() == 4
+    finally:
+        clinical.stop(kill=True)

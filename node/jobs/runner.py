@@ -41,6 +41,7 @@ from node.dispatch import (
     send_to_peer,
 )
 from node.dispatch.outgoing import load
+from node.dispatch.qr import Peer, QueryError
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState
 
@@ -171,6 +172,8 @@ class Runner:
     def _sources(self, job: Job) -> list[Path]:
         if job.orthanc_study:
             return self._fetch(job)
+        if job.pacs_source:
+            return self._retrieve(job)
         study = self.settings.spool.dir / job.study_uid
         files = [f for s in job.series_uids for f in sorted((study / s).glob("*.dcm"))]
         if not files:
@@ -218,6 +221,23 @@ class Runner:
         if not files:
             raise JobFailed(f"study {job.orthanc_study} in {where} has none of the job's "
                             "series", permanent=True)
+        return files
+
+    def _retrieve(self, job: Job) -> list[Path]:
+        """C-GET the job's series from the PACS it was backfilled from."""
+        folder = self.settings.jobs.work_dir / f"{job.id}.source"
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            peer = Peer(self.settings.destination(job.pacs_source), self.settings.node)
+            files = [f for s in job.series_uids
+                     for f in peer.get_series(job.study_uid, s, folder / s)]
+        except KeyError as exc:
+            raise JobFailed(str(exc.args[0]), permanent=True) from None
+        except QueryError as exc:
+            raise JobFailed(str(exc)) from None
+        if not files:
+            raise JobFailed(f"study {job.study_uid}: {job.pacs_source} returned none of the "
+                            "job's series", permanent=True)
         return files
 
     def _reuse(self, work: Path, job: Job) -> Made | None:

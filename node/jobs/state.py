@@ -83,10 +83,13 @@ class Job:
     worker fetches its series from there; "" = the study is in the spool."""
     orthanc_source: str = ""
     """Which Orthanc: a ``[[destinations]]`` name, "" = ``[orthanc]``."""
+    pacs_source: str = ""
+    """A ``[[destinations]]`` DICOM peer the worker retrieves the series from (C-GET), for a
+    study backfilled from a PACS; "" = none."""
 
     @property
     def source(self) -> str:
-        return "orthanc" if self.orthanc_study else "spool"
+        return "orthanc" if self.orthanc_study else "pacs" if self.pacs_source else "spool"
 
     @property
     def rule_task(self) -> RuleTask:

@@ -1,9 +1,14 @@
-"""Backfill: the studies a clinical Orthanc already holds, routed into jobs like new ones.
+"""Backfill: the studies a clinical archive already holds, routed into jobs like new ones.
 
-``synthnode mirror backfill --from NAME --since DATE [--until DATE]`` finds the studies of the
-Orthanc ``NAME`` (a ``[[destinations]]`` entry with a ``url``, or ``orthanc`` for
-``[orthanc]``) by Study Date over its REST API, oldest first, and routes each with source
-``backfill``: the workers fetch it from that Orthanc, de-identify it and deliver it.
+``synthnode mirror backfill --from NAME --since DATE [--until DATE]`` finds the studies of
+``NAME`` by Study Date, oldest first, and routes each with source ``backfill``:
+
+- an Orthanc (a ``[[destinations]]`` entry with a ``url``, or ``orthanc`` for ``[orthanc]``):
+  found with ``/tools/find``, one header per series read over REST; the workers fetch the
+  series from it;
+- a PACS (a ``[[destinations]]`` DICOM peer): found with C-FIND (study, then series level;
+  the rules see what the series-level answer holds: Modality, Series Description, Body Part
+  Examined); the workers retrieve the series with C-GET.
 
 Resumable: each study gets a marker (``backfill:<source>:<study id>``) with the jobs made of it
 and its instance count, which is also the jobs' generation. A re-run skips studies whose jobs
@@ -23,11 +28,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from orthanc_api_client import exceptions as orthanc_errors
+from pydicom.dataset import Dataset
 
 from node.config import OrthancSettings, Settings
 from node.dispatch import orthanc_client
+from node.dispatch.qr import Peer, QueryError
 from node.jobs import Job, JobState, Queues
 from node.route.orthanc import OrthancStudies, StudyNotFound
+from node.route.router import Routed, Router
+from node.route.rules import SeriesFacts
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +88,30 @@ def source_settings(settings: Settings, name: str) -> OrthancSettings:
 
 
 class Backfill:
-    """Walks one Orthanc's studies by date and routes them."""
+    """Walks one archive's studies by date (an Orthanc, or a PACS) and routes them."""
 
     def __init__(self, settings: Settings, queues: Queues, source: str) -> None:
         self.source = source
-        self.orthanc = source_settings(settings, source)
         self.queues = queues
+        self.peer: Peer | None = None
+        self._instances: dict[str, int] = {}
+        if source != "orthanc":
+            try:
+                destination = settings.destination(source)
+            except KeyError as exc:
+                raise BackfillError(str(exc.args[0])) from None
+            if not destination.is_orthanc:
+                self.peer = Peer(destination, settings.node)
+                self.router = Router(settings, queues)
+                return
+        self.orthanc = source_settings(settings, source)
         self.client = orthanc_client(self.orthanc)
         self.studies = OrthancStudies(settings, queues, self._get,
                                       source_name="" if source == "orthanc" else source)
 
     def close(self) -> None:
-        self.client.close()
+        if self.peer is None:
+            self.client.close()
 
     def _get(self, path: str) -> bytes:
         try:
@@ -102,7 +123,15 @@ class Backfill:
                                 f"({path})") from None
 
     def find(self, since: datetime.date, until: datetime.date | None = None) -> list[str]:
-        """Orthanc ids of the studies with a Study Date in [since, until], oldest first."""
+        """The studies with a Study Date in [since, until], oldest first: Orthanc ids, or
+        Study Instance UIDs for a PACS."""
+        if self.peer is not None:
+            try:
+                rows = self.peer.studies(since, until)
+            except QueryError as exc:
+                raise BackfillError(str(exc)) from None
+            self._instances = {uid: n for uid, _day, n in rows}
+            return [uid for uid, _day, _n in rows]
         span = f"{since:%Y%m%d}-{until:%Y%m%d}" if until else f"{since:%Y%m%d}-"
         query = {"Level": "Study", "Query": {"StudyDate": span}, "Expand": True}
         try:
@@ -119,10 +148,20 @@ class Backfill:
         """Route one study unless its jobs are done already; (what happened, its job ids)."""
         key = f"{MARKER}{self.source}:{study_id}"
         store = self.queues.store
+        series: list[Dataset] = []
         try:
-            instances = len(json.loads(self._get(f"/studies/{study_id}/instances")))
+            if self.peer is not None:
+                series = self.peer.series(study_id)
+                instances = self._instances.get(study_id) or sum(
+                    int(s.get("NumberOfSeriesRelatedInstances") or 0) for s in series)
+                if not series:
+                    return Step.GONE, ()
+            else:
+                instances = len(json.loads(self._get(f"/studies/{study_id}/instances")))
         except LookupError:
             return Step.GONE, ()
+        except QueryError as exc:
+            raise BackfillError(str(exc)) from None
         marker = store.get_record(key)
         if marker is not None and int(marker.get("generation", 0)) >= instances:
             if marker.get("state") == Step.OWN_OUTPUT.value:
@@ -132,7 +171,8 @@ class Backfill:
             if all(j in jobs and jobs[j].state is JobState.DONE for j in ids):
                 return Step.DONE, ids
         try:
-            routed = self.studies.route(study_id, instances, "backfill")
+            routed = (self._route_pacs(study_id, instances, series) if self.peer is not None
+                      else self.studies.route(study_id, instances, "backfill"))
         except StudyNotFound:
             return Step.GONE, ()
         step = Step.QUEUED if routed is not None else Step.OWN_OUTPUT
@@ -140,6 +180,13 @@ class Backfill:
         store.put_record(key, {"state": step.value, "generation": instances,
                                "jobs": list(ids), "at": time.time()})
         return step, ids
+
+    def _route_pacs(self, study_uid: str, instances: int, series: list[Dataset]) -> Routed:
+        """Rules over the series-level C-FIND answers (each stands in for a header)."""
+        facts = [SeriesFacts(study_uid, str(s.SeriesInstanceUID), s, source="backfill")
+                 for s in series if s.get("SeriesInstanceUID")]
+        return self.router.route_series(study_uid, instances, facts, source="backfill",
+                                        pacs_source=self.source)
 
     def walk(self, study_ids: list[str],
              progress: Callable[[str, Step], None] | None = None) -> Walk:

@@ -73,8 +73,8 @@ class Router:
         return self.route_series(study.study_uid, study.generation, scan.series)
 
     def route_series(self, study_uid: str, generation: int, series: Sequence[SeriesFacts],
-                     orthanc_study: str = "", source: str = "", orthanc_source: str = ""
-                     ) -> Routed:
+                     orthanc_study: str = "", source: str = "", orthanc_source: str = "",
+                     pacs_source: str = "") -> Routed:
         """Apply the rules to ``series`` of one study and submit the jobs; with
         ``orthanc_study`` (Orthanc's id of the study) workers fetch it from Orthanc, not from
         the spool; ``source`` names where the study came from when its facts don't (for
@@ -90,7 +90,7 @@ class Router:
                     jobs.append(make_job(study_uid, generation, rule.name, index, task,
                                          series_uids,
                                          tuple(task.destinations or rule.destinations),
-                                         orthanc_study, orthanc_source))
+                                         orthanc_study, orthanc_source, pacs_source))
         for job in jobs:
             self.queues.submit(job)
         if jobs:
@@ -104,11 +104,12 @@ class Router:
 
 def make_job(study_uid: str, generation: int, rule: str, index: int, task: RuleTask,
              series_uids: tuple[str, ...], destinations: tuple[str, ...],
-             orthanc_study: str = "", orthanc_source: str = "") -> Job:
+             orthanc_study: str = "", orthanc_source: str = "", pacs_source: str = "") -> Job:
     """The job of task ``index`` of ``rule`` on these series of one study."""
     return Job(
         id=job_id(study_uid, rule, index, task.task.value),
         study_uid=study_uid, generation=generation, rule=rule, task_index=index,
         task=task.model_dump(mode="json"), queue=task.task.queue, series_uids=series_uids,
         destinations=destinations, orthanc_study=orthanc_study, orthanc_source=orthanc_source,
+        pacs_source=pacs_source,
     )
