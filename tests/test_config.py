@@ -125,3 +125,18 @@ def test_rule_keys_are_documented_and_rule_errors_leak_no_secret(tmp_path: Path)
     assert 'rule "r": destination "nowhere" is neither "orthanc" nor a [[destinations]]' in (
         message)
     assert "very-secret-key-value" not in message
+
+
+def test_the_readme_mirror_config_is_valid(tmp_path: Path) -> None:
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```toml\n")[1:]]
+    (mirror,) = [b for b in blocks if 'name = "mirror"' in b]
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(mirror)
+    settings = load_settings(cfg, environ={"RESEARCH_ORTHANC_PASSWORD": "pw"})
+    (rule,) = settings.rules
+    assert rule.match.source == ["dicom", "orthanc", "backfill"]
+    research = settings.destination("research")
+    assert research.orthanc_settings(settings.orthanc, {"RESEARCH_ORTHANC_PASSWORD": "pw"}
+                                     ).password == "pw"
+    assert not settings.destination("clinical-pacs").is_orthanc
