@@ -24,12 +24,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
-
 from node.config import load_settings
 from node.localorthanc import OrthancProcess, free_port, isolate_network
+from node.samples import make_study
 
 SAMPLES = (("CT_small.dcm", 4), ("RG1_UNCR.dcm", 1))  # (pydicom test file, instances)
 DEMO_PATIENT = ("DEMO^PATIENT", "DEMO-0001")
@@ -40,27 +37,15 @@ def _say(text: str) -> None:
 
 
 def _samples(folder: Path) -> list[list[Path]]:
-    """One study per sample file: copies with new UIDs under the demo patient."""
+    """One study per sample file under the demo patient."""
     studies = []
     for name, count in SAMPLES:
-        source = get_testdata_file(name)
-        if source is None:  # RG1_UNCR comes with pydicom-data (installed by .ci/setup)
+        try:
+            studies.append(make_study(folder / name[:-4], name, per_series=count,
+                                      patient_name=DEMO_PATIENT[0],
+                                      patient_id=DEMO_PATIENT[1]))
+        except FileNotFoundError:  # RG1_UNCR comes with pydicom-data (.ci/setup installs it)
             _say(f"  (sample {name} not installed: skipped)")
-            continue
-        template = dcmread(str(source))
-        study_uid, series_uid = generate_uid(), generate_uid()
-        paths = []
-        for i in range(count):
-            ds = template.copy()
-            ds.PatientName, ds.PatientID = DEMO_PATIENT
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.InstanceNumber = i + 1
-            path = folder / f"{name[:-4]}_{i}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
-        studies.append(paths)
     return studies
 
 

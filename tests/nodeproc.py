@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import generate_uid
 from pynetdicom import AE
+
+from node.samples import make_study as make_study  # re-exported for the tests
+from node.samples import sample_file as sample_file
 
 SYNTHNODE = [sys.executable, "-m", "node"]
 
@@ -130,12 +130,6 @@ def echo(port: int, ae_title: str = "SYNTHNODE", calling: str = "TESTSCU") -> bo
     return bool(status) and status.Status == 0
 
 
-def sample_file(name: str) -> Path:
-    path = get_testdata_file(name)
-    assert path is not None, name
-    return Path(str(path))
-
-
 def frames_of(ds: Dataset) -> np.ndarray:
     """Stored values with a frame axis, decoded by pydicom itself (YBR as RGB)."""
     arr = ds.pixel_array
@@ -150,37 +144,6 @@ def dataset_bytes(file_bytes: bytes) -> bytes:
     read_preamble(f, False)
     _read_file_meta_info(f)
     return file_bytes[f.tell() :]
-
-
-def make_study(
-    folder: Path, source: str = "CT_small.dcm", series: int = 1, per_series: int = 1,
-    patient_name: str = "Doe^Jane", patient_id: str = "PID-0001",
-    modalities: tuple[str, ...] = (),
-) -> list[Path]:
-    """Copies of a pydicom test file as one study: new UIDs, the given identity; series ``s``
-    gets Modality ``modalities[s]`` when given."""
-    folder.mkdir(parents=True, exist_ok=True)
-    template = dcmread(sample_file(source))
-    study_uid = generate_uid()
-    paths = []
-    for s in range(series):
-        series_uid = generate_uid()
-        for i in range(per_series):
-            ds: Dataset = template.copy()
-            ds.PatientName = patient_name
-            ds.PatientID = patient_id
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.SeriesNumber = s + 1
-            if s < len(modalities):
-                ds.Modality = modalities[s]
-            ds.InstanceNumber = i + 1
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            path = folder / f"s{s:02d}_i{i:04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
-    return paths
 
 
 def storescu(
