@@ -9,6 +9,7 @@ nothing: that counts as sent, so retries and re-sends are harmless.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -61,8 +62,19 @@ def orthanc_client(orthanc: OrthancSettings) -> OrthancApiClient:
     # The client mounts urllib3 retries (3 connects, backoff) and sets no timeout: replace
     # them, or attempts multiply invisibly and a hung Orthanc hangs us.
     adapter = _TimeoutAdapter(orthanc.timeout_s)
-    client._http_session.mount("http://", adapter)
-    client._http_session.mount("https://", adapter)
+    session = client._http_session
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    # DICOM files hardly compress, yet gzip costs both ends CPU (measured: a 39 kB download
+    # 3.6 -> 1.05 ms, Orthanc's CPU 1.8 -> 0.15 ms without it).
+    session.headers["Accept-Encoding"] = "identity"
+    # requests reads proxy and CA settings from the environment on every call (~5 % of a
+    # worker's CPU): read them once, here.
+    session.proxies.update(requests.utils.get_environ_proxies(orthanc.url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
     return client
 
 

@@ -203,7 +203,7 @@ class Backfill:
         return walk
 
 
-def follow(queues: Queues, job_ids: list[str], interval_s: float = 0.5
+def follow(queues: Queues, job_ids: list[str], interval_s: float = 0.2
            ) -> Iterator[dict[str, Job]]:
     """The jobs' records, again every ``interval_s``, until none is pending or running."""
     while True:
