@@ -19,6 +19,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -281,6 +282,19 @@ def _contributing_equipment(
     return copy.deepcopy(_deidentifying_equipment(settings.manufacturer))
 
 
+def fresh(ds: Dataset) -> Dataset:
+    """A plain copy of a small data set (its elements and nested items, no highdicom class):
+    what each output gets of an item built once; cheaper than ``copy.deepcopy`` of a
+    highdicom object, which copies its Python attributes too."""
+    out = Dataset()
+    for elem in ds:
+        if elem.VR == "SQ":
+            out.add(DataElement(elem.tag, "SQ", [fresh(item) for item in elem.value]))
+        else:
+            out.add(DataElement(elem.tag, elem.VR, copy.copy(elem.value)))
+    return out
+
+
 @functools.cache
 def _coded(codes_: tuple[Code, ...]) -> tuple[Dataset, ...]:
     """Coded concepts, built once per set of codes (each output gets copies)."""
@@ -370,7 +384,7 @@ def mark_deidentified(
     # Patient module / SOP Common / General Image
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = deid.method[:64]
-    ds.DeidentificationMethodCodeSequence = [copy.deepcopy(c) for c in _coded(deid.codes())]
+    ds.DeidentificationMethodCodeSequence = [fresh(c) for c in _coded(deid.codes())]
     ds.LongitudinalTemporalInformationModified = deid.temporal.value
     ds.BurnedInAnnotation = "YES" if deid.burned_in_annotation else "NO"
     ds.RecognizableVisualFeatures = "YES" if deid.recognizable_visual_features else "NO"
@@ -378,7 +392,7 @@ def mark_deidentified(
     items = list(ds.get("ContributingEquipmentSequence", []))
     if not any(i.PurposeOfReferenceCodeSequence[0].CodeValue == "109104" for i in items
                if "PurposeOfReferenceCodeSequence" in i):
-        items.append(copy.deepcopy(_deidentifying_equipment(settings.manufacturer)))
+        items.append(fresh(_deidentifying_equipment(settings.manufacturer)))
         ds.ContributingEquipmentSequence = items
 
 
