@@ -217,6 +217,29 @@ def own_cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+class PartsMeter:
+    """CPU seconds per named part over one measurement (each part a function giving the CPU
+    seconds it has used so far), plus "other": the machine's busy time minus all the parts
+    (someone else's work)."""
+
+    def __init__(self, parts: dict[str, Callable[[], float]]) -> None:
+        self.parts = parts
+
+    def read(self) -> dict[str, float]:
+        return {**{name: part() for name, part in self.parts.items()},
+                "machine": machine_busy_s()}
+
+    def start(self) -> None:
+        self.before = self.read()
+
+    def stop(self) -> dict[str, float]:
+        after = self.read()
+        used = {k: after[k] - self.before[k] for k in after}
+        machine = used.pop("machine")
+        used["other"] = max(0.0, machine - sum(used.values()))
+        return used
+
+
 def settle(max_wait_s: float, busy_below: float = SETTLE_BUSY) -> float:
     """Wait (at most ``max_wait_s``) until the machine was less than ``busy_below`` busy over
     one ``SETTLE_WINDOW_S`` window (other people's tests share these CPUs); the last busy

@@ -99,7 +99,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LIVE_PROCESSES, REPO, BenchError, run_isolated, tail, write_doc
-from deid import SETTLE_BUSY, machine_busy_s, node_snapshot, process_cpu_s, settle
+from deid import SETTLE_BUSY, PartsMeter, node_snapshot, process_cpu_s, settle
 from ingest import HOST, START_TIMEOUT_S, environment, tool_env
 from pipeline import NodeOptions, PipelineNode, children_of
 
@@ -235,7 +235,7 @@ def research_summary(research: OrthancProcess, originals: set[str]) -> dict[str,
 # -- CPU accounting ---------------------------------------------------------------------------
 
 
-class CpuMeter:
+class CpuMeter(PartsMeter):
     """CPU seconds over a measurement, per part: synthnode's serve process, its workers, the
     backfill command (a child of this script, counted once waited for), the clinical and the
     research Orthanc, this script, and "other" (the machine's busy time minus all of those)."""
@@ -243,37 +243,26 @@ class CpuMeter:
     PARTS = ("serve", "workers", "backfill", "clinical", "research", "bench", "other")
 
     def __init__(self, archives: Archives, node: PipelineNode | None) -> None:
-        self.node_pid = node.proc.pid if node is not None and node.proc is not None else None
-        self.worker_pids = children_of(self.node_pid) if self.node_pid else []
-        self.clinical_pid = archives.clinical.proc.pid if archives.clinical.proc else None
-        self.research_pid = archives.research.proc.pid if archives.research.proc else None
+        node_pid = node.proc.pid if node is not None and node.proc is not None else None
+        workers = children_of(node_pid) if node_pid else []
+        clinical = archives.clinical.proc.pid if archives.clinical.proc else None
+        research = archives.research.proc.pid if archives.research.proc else None
 
-    @staticmethod
-    def _pid(pid: int | None) -> float:
-        return 0.0 if pid is None else process_cpu_s(pid)
+        def cpu(pid: int | None) -> float:
+            return 0.0 if pid is None else process_cpu_s(pid)
 
-    def read(self) -> dict[str, float]:
-        me = resource.getrusage(resource.RUSAGE_SELF)
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the waited-for backfill
-        return {
-            "serve": self._pid(self.node_pid),
-            "workers": sum(process_cpu_s(pid) for pid in self.worker_pids),
-            "backfill": kids.ru_utime + kids.ru_stime,
-            "clinical": self._pid(self.clinical_pid),
-            "research": self._pid(self.research_pid),
-            "bench": me.ru_utime + me.ru_stime,
-            "machine": machine_busy_s(),
-        }
+        def usage(who: int) -> float:
+            r = resource.getrusage(who)  # RUSAGE_CHILDREN: only the waited-for backfill
+            return r.ru_utime + r.ru_stime
 
-    def start(self) -> None:
-        self.before = self.read()
-
-    def stop(self) -> dict[str, float]:
-        after = self.read()
-        used = {k: after[k] - self.before[k] for k in after}
-        machine = used.pop("machine")
-        used["other"] = max(0.0, machine - sum(used.values()))
-        return used
+        super().__init__({
+            "serve": lambda: cpu(node_pid),
+            "workers": lambda: sum(process_cpu_s(pid) for pid in workers),
+            "backfill": lambda: usage(resource.RUSAGE_CHILDREN),
+            "clinical": lambda: cpu(clinical),
+            "research": lambda: cpu(research),
+            "bench": lambda: usage(resource.RUSAGE_SELF),
+        })
 
 
 # -- measurements ----------------------------------------------------------------------------

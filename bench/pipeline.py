@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LIVE_PROCESSES, REPO, BenchError, run_isolated, tail, write_doc
-from deid import SETTLE_BUSY, machine_busy_s, node_snapshot, own_cpu_s, process_cpu_s, settle
+from deid import SETTLE_BUSY, PartsMeter, node_snapshot, own_cpu_s, process_cpu_s, settle
 from ingest import HOST, SCU_AET, START_TIMEOUT_S, NodeReceiver, environment, tool_env
 
 from node.localorthanc import OrthancProcess
@@ -302,7 +302,7 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
-class CpuMeter:
+class CpuMeter(PartsMeter):
     """CPU seconds spent during a measurement, per part: the node's receiver process, its
     worker processes, Orthanc, this script with the storescu it ran (and its polling), and
     "other" (the machine's busy time minus all of those: someone else's work)."""
@@ -311,28 +311,15 @@ class CpuMeter:
 
     def __init__(self, node: PipelineNode, orthanc: OrthancProcess | None) -> None:
         assert node.proc is not None
-        self.node_pid = node.proc.pid
-        self.worker_pids = children_of(self.node_pid)
-        self.orthanc_pid = None if orthanc is None or orthanc.proc is None else orthanc.proc.pid
-
-    def read(self) -> dict[str, float]:
-        return {
-            "node": process_cpu_s(self.node_pid),
-            "workers": sum(process_cpu_s(pid) for pid in self.worker_pids),
-            "orthanc": 0.0 if self.orthanc_pid is None else process_cpu_s(self.orthanc_pid),
-            "storescu+bench": own_cpu_s(),
-            "machine": machine_busy_s(),
-        }
-
-    def start(self) -> None:
-        self.before = self.read()
-
-    def stop(self) -> dict[str, float]:
-        after = self.read()
-        used = {k: after[k] - self.before[k] for k in after}
-        machine = used.pop("machine")
-        used["other"] = max(0.0, machine - sum(used.values()))
-        return used
+        node_pid = node.proc.pid
+        workers = children_of(node_pid)
+        orthanc_pid = None if orthanc is None or orthanc.proc is None else orthanc.proc.pid
+        super().__init__({
+            "node": lambda: process_cpu_s(node_pid),
+            "workers": lambda: sum(process_cpu_s(pid) for pid in workers),
+            "orthanc": lambda: 0.0 if orthanc_pid is None else process_cpu_s(orthanc_pid),
+            "storescu+bench": own_cpu_s,
+        })
 
 
 # -- measurements ----------------------------------------------------------------------------
