@@ -272,30 +272,23 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from node.config import Destination
-    from node.dispatch import send_to_orthanc, send_to_peer
+    from node.dispatch import send_to, send_to_peer
 
     settings = _settings(args)
     configure_logging(settings.log.level)
-    if args.to == "orthanc":
-        results = send_to_orthanc(args.files, settings, args.job, args.task)
-    else:
-        try:
-            if "@" in args.to:
-                ae_title, host, port = parse_peer(args.to)
-                destination = Destination(name="command-line", ae_title=ae_title, host=host,
-                                          port=port)
-            else:
-                destination = settings.destination(args.to)
-        except (KeyError, ValueError) as exc:
-            print(f"synthnode send: --to {args.to}: {exc.args[0] if exc.args else exc}",
-                  file=sys.stderr)
-            return 2
-        if destination.is_orthanc:
-            target = settings.model_copy(update={
-                "orthanc": destination.orthanc_settings(settings.orthanc)})
-            results = send_to_orthanc(args.files, target, args.job, args.task)
-        else:
+    try:
+        if "@" in args.to:
+            ae_title, host, port = parse_peer(args.to)
+            destination = Destination(name="command-line", ae_title=ae_title, host=host,
+                                      port=port)
             results = send_to_peer(args.files, destination, settings, args.calling_aet)
+        else:
+            results = send_to(args.files, args.to, settings, args.job, args.task,
+                              calling_aet=args.calling_aet)
+    except (KeyError, ValueError) as exc:
+        print(f"synthnode send: --to {args.to}: {exc.args[0] if exc.args else exc}",
+              file=sys.stderr)
+        return 2
     for path, r in zip(args.files, results, strict=True):
         tries = f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"
         state = "sent  " if r.ok else "FAILED"

@@ -586,6 +586,16 @@ class Settings(_Section):
                                      f"(known: {', '.join(sorted(known))})")
         return self
 
+    def orthanc_named(self, name: str) -> OrthancSettings:
+        """``[orthanc]`` for "orthanc" (or ""), else the ``[[destinations]]`` Orthanc called
+        ``name``; KeyError for an unknown name, ValueError for a DICOM peer."""
+        if name in ("", "orthanc"):
+            return self.orthanc
+        destination = self.destination(name)
+        if not destination.is_orthanc:
+            raise ValueError(f'"{name}" is a DICOM peer, not an Orthanc (url)')
+        return destination.orthanc_settings(self.orthanc)
+
     def destination(self, name: str) -> Destination:
         """The destination called ``name``; KeyError naming the known ones otherwise."""
         for d in self.destinations:

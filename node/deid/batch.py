@@ -99,6 +99,17 @@ def as_secondary_capture(deid: Deidentifier, ds: Dataset) -> Dataset:
     return build_sc([ds], pixels, record, deid.output, identity=identity)
 
 
+def deidentify_to_bytes(deid: Deidentifier, source: Dataset, output: DeidOutput
+                        ) -> tuple[Dataset, bytes]:
+    """``source`` de-identified (in place: callers read it from disk) into the IOD ``output``
+    asks for, and its file bytes after the safety scan; raises :class:`Quarantined`."""
+    identifiers = deid.identifiers(source)
+    result = deid.deidentify(source, in_place=True)
+    if output is DeidOutput.SC:
+        result = as_secondary_capture(deid, result)
+    return result, deid.encode(result, identifiers)
+
+
 # -- worker side ---------------------------------------------------------------------------
 
 _worker: dict[str, object] = {}
@@ -127,11 +138,7 @@ def _process(path: Path) -> FileResult:
     original_patient = str(source.get("PatientID", ""))
     original_study = str(source.get("StudyInstanceUID", ""))
     try:
-        identifiers = deid.identifiers(source)
-        output = deid.deidentify(source, in_place=True)  # read from disk: no copy needed
-        if settings.deid.output is DeidOutput.SC:
-            output = as_secondary_capture(deid, output)
-        data = deid.encode(output, identifiers)
+        output, data = deidentify_to_bytes(deid, source, settings.deid.output)
     except Quarantined as exc:
         return FileResult(str(path), Fate.QUARANTINED, str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the others

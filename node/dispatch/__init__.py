@@ -8,6 +8,7 @@ Logs and results name SOP Instance UIDs, job ids and AE titles, never patient da
 from node.dispatch.dimse import PeerDispatcher, send_to_peer
 from node.dispatch.orthanc import OrthancDispatcher, orthanc_client, send_to_orthanc
 from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing
+from node.dispatch.send import send_to
 
 __all__ = [
     "DispatchResult",
@@ -16,6 +17,8 @@ __all__ = [
     "Outgoing",
     "orthanc_client",
     "PeerDispatcher",
+    "send_to",
     "send_to_orthanc",
     "send_to_peer",
 ]
+

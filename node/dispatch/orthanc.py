@@ -226,8 +226,9 @@ def _http_outcome(exc: orthanc_errors.HttpError, step: str) -> Outcome:
 
 def send_to_orthanc(
     objects: Sequence[ObjectLike], settings: Settings, job_id: str, task: str,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, orthanc: OrthancSettings | None = None,
 ) -> list[DispatchResult]:
-    """Upload ``objects`` to the configured Orthanc, marked with ``job_id`` and ``task``."""
-    with OrthancDispatcher(settings.orthanc, settings.dispatch) as dispatcher:
+    """Upload ``objects`` to ``orthanc`` (default: ``[orthanc]``), marked with ``job_id`` and
+    ``task``."""
+    with OrthancDispatcher(orthanc or settings.orthanc, settings.dispatch) as dispatcher:
         return dispatcher.send(objects, job_id, task, stop=stop)

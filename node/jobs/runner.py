@@ -29,17 +29,11 @@ from orthanc_api_client import exceptions as orthanc_errors
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.config import DeidOutput, RuleTask, Settings, TaskKind
+from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
-from node.deid.batch import as_secondary_capture, record_mappings
+from node.deid.batch import deidentify_to_bytes, record_mappings
 from node.dicom import SeriesSpec, SynthesisTask, mark_deidentified, save_checked
-from node.dispatch import (
-    DispatchResult,
-    Outgoing,
-    orthanc_client,
-    send_to_orthanc,
-    send_to_peer,
-)
+from node.dispatch import Outgoing, orthanc_client, send_to
 from node.dispatch.outgoing import load
 from node.dispatch.qr import Peer, QueryError
 from node.jobs.queue import Queues
@@ -136,8 +130,7 @@ class Runner:
                 store.put(job.but(state=JobState.DONE, last_error="", outputs=len(made.files),
                                   quarantined=made.quarantined, notes=tuple(made.notes[:20])))
                 shutil.rmtree(self._work(job), ignore_errors=True)
-                shutil.rmtree(self.settings.jobs.work_dir / f"{job.id}.source",
-                              ignore_errors=True)
+                shutil.rmtree(self._source_dir(job), ignore_errors=True)
                 log.info("job %s done in %.2f s: %d outputs delivered, %d quarantined",
                          job.id, time.monotonic() - started, len(made.files), made.quarantined)
         finally:
@@ -182,17 +175,18 @@ class Runner:
                             "worker)", permanent=True)
         return files
 
+    def _source_dir(self, job: Job) -> Path:
+        """Where a study fetched for the job lies (one folder per series)."""
+        return self.settings.jobs.work_dir / f"{job.id}.source"
+
     def _fetch(self, job: Job) -> list[Path]:
-        """Download the job's series from ``[orthanc]`` (a study the plugin routed)."""
-        folder = self.settings.jobs.work_dir / f"{job.id}.source"
+        """Download the job's series from the Orthanc the study came from."""
+        folder = self._source_dir(job)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        source = self.settings.orthanc
-        if job.orthanc_source:
-            try:
-                source = self.settings.destination(job.orthanc_source).orthanc_settings(source)
-            except KeyError as exc:
-                raise JobFailed(str(exc.args[0]), permanent=True) from None
+        try:
+            source = self.settings.orthanc_named(job.orthanc_source)
+        except (KeyError, ValueError) as exc:
+            raise JobFailed(str(exc.args[0]), permanent=True) from None
         client = orthanc_client(source)
         where = f"Orthanc at {source.url}"
         files = []
@@ -200,10 +194,12 @@ class Runner:
             study = client.get_json(f"studies/{job.orthanc_study}")
             for series_id in study["Series"]:
                 series = client.get_json(f"series/{series_id}")
-                if series["MainDicomTags"].get("SeriesInstanceUID") not in job.series_uids:
+                series_uid = series["MainDicomTags"].get("SeriesInstanceUID")
+                if series_uid not in job.series_uids:
                     continue
+                (folder / series_uid).mkdir(parents=True, exist_ok=True)
                 for instance in series["Instances"]:
-                    path = folder / f"{instance}.dcm"
+                    path = folder / series_uid / f"{instance}.dcm"
                     path.write_bytes(client.get_binary(f"instances/{instance}/file"))
                     files.append(path)
         except orthanc_errors.ResourceNotFound:
@@ -225,7 +221,7 @@ class Runner:
 
     def _retrieve(self, job: Job) -> list[Path]:
         """C-GET the job's series from the PACS it was backfilled from."""
-        folder = self.settings.jobs.work_dir / f"{job.id}.source"
+        folder = self._source_dir(job)
         shutil.rmtree(folder, ignore_errors=True)
         try:
             peer = Peer(self.settings.destination(job.pacs_source), self.settings.node)
@@ -304,11 +300,7 @@ class Runner:
             patient, study = str(source.get("PatientID", "")), str(source.StudyInstanceUID)
             sop = str(source.SOPInstanceUID)  # before de-identification remaps it
             try:
-                identifiers = deid.identifiers(source)
-                output = deid.deidentify(source, in_place=True)
-                if self.settings.deid.output is DeidOutput.SC:
-                    output = as_secondary_capture(deid, output)
-                data = deid.encode(output, identifiers)
+                output, data = deidentify_to_bytes(deid, source, self.settings.deid.output)
             except Quarantined as exc:
                 made.quarantined += 1
                 made.notes.append(f"{sop}: {exc}")
@@ -350,15 +342,16 @@ class Runner:
         except ValueError as exc:
             raise JobFailed(f"rule {job.rule} task {job.task_index}: {exc}", permanent=True) \
                 from None
+        deid = self.deidentifier(task) if task.deidentified_source else None
         made = Made()
         for start in range(0, len(sources), GENERATION_CHUNK):
             batch: list[Dataset] = []
             for path in sources[start:start + GENERATION_CHUNK]:
                 ds = _read(path)
                 sop = str(ds.SOPInstanceUID)
-                if task.deidentified_source:
+                if deid is not None:
                     try:
-                        ds = self.deidentifier(task).deidentify(ds, in_place=True)
+                        ds = deid.deidentify(ds, in_place=True)
                     except Quarantined as exc:
                         made.quarantined += 1
                         made.notes.append(f"{sop}: source not de-identifiable: {exc}")
@@ -370,8 +363,8 @@ class Runner:
                 raise JobFailed(f"generation failed: {exc}", permanent=True) from None
             for outputs in results:
                 for out in outputs:
-                    if task.deidentified_source:  # its identity is the pseudonymous one
-                        mark_deidentified(out, self.deidentifier(task).record(),
+                    if deid is not None:  # its identity is the pseudonymous one
+                        mark_deidentified(out, deid.record(),
                                           self.settings.output, synthetic=True)
                     saved = save_checked(out, work, self.settings.output, job.id)
                     if saved.quarantined:
@@ -386,20 +379,10 @@ class Runner:
             return
         task = str(job.task["task"])
         for name in job.destinations:
-            results: list[DispatchResult]
-            if name == "orthanc":
-                results = send_to_orthanc(files, self.settings, job.id, task, stop=self.stop)
-            else:
-                try:
-                    destination = self.settings.destination(name)
-                except KeyError as exc:
-                    raise JobFailed(str(exc.args[0]), permanent=True) from None
-                if destination.is_orthanc:
-                    target = self.settings.model_copy(update={
-                        "orthanc": destination.orthanc_settings(self.settings.orthanc)})
-                    results = send_to_orthanc(files, target, job.id, task, stop=self.stop)
-                else:
-                    results = send_to_peer(files, destination, self.settings, stop=self.stop)
+            try:
+                results = send_to(files, name, self.settings, job.id, task, stop=self.stop)
+            except KeyError as exc:
+                raise JobFailed(str(exc.args[0]), permanent=True) from None
             failed = [r for r in results if not r.ok]
             if failed:
                 raise JobFailed(f"{len(failed)} of {len(results)} objects not delivered to "

@@ -30,7 +30,7 @@ from enum import StrEnum
 from orthanc_api_client import exceptions as orthanc_errors
 from pydicom.dataset import Dataset
 
-from node.config import OrthancSettings, Settings
+from node.config import Settings
 from node.dispatch import orthanc_client
 from node.dispatch.qr import Peer, QueryError
 from node.jobs import Job, JobState, Queues
@@ -74,19 +74,6 @@ class BackfillError(Exception):
     """The source cannot be walked (unknown name, not an Orthanc, unreachable)."""
 
 
-def source_settings(settings: Settings, name: str) -> OrthancSettings:
-    """``[orthanc]`` for ``orthanc``, else the ``[[destinations]]`` Orthanc called ``name``."""
-    if name == "orthanc":
-        return settings.orthanc
-    try:
-        destination = settings.destination(name)
-    except KeyError as exc:
-        raise BackfillError(str(exc.args[0])) from None
-    if not destination.is_orthanc:
-        raise BackfillError(f'"{name}" is a DICOM peer; backfill reads an Orthanc (url)')
-    return destination.orthanc_settings(settings.orthanc)
-
-
 class Backfill:
     """Walks one archive's studies by date (an Orthanc, or a PACS) and routes them."""
 
@@ -104,7 +91,7 @@ class Backfill:
                 self.peer = Peer(destination, settings.node)
                 self.router = Router(settings, queues)
                 return
-        self.orthanc = source_settings(settings, source)
+        self.orthanc = settings.orthanc_named(source)
         self.client = orthanc_client(self.orthanc)
         self.studies = OrthancStudies(settings, queues, self._get,
                                       source_name="" if source == "orthanc" else source)
