@@ -63,3 +63,16 @@ def test_garbage_is_not_understood() -> None:
         inspect_dataset(b"\x08\x00\x16\x00UI\xff\xff" + b"1.2" * 9, ExplicitVRLittleEndian)
     with pytest.raises(RejectedDataset, match="is missing"):
         inspect_dataset(b"", ExplicitVRLittleEndian)
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it(monkeypatch) -> None:
+    import zlib
+
+    from node.receive import check
+
+    monkeypatch.setattr(check, "MAX_INFLATED_BYTES", 1 << 20)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = compressor.compress(b"\0" * (8 << 20)) + compressor.flush()  # 8 MiB of zeros
+    assert len(bomb) < 20_000
+    with pytest.raises(check.RejectedDataset, match="inflates beyond 1 MiB"):
+        check.inspect_dataset(bomb, "1.2.840.10008.1.2.1.99")

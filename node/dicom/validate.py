@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def validate_file(path: Path, timeout_s: float = 60.0) -> Validation:
     return Validation(errors, warnings, report)
 
 
+_QUOTED = re.compile(r"(?<!attribute )<[^<>]*>")  # values as <value>, not attribute <Name>
+
+
 @dataclass(frozen=True)
 class Saved:
     """An object written to disk: at ``path`` if it may be sent, else in quarantine."""
@@ -68,9 +72,12 @@ class Saved:
 
     @property
     def reason(self) -> str:
+        """dciodvfy's errors with the values they quote blanked (``<...>``): the reason goes to
+        job records, logs and ``mirror status``; a quoted value may be a name or a date. The
+        full report stays beside the quarantined file."""
         if not self.quarantined or self.validation is None:
             return ""
-        return "dciodvfy: " + "; ".join(self.validation.errors)
+        return "dciodvfy: " + "; ".join(_QUOTED.sub("<...>", e) for e in self.validation.errors)
 
 
 def save_checked(ds: Dataset, folder: Path, settings: OutputSettings, job_id: str) -> Saved:

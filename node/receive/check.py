@@ -140,6 +140,10 @@ class _Walker:
                 pos += length
 
 
+MAX_INFLATED_BYTES = 1 << 31
+"""Largest inflated Deflated Explicit VR data set accepted (2 GiB)."""
+
+
 def inspect_dataset(dataset: bytes, transfer_syntax: str) -> Header:
     """Check that every element of ``dataset`` (encoded without file meta, in
     ``transfer_syntax``) is complete, and return its identifying UIDs; raise
@@ -149,11 +153,17 @@ def inspect_dataset(dataset: bytes, transfer_syntax: str) -> Header:
     if ts == tsuid.DeflatedExplicitVRLittleEndian:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            data = inflater.decompress(dataset) + inflater.flush()
+            # Bounded: a few kB of deflate can claim gigabytes (a decompression bomb).
+            data = inflater.decompress(dataset, MAX_INFLATED_BYTES)
         except zlib.error as exc:
             raise RejectedDataset(
                 StoreStatus.CANNOT_UNDERSTAND, f"deflated data set cannot be inflated ({exc})"
             ) from None
+        if inflater.unconsumed_tail:
+            raise RejectedDataset(
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"deflated data set inflates beyond {MAX_INFLATED_BYTES >> 20} MiB",
+            )
         if not inflater.eof:
             raise RejectedDataset(StoreStatus.CANNOT_UNDERSTAND, "deflated data set is truncated")
     implicit = ts == tsuid.ImplicitVRLittleEndian
