@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node import __version__
-from node.config import ConfigError, Settings, load_settings
+from node.config import ENV_CONFIG, ConfigError, Settings, load_settings
 
 log = logging.getLogger("node")
 
@@ -41,7 +41,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _config_path(args: argparse.Namespace) -> Path | None:
     if args.config is not None:
         return Path(args.config).resolve()
-    env = os.environ.get("SYNTHNODE_CONFIG")
+    env = os.environ.get(ENV_CONFIG)
     return Path(env).resolve() if env else None
 
 
@@ -307,7 +307,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log.level)
     inpainter = None
-    if any(rule.fill == "inpaint" for rule in settings.deid.pixel_rules):
+    if settings.deid.needs_inpainter:
         from node.generate.tasks import deid_inpainter_factory
 
         inpainter = functools.partial(deid_inpainter_factory, settings)

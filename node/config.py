@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from node.uids import is_valid_uid
+from node.uids import MAX_ROOT_LENGTH, is_valid_uid
 
 ENV_CONFIG = "SYNTHNODE_CONFIG"
 ENV_PREFIX = "SYNTHNODE__"
@@ -178,8 +178,9 @@ class OutputSettings(_Section):
     @field_validator("uid_root")
     @classmethod
     def _check_root(cls, value: str) -> str:
-        if value and (not is_valid_uid(value) or len(value) > 40):
-            raise ValueError("a UID root is a valid UID of at most 40 characters, or empty")
+        if value and (not is_valid_uid(value) or len(value) > MAX_ROOT_LENGTH):
+            raise ValueError(f"a UID root is a valid UID of at most {MAX_ROOT_LENGTH} "
+                             "characters, or empty")
         return value
 
 
@@ -281,6 +282,11 @@ class DeidSettings(_Section):
     key: str = Field(
         "", description="secret for pseudonyms and UID remapping: SYNTHNODE__DEID__KEY"
     )
+
+    @property
+    def needs_inpainter(self) -> bool:
+        """Whether a pixel rule fills with generated anatomy (the generation stage)."""
+        return any(rule.fill == "inpaint" for rule in self.pixel_rules)
     options: list[DeidOption] = Field(default_factory=list)
     date_shift_max_days: int = Field(
         365, ge=1, le=3650, description="modified dates move back 1..N days, per patient"

@@ -8,6 +8,9 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
+Region = tuple[int, int, int, int]
+"""A rectangle of pixels: x (column), y (row), width, height."""
+
 
 class PixelDataError(ValueError):
     """The pixel data cannot be decoded (no transfer syntax, no decoder, damaged data)."""

@@ -30,11 +30,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def port() -> int:
-    return free_port()
-
-
-@pytest.fixture
 def node_factory(tmp_path: Path):
     """Start ``synthnode serve`` subprocesses with a private config; all are stopped after."""
     started: list[NodeProcess] = []

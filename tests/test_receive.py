@@ -252,7 +252,8 @@ def test_bad_data_sets_get_clear_statuses_and_node_stays_up(node, tmp_path: Path
     assert _send_raw(node.port, good, CTImageStorage) == StoreStatus.SUCCESS
     assert len(node.spooled()) == 1
     # Privacy: no patient name or ID in the log, whatever happened.
-    assert "Secret" not in log and "PID-SECRET" not in node.log()
+    log = node.log()
+    assert "Secret" not in log and "PID-SECRET" not in log
 
 
 def test_peer_abort_mid_transfer_stores_nothing_partial(node) -> None:

@@ -405,7 +405,7 @@ class Deidentifier:
         elif elem.VR == "TM" and self.temporal is TemporalInformation.MODIFIED:
             pass  # a day shift leaves the time of day as it was
         else:
-            elem.value = DicomSequence() if elem.VR == "SQ" else None
+            elem.value = None
 
     def _clean_content_value(self, ds: Dataset, tag: int, shift: datetime.timedelta) -> None:
         elem = ds[tag]

@@ -30,9 +30,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12
 from pydicom.valuerep import VR
 
 from node.config import DeidSettings, PixelRule
-from node.pixeldata import PixelDataError, decode_frames, transfer_syntax
+from node.pixeldata import PixelDataError, Region, decode_frames, transfer_syntax
 
-Region = tuple[int, int, int, int]
 """A rectangle: x (first column), y (first row), width (columns), height (rows)."""
 
 Inpainter = Callable[[np.ndarray, list[Region], Dataset], np.ndarray]

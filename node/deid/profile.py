@@ -95,13 +95,9 @@ class Profile:
         self.options = options
         self.edition, rows = table()
         self.actions: dict[int, str] = {}
-        self.patterns: dict[str, str] = {}
-        for row in rows:
-            action = resolve(row, options)
+        for row in rows:  # group-pattern rows (50xx, 60xx, odd groups): the engine's own
             if len(row.tag) == 8 and "X" not in row.tag.upper():
-                self.actions[int(row.tag, 16)] = action
-            else:
-                self.patterns[row.tag] = action
+                self.actions[int(row.tag, 16)] = resolve(row, options)
 
     def action(self, tag: int) -> str | None:
         """The action for a standard attribute, or None: not in the table, kept."""

@@ -31,9 +31,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
-from node.pixeldata import decode_frames
+from node.pixeldata import Region, decode_frames
 
-Region = tuple[int, int, int, int]
 """A rectangle: x (first column), y (first row), width (columns), height (rows)."""
 
 Polygon = Sequence[tuple[float, float]]

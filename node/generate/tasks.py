@@ -34,6 +34,7 @@ from node.dicom import (
     carried_spacing,
 )
 from node.generate.pixels import (
+    Region,
     composite,
     display_frames,
     from_model,
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     from node.deid.pixels import Inpainter
     from node.generate.models import Models
 
-Region = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class Generation:
             strength = request.strength or self.settings.generate.strength
 
             def finish_variation(made: np.ndarray) -> np.ndarray:
-                return _like(from_model(made, prepared.mapping), frame)
+                return from_model(made, prepared.mapping)  # grey or RGB as the frame
 
             return _Unit(request.task, prompt, negative, seed, strength, prepared.image, None,
                          finish_variation)
@@ -220,7 +220,7 @@ class Generation:
         mask = prepared.mapping.to_model(~keep).astype(np.float32)
 
         def finish_fill(made: np.ndarray) -> np.ndarray:
-            return composite(canvas, _like(from_model(made, prepared.mapping), canvas), keep)
+            return composite(canvas, from_model(made, prepared.mapping), keep)
 
         return _Unit(request.task, prompt, negative, seed, None, prepared.image, mask,
                      finish_fill)
@@ -305,15 +305,6 @@ def _identity(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _like(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Grayscale or RGB as the reference is."""
-    if reference.ndim == 2 and image.ndim == 3:
-        return image.mean(axis=-1)
-    if reference.ndim == 3 and image.ndim == 2:
-        return np.repeat(image[..., None], 3, axis=-1)
-    return image
-
-
 def _output_bits(source: Dataset | None) -> int:
     """8 bits for 8-bit and colour sources, else the source's stored bits (at most 16)."""
     if source is None or int(source.get("SamplesPerPixel", 1)) == 3:
@@ -338,7 +329,7 @@ def deid_inpainter(generation: Generation, prompt: str = "") -> Inpainter:
             raise ValueError("generative inpainting of burned-in text needs unsigned pixels")
         bits = 8 if frames.dtype == np.uint8 else int(ds.get("BitsStored", 16))
         top = float((1 << bits) - 1)
-        out = frames.copy()
+        out = np.empty_like(frames)  # every frame is written below
         request = Request(SynthesisTask.INPAINT, prompt=prompt or prompt_for(
             ds, generation.settings.generate.prompt_templates), regions=tuple(regions))
         units = [generation._frame_unit(request, frame.astype(np.float32) / top,

@@ -274,7 +274,7 @@ class Runner:
         key = tuple(sorted(o.value for o in deid.options))
         if key not in self._deid:
             inpainter = None
-            if any(rule.fill == "inpaint" for rule in deid.pixel_rules):
+            if deid.needs_inpainter:
                 from node.generate.tasks import deid_inpainter
 
                 inpainter = deid_inpainter(self.generation())

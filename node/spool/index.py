@@ -108,7 +108,6 @@ class Index:
     """Thread-safe access to the spool index database."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -54,10 +54,9 @@ class StoreOutcome(Enum):
 class SpoolError(Exception):
     """The spool could not persist an instance (disk full, permissions, I/O error)."""
 
-    def __init__(self, reason: str, errno_: int | None = None) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.errno = errno_
 
 
 @dataclass(frozen=True)
@@ -222,7 +221,7 @@ class Spool:
                 errno.EROFS: "the spool's file system is read-only",
                 errno.EFBIG: "file too large for the spool's file system",
             }.get(exc.errno or 0, f"I/O error writing to the spool ({exc.strerror})")
-            raise SpoolError(reason, exc.errno) from exc
+            raise SpoolError(reason) from exc
 
     # -- start-up --------------------------------------------------------------------------
 
