@@ -23,7 +23,7 @@ from typing import Any
 from node import __version__
 from node.config import Settings
 from node.jobs import Queues, Reaper, WorkerPool
-from node.receive.scp import ReceiveCounters, start_scp
+from node.receive.scp import ReceiveCounters, peer_name, start_scp
 from node.route import Router
 from node.spool import Retention, Spool, StabilityMonitor
 
@@ -88,8 +88,7 @@ class Server:
             time.sleep(0.05)
         left = server.active_associations
         for assoc in left:
-            log.warning("aborting association from %s at shutdown timeout",
-                        assoc.requestor.ae_title)
+            log.warning("aborting association from %s at shutdown timeout", peer_name(assoc))
             assoc.abort()
         monitor.stop()
         pool.stop(self.settings.node.shutdown_timeout_s)

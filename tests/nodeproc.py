@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
 from node.samples import make_study as make_study  # re-exported for the tests
 from node.samples import sample_file as sample_file
@@ -144,6 +145,28 @@ def dataset_bytes(file_bytes: bytes) -> bytes:
     read_preamble(f, False)
     _read_file_meta_info(f)
     return file_bytes[f.tell() :]
+
+
+def send_raw(port: int, files: list[Path], sop_classes: list[str] | None = None,
+             ae_title: str = "SYNTHNODE", calling: str = "RAWSCU") -> list[int]:
+    """C-STORE files exactly as they are on disk (never re-encoded, so broken files stay
+    broken) over one pynetdicom association; their statuses. ``sop_classes`` default to the
+    files' own (read from their headers)."""
+    if sop_classes is None:
+        sop_classes = [str(dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files]
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title=calling)
+        for sop_class in dict.fromkeys(sop_classes):
+            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
+        assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(f).Status) for f in files]
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
 
 
 def storescu(

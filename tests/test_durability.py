@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
 
 from node.localorthanc import free_port
 from node.receive.check import StoreStatus, inspect_dataset
@@ -21,6 +20,7 @@ from tests.nodeproc import (
     dataset_bytes,
     dcmtk,
     make_study,
+    send_raw,
 )
 
 
@@ -155,20 +155,7 @@ def test_stable_state_survives_kill9_neither_lost_nor_handed_twice(
 
 
 def _store(port: int, files: list[Path], ae_title: str = "SYNTHNODE") -> list[int]:
-    """Send files exactly as they are on disk over one association; their statuses."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title="PYSCU")
-        for sop_class in {dcmread(f, stop_before_pixels=True).SOPClassUID for f in files}:
-            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
-        assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
-        assert assoc.is_established
-        try:
-            return [int(assoc.send_c_store(f).Status) for f in files]
-        finally:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+    return send_raw(port, files, ae_title=ae_title, calling="PYSCU")
 
 
 @pytest.mark.slow

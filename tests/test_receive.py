@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
@@ -24,6 +24,7 @@ from tests.nodeproc import (
     echo,
     make_study,
     sample_file,
+    send_raw,
     storescu,
 )
 
@@ -193,19 +194,8 @@ def test_duplicate_with_different_bytes_follows_policy(
 
 
 def _send_raw(port: int, path: Path, sop_class: str, ae_title: str = "SYNTHNODE") -> int:
-    """Send a file's bytes as they are (no re-encoding, so broken files stay broken)."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title="RAWSCU")
-        ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
-        assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
-        assert assoc.is_established
-        try:
-            return int(assoc.send_c_store(path).Status)
-        finally:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+    (status,) = send_raw(port, [path], [sop_class], ae_title)
+    return status
 
 
 def test_bad_data_sets_get_clear_statuses_and_node_stays_up(node, tmp_path: Path) -> None:
