@@ -67,20 +67,21 @@ class Made:
     notes: list[str] = field(default_factory=list)
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class Runner:
     """Runs jobs in one worker process; keeps models and the de-identifier warm."""
 
     def __init__(self, settings: Settings, queues: Queues) -> None:
         self.settings = settings
         self.queues = queues
-        self.name = worker_name()
         self.stop = threading.Event()
         self._deid: dict[tuple[str, ...], Deidentifier] = {}
         self._generation: Generation | None = None
+
+    @property
+    def name(self) -> str:
+        """host:pid of the process running the job (process workers are forked from one
+        Runner, so this is read when needed, not kept)."""
+        return f"{socket.gethostname()}:{os.getpid()}"
 
     # -- the record ----------------------------------------------------------------------
 

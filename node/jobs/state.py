@@ -88,10 +88,6 @@ class Job:
     study backfilled from a PACS; "" = none."""
 
     @property
-    def source(self) -> str:
-        return "orthanc" if self.orthanc_study else "pacs" if self.pacs_source else "spool"
-
-    @property
     def rule_task(self) -> RuleTask:
         return RuleTask.model_validate(self.task)
 
