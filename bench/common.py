@@ -1,5 +1,5 @@
-"""What bench/ingest.py and bench/deid.py share: the private network namespace, child process
-teardown, and a few small helpers.
+"""What the benchmarks share: the private network namespace, child process teardown, Orthanc
+start and stop, test data copies, and a few small helpers.
 
 Importing this module puts the repository root on ``sys.path`` (the scripts import
 ``tests.orthancproc``: Orthanc is started by one piece of code). The scripts are run as
@@ -20,7 +20,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from node.localorthanc import OrthancProcess
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -135,6 +140,69 @@ def run_isolated(script: str, needs: str, body: Callable[[Path], None], *, tmp_p
     return 0
 
 
+def launch_orthanc(orthanc: OrthancProcess, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+    """Start ``orthanc`` (BenchError if it does not come up) and count it among the children
+    to stop; its process."""
+    try:
+        orthanc.start(timeout_s)
+    except RuntimeError as exc:
+        raise BenchError(f"orthanc: {exc}") from None
+    proc = orthanc.proc
+    assert proc is not None
+    LIVE_PROCESSES.add(proc)
+    return proc
+
+
+def stop_orthanc(orthanc: OrthancProcess, kill: bool = True) -> None:
+    """Stop ``orthanc``: with ``kill`` SIGKILL at once (its storage is temporary: no need for
+    its ~3.5 s graceful stop), else SIGTERM, SIGKILL after ``STOP_TIMEOUT_S``."""
+    proc = orthanc.proc
+    orthanc.stop(STOP_TIMEOUT_S, kill=kill)
+    if proc is not None:
+        LIVE_PROCESSES.discard(proc)
+
+
+def dcmtk(tool: str) -> str:
+    """dcmtk's program by path (the venv's pynetdicom scripts of the same names differ)."""
+    from node.localorthanc import dcmtk as find
+
+    try:
+        return find(tool)
+    except FileNotFoundError as exc:
+        raise BenchError(str(exc)) from None
+
+
+# -- test data -------------------------------------------------------------------------------
+
+
+def load_template(name: str) -> Dataset:
+    """pydicom's test file ``name``, read."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        raise BenchError(f"pydicom test file {name} not found (install pydicom-data)")
+    return dcmread(path)
+
+
+def save_copies(ds: Dataset, count: int, path_of: Callable[[int], Path]) -> list[Path]:
+    """``count`` copies of ``ds``, copy i saved as ``path_of(i)`` with a new SOP Instance UID
+    and Instance Number i + 1; their paths."""
+    from pydicom.uid import generate_uid
+
+    paths = []
+    for i in range(count):
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.InstanceNumber = i + 1
+        path = path_of(i)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 # -- small helpers ---------------------------------------------------------------------------
 
 
@@ -167,6 +235,22 @@ def subset(parser: argparse.ArgumentParser, option: str, text: str,
 
 
 def write_doc(path: Path, doc: dict[str, Any]) -> None:
-    """Write the JSON result document, making its folder if needed."""
+    """Write the JSON result document, making its folder if needed, and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+def add_run_options(parser: argparse.ArgumentParser, default_out: Path,
+                    settle_s: float = 60.0) -> None:
+    """The options mirror.py and pipeline.py share: --settle, --node-rev, --keep, --out."""
+    parser.add_argument("--settle", type=float, default=settle_s,
+                        help="before each run, wait up to this long for the CPUs to be quiet "
+                             f"({settle_s:g})")
+    parser.add_argument("--node-rev", default=None,
+                        help="run node/ as committed at this git revision (e.g. HEAD), not "
+                             "the working tree's (for when node/ is mid-edit)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary folder (logs)")
+    parser.add_argument("--out", type=Path, default=default_out,
+                        help=f"JSON file ({default_out})")

@@ -78,10 +78,13 @@ from typing import Any
 from common import (
     LIVE_PROCESSES,
     REPO,
-    STOP_TIMEOUT_S,
     BenchError,
     first_line,
+    launch_orthanc,
+    load_template,
     run_isolated,
+    save_copies,
+    stop_orthanc,
     subset,
     terminate,
     write_doc,
@@ -103,6 +106,7 @@ UPLOAD_TIMEOUT_S = 30.0
 SETTLE_WINDOW_S = 2.0
 SETTLE_BUSY = 0.15
 FOREIGN_WARN = 0.10
+"""Above this share of the CPUs used by other work while timed, a figure is suspect."""
 
 TOOLS = ("synthnode", "synthnode-api", "deid", "dicognito", "orthanc")
 OTHERS = ("deid", "dicognito", "orthanc")
@@ -254,6 +258,23 @@ def settle(max_wait_s: float, busy_below: float = SETTLE_BUSY) -> float:
             return busy
 
 
+def settle_or_warn(max_wait_s: float) -> float:
+    """:func:`settle`, saying so when the machine is still busy; the busy fraction."""
+    busy = settle(max_wait_s)
+    if busy >= SETTLE_BUSY:
+        print(f"  (machine still {100 * busy:.0f} % busy after {max_wait_s:g} s: measuring "
+              "anyway)", flush=True)
+    return busy
+
+
+def load_note(share: float) -> str:
+    """", other load N %" for a run's line, flagged above ``FOREIGN_WARN``."""
+    note = f", other load {100 * share:.0f} %"
+    if share > FOREIGN_WARN:
+        note += " (busy machine: figures suspect)"
+    return note
+
+
 class ForeignLoad:
     """How much CPU the rest of the machine used while a tool ran: machine busy seconds minus
     this script's and its children's (plus ``extra_pid``'s, a server that is not waited for)."""
@@ -300,16 +321,11 @@ def token(kind: str) -> str:
 def make_corpus(root: Path, count: int, study_size: int, patients: int) -> Corpus:
     """``count`` instances, ``study_size`` to a study (two series, CT then MR), studies dealt
     to ``patients`` patients in turn; planted tokens per patient and per study."""
-    from pydicom import dcmread
-    from pydicom.data import get_testdata_file
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     templates = []
     for name in TEMPLATES:
-        path = get_testdata_file(name)
-        if path is None:
-            raise BenchError(f"pydicom test file {name} not found")
-        ds = dcmread(path)
+        ds = load_template(name)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         templates.append(ds)
     people = [{kind: token(kind) for kind in ("PatientName", "PatientID", "InstitutionName")}
@@ -341,15 +357,11 @@ def make_corpus(root: Path, count: int, study_size: int, patients: int) -> Corpu
             ds.SeriesInstanceUID = generate_uid()
             ds.SeriesNumber = series + 1
             ds.FrameOfReferenceUID = generate_uid()
-            for i in range(series_size):
-                uid = generate_uid()
-                ds.SOPInstanceUID = uid
-                ds.file_meta.MediaStorageSOPInstanceUID = uid
-                ds.InstanceNumber = i + 1
-                path = study_dir / f"{n:06d}.dcm"  # unique names: deid writes flat by basename
-                ds.save_as(path, enforce_file_format=True)
-                total += path.stat().st_size
-                n += 1
+            # unique names: deid writes flat by basename
+            names = [study_dir / f"{n + i:06d}.dcm" for i in range(series_size)]
+            save_copies(ds, series_size, names.__getitem__)
+            total += sum(path.stat().st_size for path in names)
+            n += series_size
         study += 1
     return Corpus(folder, count, study, min(patients, study), total)
 
@@ -522,6 +534,21 @@ def node_snapshot(rev: str, dest: Path) -> Path:
     return dest
 
 
+def use_node_rev(rev: str | None, dest: Path) -> str | None:
+    """With ``rev``: put ``node/`` as committed at ``rev`` (:func:`node_snapshot` under
+    ``dest``) first on this process's PYTHONPATH, which its children inherit, and say so; the
+    commit (None without ``rev`` or if git cannot name it)."""
+    if not rev:
+        return None
+    snapshot = node_snapshot(rev, dest)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(snapshot), *filter(None, [os.environ.get("PYTHONPATH")])])
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev],
+                            capture_output=True, text=True, timeout=30).stdout.strip()
+    print(f"node/ as committed at {rev} ({commit[:12]}), from {snapshot}")
+    return commit or None
+
+
 def node_origin(env: dict[str, str]) -> str:
     """Where the synthnode children import ``node`` from."""
     done = probe([sys.executable, "-c", "import node; print(node.__file__)"], env, Path("/"))
@@ -584,13 +611,7 @@ def run_orthanc(corpus: Corpus, work: Path, parallel: int) -> Result:
         raise NotAvailable("`Orthanc` not found on PATH (Debian package orthanc)")
     orthanc = OrthancProcess(work / "orthanc", username=None,
                              overrides={"Name": "synthnode-bench", "SyncStorageArea": False})
-    try:
-        orthanc.start(START_TIMEOUT_S)
-    except RuntimeError as exc:
-        raise BenchError(f"orthanc: {exc}") from None
-    assert orthanc.proc is not None
-    LIVE_PROCESSES.add(orthanc.proc)
-    proc = orthanc.proc
+    proc = launch_orthanc(orthanc, START_TIMEOUT_S)
     try:
         for path in sorted(corpus.folder.rglob("*.dcm")):  # upload: not timed
             orthanc.request("POST", "/instances", path.read_bytes(), UPLOAD_TIMEOUT_S)
@@ -625,8 +646,7 @@ def run_orthanc(corpus: Corpus, work: Path, parallel: int) -> Result:
     except (OSError, urllib.error.URLError) as exc:
         raise BenchError(f"orthanc: {exc}\n{tail(orthanc.log_path)}") from None
     finally:
-        orthanc.stop(STOP_TIMEOUT_S)
-        LIVE_PROCESSES.discard(proc)
+        stop_orthanc(orthanc, kill=False)
     result.seconds = seconds
     result.outputs = check_outputs(out_dir)
     result.instances = len(instances)
@@ -899,7 +919,6 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
     checks = goal_checks(results)
     print_report(corpus, results, by_tool, checks)
     write_json(args.out, args, corpus, results, by_tool, checks, bench)
-    print(f"\nwrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

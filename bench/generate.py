@@ -452,7 +452,6 @@ def run_benchmark(args: argparse.Namespace, device: str, root: Path) -> None:
         "ratio_synthnode_over_plain": ratio,
         "goal_check": goal,
     })
-    print(f"\nwrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

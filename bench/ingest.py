@@ -41,7 +41,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,15 +54,19 @@ from typing import Any
 from common import (
     LIVE_PROCESSES,
     BenchError,
+    dcmtk,
     first_line,
+    launch_orthanc,
+    load_template,
     run_isolated,
+    save_copies,
     subset,
     tail,
     terminate,
     write_doc,
 )
 
-from node.localorthanc import OrthancProcess
+from node.localorthanc import OrthancProcess, free_port
 
 HOST = "127.0.0.1"
 SCU_AET = "BENCHSCU"
@@ -89,12 +92,6 @@ def tool_env() -> dict[str, str]:
     return dict(os.environ, TCP_NODELAY="1")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(check: Callable[[], bool], what: str, timeout_s: float,
                proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll ``check`` until it is true; BenchError after ``timeout_s`` or if ``proc`` exits."""
@@ -109,7 +106,8 @@ def wait_until(check: Callable[[], bool], what: str, timeout_s: float,
 
 
 def c_echo(ae_title: str, port: int) -> bool:
-    cmd = ["echoscu", "-aet", SCU_AET, "-aec", ae_title, "-to", "2", "-ta", "2", HOST, str(port)]
+    cmd = [dcmtk("echoscu"), "-aet", SCU_AET, "-aec", ae_title, "-to", "2", "-ta", "2", HOST,
+           str(port)]
     try:
         done = subprocess.run(cmd, env=tool_env(), capture_output=True, timeout=10)
     except subprocess.TimeoutExpired:
@@ -130,27 +128,15 @@ class DataSet:
 
 def make_dataset(size_class: str, template_name: str, count: int, root: Path) -> DataSet:
     """``count`` copies of a pydicom test file, each with a new SOP Instance UID."""
-    from pydicom import dcmread
-    from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    template = get_testdata_file(template_name)
-    if template is None:
-        raise BenchError(f"pydicom test file {template_name} not found (install pydicom-data)")
-    ds = dcmread(template)
+    ds = load_template(template_name)
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     folder = root / size_class
     folder.mkdir(parents=True)
-    total = 0
-    for i in range(count):
-        uid = generate_uid()
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.InstanceNumber = i + 1
-        path = folder / f"{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        total += path.stat().st_size
+    paths = save_copies(ds, count, lambda i: folder / f"{i:05d}.dcm")
+    total = sum(path.stat().st_size for path in paths)
     return DataSet(size_class, folder, count, total)
 
 
@@ -211,7 +197,10 @@ class NodeReceiver(Receiver):
 
     def prepare(self) -> None:
         super().prepare()
+        # The receiver alone: no rules (it routes nothing and needs no key), no worker
+        # processes (their start-up would share the CPUs with the first C-STOREs).
         self.config.write_text(
+            "rules = []\n"
             "[node]\n"
             f'ae_title = "{self.ae_title}"\n'
             f'host = "{HOST}"\n'
@@ -221,6 +210,9 @@ class NodeReceiver(Receiver):
             f'dir = "{self.storage}"\n'
             "fsync = true\n"
             "stable_after_s = 3600\n"
+            "[jobs]\n"
+            "cpu_workers = 0\n"
+            "gpu_workers = 0\n"
         )
 
     def command(self) -> list[str]:
@@ -236,7 +228,7 @@ class StorescpReceiver(Receiver):
     ae_title = "STORESCP"
 
     def command(self) -> list[str]:
-        return ["storescp", "-aet", self.ae_title, "-od", str(self.storage), str(self.port)]
+        return [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.storage), str(self.port)]
 
     def count_received(self) -> int:
         return sum(1 for p in self.storage.iterdir() if p.is_file())
@@ -251,9 +243,7 @@ class OrthancReceiver(Receiver):
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
-        http_port = free_port()
-        while http_port == self.port:
-            http_port = free_port()
+        http_port = free_port({self.port})
         self.orthanc = OrthancProcess(
             workdir, aet=self.ae_title, username=None, http_port=http_port,
             dicom_port=self.port, overrides={"Name": "synthnode-bench"},
@@ -261,13 +251,7 @@ class OrthancReceiver(Receiver):
         assert self.orthanc.storage == self.storage and self.orthanc.log_path == self.log_path
 
     def start(self) -> None:
-        try:
-            self.orthanc.start(START_TIMEOUT_S)  # returns once HTTP /system answers
-        except RuntimeError as exc:
-            raise BenchError(f"orthanc: {exc}") from None
-        self.proc = self.orthanc.proc
-        assert self.proc is not None
-        LIVE_PROCESSES.add(self.proc)
+        self.proc = launch_orthanc(self.orthanc, START_TIMEOUT_S)  # once HTTP /system answers
         try:
             self.wait_ready()
         except BenchError as exc:
@@ -301,7 +285,7 @@ class Run:
 
 def send_all(data: DataSet, receiver: Receiver) -> float:
     """storescu every file of ``data`` over one association; seconds of wall clock."""
-    cmd = ["storescu", "-aet", SCU_AET, "-aec", receiver.ae_title,
+    cmd = [dcmtk("storescu"), "-aet", SCU_AET, "-aec", receiver.ae_title,
            "-R",  # propose only the contexts the files need (with their own transfer syntax)
            "-to", "10", "-ts", "60",
            "+sd", HOST, str(receiver.port), str(data.folder)]
@@ -439,7 +423,7 @@ def environment() -> dict[str, Any]:
         "pynetdicom": version("pynetdicom"),
         "pydicom": version("pydicom"),
         "python": platform.python_version(),
-        "dcmtk": first_line(["storescu", "--version"]),
+        "dcmtk": first_line([dcmtk("storescu"), "--version"]),
         "orthanc": first_line(["Orthanc", "--version"]),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
@@ -519,7 +503,6 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
     checks = goal_checks(node_ratios)
     print_report(results, node_ratios, checks)
     write_json(args.out, args, datasets, runs, results, node_ratios, checks)
-    print(f"\nwrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,9 +98,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import LIVE_PROCESSES, REPO, BenchError, run_isolated, tail, write_doc
-from deid import SETTLE_BUSY, PartsMeter, node_snapshot, process_cpu_s, settle
-from ingest import HOST, START_TIMEOUT_S, environment, tool_env
+from common import (
+    BenchError,
+    add_run_options,
+    dcmtk,
+    launch_orthanc,
+    load_template,
+    run_isolated,
+    save_copies,
+    stop_orthanc,
+    tail,
+    write_doc,
+)
+from deid import PartsMeter, load_note, process_cpu_s, settle_or_warn, use_node_rev
+from ingest import START_TIMEOUT_S, environment, tool_env
 from pipeline import NodeOptions, PipelineNode, children_of
 
 from node.localorthanc import OrthancProcess
@@ -114,7 +125,6 @@ UPLOAD_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 300.0
 BACKFILL_TIMEOUT_S = 600.0
 ORTHANC_PATH_TIMEOUT_S = 600.0
-FOREIGN_WARN = 0.10
 CPUS = os.cpu_count() or 1
 GOAL_RATIO = 1.0
 GOAL_TEXT = (f"goal: synthnode backfill >= {GOAL_RATIO:.1f}x Orthanc's anonymize + peer "
@@ -128,14 +138,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "mirror.json"
 def make_studies(folder: Path, studies: int, per_study: int, patients: int) -> list[list[Path]]:
     """``studies`` studies of ``per_study`` CT_small copies, dealt to ``patients`` patients,
     one week apart; the files, study by study."""
-    from pydicom import dcmread
-    from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    template = get_testdata_file("CT_small.dcm")
-    if template is None:
-        raise BenchError("pydicom test file CT_small.dcm not found (install pydicom-data)")
-    ds = dcmread(template)
+    ds = load_template("CT_small.dcm")
     folder.mkdir(parents=True)
     out = []
     for s in range(studies):
@@ -149,16 +154,8 @@ def make_studies(folder: Path, studies: int, per_study: int, patients: int) -> l
             setattr(ds, keyword, day)
         ds.StudyInstanceUID = generate_uid()
         ds.SeriesInstanceUID = generate_uid()
-        files = []
-        for i in range(per_study):
-            uid = generate_uid()
-            ds.SOPInstanceUID = uid
-            ds.file_meta.MediaStorageSOPInstanceUID = uid
-            ds.InstanceNumber = i + 1
-            path = folder / f"{s:03d}_{i:04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
-        out.append(files)
+        names = [folder / f"{s:03d}_{i:04d}.dcm" for i in range(per_study)]
+        out.append(save_copies(ds, per_study, names.__getitem__))
     return out
 
 
@@ -171,32 +168,16 @@ class Archives:
     research: OrthancProcess
 
 
-def start(orthanc: OrthancProcess) -> None:
-    try:
-        orthanc.start(START_TIMEOUT_S)
-    except RuntimeError as exc:
-        raise BenchError(f"orthanc: {exc}") from None
-    assert orthanc.proc is not None
-    LIVE_PROCESSES.add(orthanc.proc)
-
-
-def stop(orthanc: OrthancProcess) -> None:
-    proc = orthanc.proc
-    orthanc.stop(kill=True)  # storage is temporary: no need for its ~3.5 s graceful stop
-    if proc is not None:
-        LIVE_PROCESSES.discard(proc)
-
-
 def start_archives(workdir: Path, files: list[Path]) -> Archives:
     """A research Orthanc, and a clinical one (research as its peer) holding ``files``."""
     research = OrthancProcess(workdir / "research", aet="RESEARCH", password=PASSWORD,
                               overrides={"Name": "bench-research"})
-    start(research)
+    launch_orthanc(research, START_TIMEOUT_S)
     clinical = OrthancProcess(workdir / "clinical", aet="CLINICAL", password=PASSWORD,
                               overrides={"Name": "bench-clinical"})
     clinical.config["OrthancPeers"] = {"research": {
         "Url": research.url + "/", "Username": research.username, "Password": PASSWORD}}
-    start(clinical)
+    launch_orthanc(clinical, START_TIMEOUT_S)
     archives = Archives(clinical, research)
     try:
         with ThreadPoolExecutor(4) as pool:  # not timed
@@ -212,8 +193,8 @@ def start_archives(workdir: Path, files: list[Path]) -> Archives:
 
 
 def stop_archives(archives: Archives) -> None:
-    stop(archives.clinical)
-    stop(archives.research)
+    stop_orthanc(archives.clinical)
+    stop_orthanc(archives.research)
 
 
 def research_summary(research: OrthancProcess, originals: set[str]) -> dict[str, Any]:
@@ -302,14 +283,7 @@ class MirrorNode(PipelineNode):
 
     def prepare(self) -> None:
         self.storage.mkdir(parents=True)
-        o = self.options
-        lines = [
-            "[node]", f'ae_title = "{self.ae_title}"', f'host = "{HOST}"', f"port = {self.port}",
-            "[spool]", f'dir = "{self.storage}"', "fsync = true",
-            f"stable_after_s = {o.stable_after_s}", f"check_interval_s = {o.check_interval_s}",
-            "[jobs]", f"cpu_workers = {o.cpu_workers}", "gpu_workers = 0",
-            "[deid]", f'key = "{DEID_KEY}"',
-        ]
+        lines = self.settings_lines(DEID_KEY)
         for name, orthanc in (("research", self.archives.research),
                               ("clinical", self.archives.clinical)):
             lines += ["[[destinations]]", f'name = "{name}"', f'url = "{orthanc.url}"',
@@ -323,11 +297,7 @@ class MirrorNode(PipelineNode):
 
 def quiet(settle_s: float) -> float:
     os.sync()
-    busy = settle(settle_s)
-    if busy >= SETTLE_BUSY:
-        print(f"  (machine still {100 * busy:.0f} % busy after {settle_s:g} s: measuring "
-              "anyway)", flush=True)
-    return busy
+    return settle_or_warn(settle_s)
 
 
 def measure_synthnode(files: list[Path], studies: int, repetition: int, workdir: Path,
@@ -531,13 +501,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paths", default="synthnode,orthanc",
                    help="what to measure: synthnode, orthanc or both (synthnode,orthanc)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 studies x 10, 1 repeat")
-    p.add_argument("--settle", type=float, default=60.0,
-                   help="before each run, wait up to this long for the CPUs to be quiet (60)")
-    p.add_argument("--node-rev", default=None,
-                   help="run node/ as committed at this git revision (e.g. HEAD), not the "
-                        "working tree's (for when node/ is mid-edit)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
+    add_run_options(p, DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.quick:
         args.studies, args.per_study, args.repeat = 4, 10, 1
@@ -559,6 +523,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_tools() -> None:
+    dcmtk("echoscu")  # the node's readiness check (a C-ECHO) runs dcmtk's
     if shutil.which("Orthanc") is None:
         raise BenchError("`Orthanc` not found on PATH (Debian package orthanc)")
     if not Path(sys.executable).with_name("synthnode").exists():
@@ -577,14 +542,7 @@ def check_options(options: list[str]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> None:
-    if args.node_rev:
-        snapshot = node_snapshot(args.node_rev, root / "node-rev")
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            [str(snapshot), *filter(None, [os.environ.get("PYTHONPATH")])])
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.node_rev],
-                                capture_output=True, text=True, timeout=30).stdout.strip()
-        args.node_commit = commit or None
-        print(f"node/ as committed at {args.node_rev} ({commit[:12]}), from {snapshot}")
+    args.node_commit = use_node_rev(args.node_rev, root / "node-rev")
     check_options(args.deid_options)
     n = args.studies * args.per_study
     print(f"mirror benchmark: {args.studies} studies x {args.per_study} CT_small = {n} "
@@ -609,9 +567,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
             runs.append(run)
             if not args.keep:  # else the logs stay for a look
                 shutil.rmtree(workdir, ignore_errors=True)
-            extra = f", other load {100 * run.other_share:.0f} %"
-            if run.other_share > FOREIGN_WARN:
-                extra += " (busy machine: figures suspect)"
+            extra = load_note(run.other_share)
             if run.jobs_done_s is not None:
                 extra = f" (last job done at {run.jobs_done_s:.3f} s)" + extra
             print(f"  run {repetition}/{args.repeat} {path:<10} {n:>5} in {run.seconds:7.3f} s "
@@ -636,7 +592,6 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
         "runs": [asdict(r) for r in runs],
     }
     write_doc(args.out, doc)
-    print(f"\nwrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,8 +70,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import LIVE_PROCESSES, REPO, BenchError, run_isolated, tail, write_doc
-from deid import SETTLE_BUSY, PartsMeter, node_snapshot, own_cpu_s, process_cpu_s, settle
+from common import (
+    BenchError,
+    add_run_options,
+    dcmtk,
+    launch_orthanc,
+    load_template,
+    run_isolated,
+    save_copies,
+    stop_orthanc,
+    tail,
+    write_doc,
+)
+from deid import PartsMeter, load_note, own_cpu_s, process_cpu_s, settle_or_warn, use_node_rev
 from ingest import HOST, SCU_AET, START_TIMEOUT_S, NodeReceiver, environment, tool_env
 
 from node.localorthanc import OrthancProcess
@@ -83,7 +94,6 @@ WORKERS_TIMEOUT_S = 60.0
 OUTPUTS_TIMEOUT_S = 300.0
 THROUGHPUT_POLL_S = 0.05
 LATENCY_POLL_S = 0.02
-FOREIGN_WARN = 0.10
 CPUS = os.cpu_count() or 1
 RATIO_GOAL = 0.8
 LATENCY_GOAL_S = 1.0
@@ -93,14 +103,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "pipeline.json"
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def dcmtk(tool: str) -> str:
-    """dcmtk's program by path: the venv's pynetdicom scripts of the same names differ."""
-    path = shutil.which(tool, path="/usr/bin:/usr/local/bin")
-    if path is None:
-        raise BenchError(f"dcmtk's `{tool}` not found in /usr/bin (Debian package dcmtk)")
-    return path
 
 
 def send(files: list[Path], port: int, ae_title: str) -> tuple[float, float]:
@@ -123,14 +125,9 @@ def send(files: list[Path], port: int, ae_title: str) -> tuple[float, float]:
 
 def make_studies(folder: Path, studies: int, per_study: int, tag: str) -> list[list[Path]]:
     """``studies`` studies of ``per_study`` CT_small copies each; the files, study by study."""
-    from pydicom import dcmread
-    from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    template = get_testdata_file("CT_small.dcm")
-    if template is None:
-        raise BenchError("pydicom test file CT_small.dcm not found (install pydicom-data)")
-    ds = dcmread(template)
+    ds = load_template("CT_small.dcm")
     folder.mkdir(parents=True)
     out = []
     for s in range(studies):
@@ -138,16 +135,8 @@ def make_studies(folder: Path, studies: int, per_study: int, tag: str) -> list[l
         ds.PatientID = f"BENCH-{tag}-{s:03d}"
         ds.StudyInstanceUID = generate_uid()
         ds.SeriesInstanceUID = generate_uid()
-        files = []
-        for i in range(per_study):
-            uid = generate_uid()
-            ds.SOPInstanceUID = uid
-            ds.file_meta.MediaStorageSOPInstanceUID = uid
-            ds.InstanceNumber = i + 1
-            path = folder / f"{tag}{s:03d}_{i:04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
-        out.append(files)
+        names = [folder / f"{tag}{s:03d}_{i:04d}.dcm" for i in range(per_study)]
+        out.append(save_copies(ds, per_study, names.__getitem__))
     return out
 
 
@@ -194,17 +183,21 @@ class PipelineNode(NodeReceiver):
         self.options = options
         self.orthanc = orthanc
 
-    def prepare(self) -> None:
-        self.storage.mkdir(parents=True)
+    def settings_lines(self, deid_key: str) -> list[str]:
+        """The TOML lines of [node], [spool], [jobs] and [deid] (its key ``deid_key``)."""
         o = self.options
-        lines = [] if self.orthanc else ["rules = []"]
-        lines += [
+        return [
             "[node]", f'ae_title = "{self.ae_title}"', f'host = "{HOST}"', f"port = {self.port}",
             "[spool]", f'dir = "{self.storage}"', "fsync = true",
             f"stable_after_s = {o.stable_after_s}", f"check_interval_s = {o.check_interval_s}",
             "[jobs]", f"cpu_workers = {o.cpu_workers}", "gpu_workers = 0",
-            "[deid]", f'key = "{DEID_KEY}"',
+            "[deid]", f'key = "{deid_key}"',
         ]
+
+    def prepare(self) -> None:
+        self.storage.mkdir(parents=True)
+        lines = [] if self.orthanc else ["rules = []"]
+        lines += self.settings_lines(DEID_KEY)
         if self.orthanc is not None:
             lines += ["[orthanc]", f'url = "{self.orthanc.url}"',
                       f'username = "{self.orthanc.username}"',
@@ -239,20 +232,8 @@ class PipelineNode(NodeReceiver):
 
 def start_orthanc(workdir: Path) -> OrthancProcess:
     orthanc = OrthancProcess(workdir / "orthanc", overrides={"Name": "synthnode-bench"})
-    try:
-        orthanc.start(START_TIMEOUT_S)
-    except RuntimeError as exc:
-        raise BenchError(f"orthanc: {exc}") from None
-    assert orthanc.proc is not None
-    LIVE_PROCESSES.add(orthanc.proc)
+    launch_orthanc(orthanc, START_TIMEOUT_S)
     return orthanc
-
-
-def stop_orthanc(orthanc: OrthancProcess) -> None:
-    proc = orthanc.proc
-    orthanc.stop(kill=True)  # storage is temporary: no need for its ~3.5 s graceful stop
-    if proc is not None:
-        LIVE_PROCESSES.discard(proc)
 
 
 def wait_outputs(orthanc: OrthancProcess, expected: int, poll_s: float,
@@ -581,13 +562,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instances per latency study (4)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 studies x 20, 1 repeat, 2 latency studies")
-    p.add_argument("--settle", type=float, default=60.0,
-                   help="before each run, wait up to this long for the CPUs to be quiet (60)")
-    p.add_argument("--node-rev", default=None,
-                   help="run node/ as committed at this git revision (e.g. HEAD), not the "
-                        "working tree's (for when node/ is mid-edit)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
+    add_run_options(p, DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.quick:
         args.studies, args.per_study, args.repeat, args.latency_studies = 2, 20, 1, 2
@@ -612,24 +587,14 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
     print(f"pipeline benchmark: {args.studies} studies x {args.per_study} CT_small = {n} "
           f"instances, {args.repeat} runs per path, {args.cpu_workers} cpu workers, stable "
           f"after {args.stable_after:g} s; {GOAL_TEXT}")
-    if args.node_rev:
-        snapshot = node_snapshot(args.node_rev, root / "node-rev")
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            [str(snapshot), *filter(None, [os.environ.get("PYTHONPATH")])])
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.node_rev],
-                                capture_output=True, text=True, timeout=30).stdout.strip()
-        args.node_commit = commit or None
-        print(f"node/ as committed at {args.node_rev} ({commit[:12]}), from {snapshot}")
+    args.node_commit = use_node_rev(args.node_rev, root / "node-rev")
     print(f"making data in {root} ...", flush=True)
     studies = make_studies(root / "data" / "throughput", args.studies, args.per_study, "T")
     files = [f for study in studies for f in study]
     runs: list[ThroughputRun] = []
     for repetition in range(1, args.repeat + 1):
         for path in ("plain", "pipeline"):
-            busy = settle(args.settle)
-            if busy >= SETTLE_BUSY:
-                print(f"  (machine still {100 * busy:.0f} % busy after {args.settle:g} s: "
-                      "measuring anyway)", flush=True)
+            settle_or_warn(args.settle)
             workdir = root / f"{path}-{repetition}"
             run = (measure_plain(files, repetition, workdir, options) if path == "plain"
                    else measure_pipeline(studies, repetition, workdir, options))
@@ -637,10 +602,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
             if not args.keep:  # else the logs stay for a look
                 shutil.rmtree(workdir, ignore_errors=True)
             extra = (f" (storescu {run.storescu_s:.3f} s)" if path == "pipeline" else "")
-            other = run.cpu_s["other"] / (run.total_s * CPUS)
-            extra += f", other load {100 * other:.0f} %"
-            if other > FOREIGN_WARN:
-                extra += " (busy machine: figures suspect)"
+            extra += load_note(run.cpu_s["other"] / (run.total_s * CPUS))
             print(f"  run {repetition}/{args.repeat} {path:<8} {n:>5} in {run.total_s:7.3f} s "
                   f"({n / run.total_s:7.1f}/s){extra}", flush=True)
     latency: list[LatencyRun] = []
@@ -671,7 +633,6 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
         "latency_runs": [asdict(r) for r in latency],
     }
     write_doc(args.out, doc)
-    print(f"\nwrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

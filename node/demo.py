@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.config import load_settings
-from node.localorthanc import OrthancProcess, free_port, isolate_network
+from node.localorthanc import OrthancProcess, dcmtk, free_port, isolate_network
 from node.samples import make_study
 
 SAMPLES = (("CT_small.dcm", 4), ("RG1_UNCR.dcm", 1))  # (pydicom test file, instances)
@@ -128,8 +128,7 @@ def run_demo(workdir: Path | None = None, timeout_s: float = 300.0) -> int:
         files = [p for s in studies for p in s]
         _say(f"3. sending {len(studies)} sample studies ({len(files)} instances, patient "
              f"{DEMO_PATIENT[0]}) with dcmtk storescu")
-        storescu = shutil.which("storescu", path="/usr/bin") or "storescu"
-        sent = subprocess.run([storescu, "-aec", "SYNTHNODE", "127.0.0.1", str(port),
+        sent = subprocess.run([dcmtk("storescu"), "-aec", "SYNTHNODE", "127.0.0.1", str(port),
                                *map(str, files)], capture_output=True, text=True, env=env,
                               timeout=120)
         if sent.returncode != 0:

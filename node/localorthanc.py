@@ -11,6 +11,7 @@ import base64
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,16 @@ ISOLATED_ENV = "SYNTHNODE_ISOLATED"
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
+
+
+def dcmtk(tool: str) -> str:
+    """dcmtk's program (Debian's package), not pynetdicom's console script of the same name
+    that a virtual environment puts first on PATH; FileNotFoundError when it is missing."""
+    path = shutil.which(tool, path="/usr/bin:/usr/local/bin")
+    if path is None:
+        raise FileNotFoundError(f"dcmtk's {tool} is not installed (Debian package dcmtk: "
+                                "run .ci/setup)")
+    return path
 
 
 def isolate_network() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,18 +18,11 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE, _config
 
+from node.localorthanc import dcmtk as dcmtk  # re-exported for the tests
 from node.samples import make_study as make_study  # re-exported for the tests
 from node.samples import sample_file as sample_file
 
 SYNTHNODE = [sys.executable, "-m", "node"]
-
-
-def dcmtk(tool: str) -> str:
-    """dcmtk's program, not pynetdicom's console script of the same name in the venv."""
-    path = shutil.which(tool, path="/usr/bin:/usr/local/bin")
-    if path is None:
-        raise RuntimeError(f"dcmtk's {tool} is not installed: run .ci/setup")
-    return path
 
 
 def _toml_value(value: Any) -> str:
