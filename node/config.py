@@ -244,6 +244,33 @@ class DeidOutput(StrEnum):
     """A Secondary Capture built by the SC writer."""
 
 
+class PixelFill(StrEnum):
+    """How hidden pixels (burned-in text) are filled."""
+
+    BLACK = "black"
+    """The value that displays black whatever the window."""
+
+    INPAINT = "inpaint"
+    """Blanked, then regenerated anatomy from the generation stage's inpainting model."""
+
+
+DEFAULT_TEXT_ALLOWLIST = (
+    # laterality and markers
+    "L", "R", "LT", "RT", "LEFT", "RIGHT", "BIL", "BILAT", "BILATERAL",
+    # projections, views and positioning
+    "AP", "PA", "LAT", "LATERAL", "LL", "RL", "OBL", "OBLIQUE", "LAO", "RAO", "LPO", "RPO",
+    "CC", "MLO", "ML", "LM", "XCCL", "SUPINE", "PRONE", "ERECT", "UPRIGHT", "STANDING",
+    "SITTING", "DECUB", "DECUBITUS", "PORTABLE", "PORT", "SEMI", "SEMIERECT", "INSP", "EXP",
+    "FLEX", "EXT", "WB", "AXIAL", "AX", "SAG", "COR", "CORONAL", "SAGITTAL", "TRANSVERSE",
+    "TRV", "LONG", "SUP", "INF", "ANT", "POST", "MED", "H", "F", "A", "P",
+    # ruler and scale labels: units and short numbers
+    "CM", "MM", "M", "IN", r"\d{1,3}", r"\d{1,3}[.,]\d{1,2}", r"\d{1,3}(CM|MM)",
+)
+"""Tokens (regular expressions over whole tokens, case-insensitive) that burned-in text may
+keep: laterality, view and positioning words, ruler and scale labels. None identifies anyone;
+a token that equals one of the source's own identifying values is hidden all the same."""
+
+
 class PixelRule(_Section):
     """``[[deid.pixel_rules]]``: where an imaging device burns text into its pixels (the idea
     of CTP's DicomPixelAnonymizer signatures). Every given criterion must match."""
@@ -257,9 +284,9 @@ class PixelRule(_Section):
     regions: list[tuple[int, int, int, int]] = Field(
         min_length=1, description="rectangles to blank: [x (column), y (row), width, height]"
     )
-    fill: str = Field("black", pattern=r"^(black|inpaint)$",
-                      description='"black", or "inpaint" (generated anatomy; the generation '
-                                  "stage provides it)")
+    fill: PixelFill = Field(PixelFill.BLACK,
+                            description='"black", or "inpaint" (generated anatomy; the '
+                                        "generation stage provides it)")
 
 
 class DeidSettings(_Section):
@@ -278,6 +305,28 @@ class DeidSettings(_Section):
         True, description="false: pass such images on, marked Burned In Annotation YES"
     )
     pixel_rules: list[PixelRule] = Field(default_factory=list)
+    detect_text: bool = Field(
+        True, description="find text burned into every image (OCR, offline) and hide it"
+    )
+    detect_text_skip_modalities: list[str] = Field(
+        default_factory=list,
+        description="modalities whose images are not searched for text (their pixels then "
+                    "follow pixel_rules and burned_in_modalities alone)",
+    )
+    text_allowlist: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEXT_ALLOWLIST),
+        description="tokens burned-in text may keep (regular expressions over whole tokens, "
+                    "case-insensitive); text matching the source's identifiers is hidden anyway",
+    )
+    text_fill: PixelFill = Field(PixelFill.BLACK, description="how hidden text is filled")
+    verify_text: bool = Field(
+        True, description="search cleaned images again; release only when no text is left "
+                          "(false: never Burned In Annotation NO)",
+    )
+    text_max_area: float = Field(
+        0.3, gt=0, le=1, description="an image whose text covers more than this fraction is "
+                                     "quarantined (a scanned document) instead of blanked",
+    )
 
     key: str = Field(
         "", description="secret for pseudonyms and UID remapping: SYNTHNODE__DEID__KEY"
@@ -286,7 +335,8 @@ class DeidSettings(_Section):
     @property
     def needs_inpainter(self) -> bool:
         """Whether a pixel rule fills with generated anatomy (the generation stage)."""
-        return any(rule.fill == "inpaint" for rule in self.pixel_rules)
+        return self.text_fill is PixelFill.INPAINT or any(
+            rule.fill is PixelFill.INPAINT for rule in self.pixel_rules)
     options: list[DeidOption] = Field(default_factory=list)
     date_shift_max_days: int = Field(
         365, ge=1, le=3650, description="modified dates move back 1..N days, per patient"

@@ -1,4 +1,4 @@
-"""Clean Pixel Data: rules blank exactly their rectangles, in every frame, black on screen;
+"""Clean Pixel Data with text detection off: rules blank exactly their rectangles, in every frame, black on screen;
 unmatched burned-in images are held back; outputs are uncompressed, decodable and valid."""
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ BOX = (10, 20, 30, 15)  # x (column), y (row), width, height
 
 
 def settings(*rules: PixelRule, **deid: object) -> DeidSettings:
+    """Rules alone (text detection off: it is tested in test_deid_text.py)."""
+    deid.setdefault("detect_text", False)
     return DeidSettings(key=KEY, pixel_rules=list(rules), **deid)
 
 

@@ -57,6 +57,7 @@ from node.deid.pixels import (
     likely_recognizable,
 )
 from node.deid.profile import CODE, Profile, iod_type
+from node.deid.text import shared_finder
 from node.dicom import Deidentification, TemporalInformation, mark_deidentified
 from node.uids import derive_uid
 
@@ -141,6 +142,7 @@ class Deidentifier:
         self.profile = Profile(self.options)
         self.type_of = type_of
         self.inpainter = inpainter
+        self.finder = shared_finder() if settings.detect_text else None
         try:
             check_rules(settings.pixel_rules)
         except ValueError as exc:
@@ -181,7 +183,7 @@ class Deidentifier:
         options only where its pixels are clean)."""
         edition = self.profile.edition.split(",")[0].replace("DICOM ", "")
         claimed = set(self.options)
-        if not pixels_clean or burned_in:
+        if not pixels_clean:
             claimed.discard(DeidOption.CLEAN_PIXEL_DATA)
         if recognizable:
             claimed.discard(DeidOption.CLEAN_RECOGNIZABLE_VISUAL_FEATURES)
@@ -213,6 +215,7 @@ class Deidentifier:
             raise Quarantined("structured report with free text: its content would be removed "
                               "(enable the clean_structured_content option to keep it, cleaned)")
         synthetic = str(source.get("SyntheticData", "")).upper() == "YES"
+        identifiers = self.identifiers(source)  # before anything of it is changed
         ds = source if in_place else copy.deepcopy(source)
         subject = str(ds.get("PatientID", "") or ds.get("PatientName", "") or
                       ds.get("StudyInstanceUID", ""))
@@ -226,16 +229,17 @@ class Deidentifier:
         ds.PatientID = pseudonym
         ds.PatientName = f"ANONYMOUS^{pseudonym}"
         try:
-            pixels = clean_pixels(ds, self.settings, self.inpainter) if "PixelData" in ds else None
+            pixels = clean_pixels(ds, self.settings, self.inpainter, identifiers=identifiers,
+                                  finder=self.finder) if "PixelData" in ds else None
         except PixelDataError as exc:
             raise Quarantined(f"pixel data cannot be cleaned: {exc}") from None
         if pixels is not None and pixels.verdict is PixelVerdict.QUARANTINE:
             raise Quarantined(pixels.reason)
         record = self.record(
-            burned_in=pixels is not None and pixels.verdict is PixelVerdict.PASSED_MARKED,
+            burned_in=str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
             recognizable=bool(recognizable),
-            pixels_clean=pixels is None or pixels.verdict in (PixelVerdict.CLEAN,
-                                                              PixelVerdict.CLEANED),
+            pixels_clean=pixels is None or (
+                pixels.verdict in (PixelVerdict.CLEAN, PixelVerdict.CLEANED) and pixels.verified),
         )
         mark_deidentified(ds, record, self.output, synthetic=synthetic)
         if hasattr(ds, "file_meta") and "SOPInstanceUID" in ds:
