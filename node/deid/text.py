@@ -41,7 +41,7 @@ from node.pixeldata import Region
 
 DETECT_MIN_SIDE = 512
 """Frames whose shorter side is below this are enlarged to it (at most :data:`MAX_UPSCALE`)."""
-DETECT_MAX_SIDE = 1280
+DETECT_MAX_SIDE = 1024
 """Frames whose longer side is above this are reduced to it."""
 MAX_UPSCALE = 4.0
 
@@ -127,6 +127,9 @@ class TextFinder:
                 "Rec.model_path": str(models / REC_MODEL),
                 "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
                 "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                # crops are padded to the widest in their batch, not to 320 px: a short
+                # line costs what its width costs
+                "Rec.rec_img_shape": [3, 48, 48],
             })
             self._rec = ocr._load_rec_model()  # the recognizer alone, to read crops in batches
         return self._rec
@@ -145,26 +148,25 @@ class TextFinder:
 
     def read(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         """The text of each straightened line crop (uint8, 2D) and the recognizer's
-        confidence, each read both ways up (vertical lines: turned left and right)."""
+        confidence; a vertical crop is read turned left and turned right."""
         if not crops:
             return []
         from rapidocr.ch_ppocr_rec import TextRecInput
 
-        images = []
-        for crop in crops:
+        images, owner = [], []
+        for i, crop in enumerate(crops):
             turned = ((np.rot90(crop), np.rot90(crop, 3)) if crop.shape[0] > 1.5 * crop.shape[1]
-                      else (crop, np.rot90(crop, 2)))
-            images += [np.repeat(np.ascontiguousarray(t)[..., None], 3, axis=-1)
-                       for t in turned]
+                      else (crop,))
+            for t in turned:
+                images.append(np.repeat(np.ascontiguousarray(t)[..., None], 3, axis=-1))
+                owner.append(i)
         with self._lock:
             result = self._recognizer()(TextRecInput(img=images))
-        texts = list(result.txts or ())
-        scores = [float(v) for v in result.scores]
-        out = []
-        for i in range(len(crops)):
-            pair = [(texts[2 * i], scores[2 * i]), (texts[2 * i + 1], scores[2 * i + 1])]
-            out.append(max(pair, key=lambda p: p[1]))
-        return out
+        best: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        for i, text, score in zip(owner, result.txts or (), result.scores, strict=True):
+            if float(score) > best[i][1]:
+                best[i] = (str(text), float(score))
+        return best
 
 
 @functools.cache
