@@ -30,7 +30,16 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12
 from pydicom.valuerep import VR
 
 from node.config import DeidSettings, PixelFill, PixelRule
-from node.deid.text import Found, Policy, TextFinder, TextKind, find_text, shared_finder
+from node.deid.text import (
+    Found,
+    Policy,
+    TextFinder,
+    TextKind,
+    find_text,
+    outline_mask,
+    shared_finder,
+    views,
+)
 from node.pixeldata import PixelDataError, Region, decode_frames, transfer_syntax
 
 """A rectangle: x (first column), y (first row), width (columns), height (rows)."""
@@ -316,43 +325,52 @@ def _detect_and_hide(
     count = frames.shape[0]
     searched = _sample(count)
     found = find_text(frames, searched, ds, photometric, finder, policy)
-    text_regions = 0
+    # what the image showed that may stay (a later search can read the edge of a blanked box
+    # as "1" or "L": that is not text the image carries)
+    kept = [f for f in found if f.kind is TextKind.ALLOWED]
+    covered = np.zeros((rows, columns), bool)
+    text_lines = 0
     for attempt in range(3):
         to_hide = [f for f in found if f.kind is not TextKind.ALLOWED]
         if not to_hide and len(searched) == count:
             break  # every frame searched after the last change: verified
         if to_hide:
+            where = rule.name if rule else ""
             if attempt == 2:
-                return PixelResult(PixelVerdict.QUARANTINE, rule=rule.name if rule else "",
+                return PixelResult(PixelVerdict.QUARANTINE, rule=where,
                                    reason=f"text still found after hiding it: {_where(to_hide)}")
-            regions = _merge([f.region for f in to_hide])
-            area = _coverage(hidden + regions, rows, columns)
+            mask = outline_mask(to_hide, rows, columns)
+            document = _document(frames[to_hide[0].frame], ds, photometric, covered | mask)
+            if document:
+                return PixelResult(PixelVerdict.QUARANTINE, rule=where,
+                                   reason=f"{document}: {_where(to_hide)}")
+            area = float((covered | mask).mean())
             if area > settings.text_max_area:
                 return PixelResult(
-                    PixelVerdict.QUARANTINE, rule=rule.name if rule else "",
+                    PixelVerdict.QUARANTINE, rule=where,
                     reason=f"text covers {area:.0%} of the image (more than text_max_area "
-                           f"{settings.text_max_area:.0%}: a document, not an image): "
-                           f"{_where(to_hide)}")
-            frames = _hide(frames, regions, black, fill, inpainter, ds, "[deid] text_fill")
-            hidden += regions
-            text_regions += len(regions)
+                           f"{settings.text_max_area:.0%}): {_where(to_hide)}")
+            frames = _hide_mask(frames, mask, [f.region for f in to_hide], black, fill,
+                                inpainter, ds)
+            covered |= mask
+            text_lines += len(to_hide)
         if not settings.verify_text:
             break
         searched = list(range(count))
         found = find_text(frames, searched, ds, photometric, finder, policy)
     verified = len(searched) == count and not any(
         f.kind is not TextKind.ALLOWED for f in found)
-    kept = [f for f in found if f.kind is TextKind.ALLOWED]
+    changed = bool(hidden) or text_lines > 0
 
     # 4. write back what changed; mark
-    if hidden:
+    if changed:
         _encode(ds, frames, photometric)
     ds.BurnedInAnnotation = "YES" if kept or not verified else "NO"
-    if text_regions:
-        notes.append(f"{text_regions} text region(s) hidden")
+    if text_lines:
+        notes.append(f"{text_lines} text line(s) hidden")
     if kept:
         notes.append(f"{len(kept)} allowlisted line(s) kept")
-    if not hidden:
+    if not changed:
         return PixelResult(PixelVerdict.CLEAN, reason="no text found" + (
             f" ({'; '.join(notes)})" if notes else ""), kept_text=bool(kept), verified=verified)
     return PixelResult(PixelVerdict.CLEANED, rule=rule.name if rule else "",
@@ -370,16 +388,35 @@ def _hide(frames: np.ndarray, regions: list[Region], black: int, fill: PixelFill
     return frames
 
 
-def _merge(regions: list[Region]) -> list[Region]:
-    """Distinct rectangles (frames found in sampled searches repeat the same lines)."""
-    return list(dict.fromkeys(regions))
+def _hide_mask(frames: np.ndarray, mask: np.ndarray, regions: list[Region], black: int,
+               fill: PixelFill, inpainter: Inpainter | None, ds: Dataset) -> np.ndarray:
+    """Blank ``mask`` (the text lines' outlines) in every frame; with fill "inpaint", the
+    rectangles that hold them are regenerated (inpainting works on rectangles)."""
+    frames[:, mask] = black
+    if fill is PixelFill.INPAINT and inpainter is not None and regions:
+        frames = _hide(frames, list(dict.fromkeys(regions)), black, fill, inpainter, ds,
+                       "[deid] text_fill")
+    return frames
 
 
-def _coverage(regions: list[Region], rows: int, columns: int) -> float:
-    mask = np.zeros((rows, columns), bool)
-    for x, y, width, height in regions:
-        mask[y : y + height, x : x + width] = True
-    return float(mask.mean())
+DOCUMENT_TEXT_SHARE = 0.75
+"""An image whose text lines hold at least this share of everything that is not background
+is a document (a scanned form, a report page): blanking it would leave an empty page and
+whatever the OCR cannot read (handwriting), so it is quarantined."""
+
+
+def _document(frame: np.ndarray, ds: Dataset, photometric: str, text: np.ndarray) -> str:
+    """Why the frame is a document (empty: it is not)."""
+    view = views(frame, ds, photometric)[..., 0]
+    background = int(np.bincount(view.ravel(), minlength=256).argmax())
+    content = np.abs(view.astype(np.int16) - background) > 24
+    if content.sum() < 0.02 * content.size:
+        return ""
+    share = float((content & text).sum() / content.sum())
+    if share < DOCUMENT_TEXT_SHARE:
+        return ""
+    return (f"a document: text lines hold {share:.0%} of what is not background (scanned "
+            "forms and reports are quarantined: handwriting is not read)")
 
 
 def _apply_rule(ds: Dataset, rule: PixelRule, inpainter: Inpainter | None) -> PixelResult:

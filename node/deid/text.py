@@ -73,11 +73,13 @@ class TextKind(StrEnum):
 
 @dataclass(frozen=True)
 class Found:
-    """A line of text in one frame: its region in stored-pixel coordinates, what was read there
-    (patient data: never log it), how sure the recognizer was, and its kind."""
+    """A line of text in one frame: the rectangle that holds it and its (rotated) outline, in
+    stored-pixel coordinates; what was read there (patient data: never log it), how sure the
+    recognizer was, and its kind."""
 
     frame: int
     region: Region
+    outline: tuple[tuple[int, int], ...]
     text: str
     score: float
     kind: TextKind
@@ -344,7 +346,8 @@ class Policy:
         too short for the line (a long name misread as "L")."""
         parts = tokens(text)
         if any(p in self.identifying for p in parts) or (
-                "".join(parts) in self.identifying):
+                "".join(parts) in self.identifying) or any(
+                _contains(parts, run) for run in self.identifying_runs):
             return TextKind.IDENTIFYING
         if not parts or score < self.min_allowed_score or _DATE_OR_TIME.search(text):
             return TextKind.OTHER
@@ -353,6 +356,21 @@ class Policy:
         if all(any(p.fullmatch(t) for p in self.allowed) for t in parts):
             return TextKind.ALLOWED
         return TextKind.OTHER
+
+
+def _contains(parts: list[str], run: list[str]) -> bool:
+    """Whether ``run`` occurs in ``parts`` as consecutive tokens."""
+    n = len(run)
+    return any(parts[i:i + n] == run for i in range(len(parts) - n + 1))
+
+
+def outline_mask(found: Iterable[Found], rows: int, columns: int) -> np.ndarray:
+    """The union of the outlines of ``found`` (grown by a pixel) as a (rows, columns) bool
+    mask: what hiding them covers."""
+    mask = np.zeros((rows, columns), np.uint8)
+    for f in found:
+        cv2.fillPoly(mask, [np.asarray(f.outline, np.int32)], 1)
+    return cv2.dilate(mask, np.ones((3, 3), np.uint8)).astype(bool)
 
 
 def region_of(box: np.ndarray, scale: float, rows: int, columns: int) -> Region | None:
@@ -399,7 +417,9 @@ def find_text(frames: np.ndarray, indices: Iterable[int], ds: Dataset, photometr
         for (box, line_score, region, _), (text, score) in zip(lines, readings, strict=True):
             shape = aspect(box)
             if is_text(text, score, line_score, shape):
-                found.append(Found(int(index), region, text, score,
+                outline = tuple((int(round(x)), int(round(y)))
+                                for x, y in np.asarray(box).reshape(4, 2) / scale)
+                found.append(Found(int(index), region, outline, text, score,
                                    policy.kind(text, score, shape)))
     return found
 
