@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import functools
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -356,14 +358,27 @@ def _margins(text: str) -> tuple[int, int, int, int]:
     return top, right, bottom, left
 
 
+def _one_off_key(settings: Settings) -> Settings:
+    """``settings`` with a random [deid] key where none is set, and a note saying so."""
+    if settings.deid.key:
+        return settings
+    print("synthnode generate: note: no [deid] key is set, so this run de-identifies with a "
+          "one-off random key: its pseudonyms and UIDs will not match other runs' (set "
+          "SYNTHNODE__DEID__KEY for consistent pseudonyms)", file=sys.stderr)
+    return settings.model_copy(update={
+        "deid": settings.deid.model_copy(update={"key": secrets.token_hex(32)}),
+    })
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
     from pydicom import dcmread
     from tqdm import tqdm
 
+    from node.deid import DeidentificationError, Deidentifier, Quarantined
     from node.dicom import SeriesSpec, SynthesisTask, save_checked
-    from node.generate.tasks import Generation, Request
+    from node.generate.tasks import Generation, Request, deidentifier, synthesize
 
     settings = _settings(args)
     if args.model:
@@ -383,17 +398,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"synthnode generate: {exc}", file=sys.stderr)
         return 2
+    # Outputs are for sharing: they carry the source's pseudonym, unless told otherwise.
+    deidentified = source is not None and not args.keep_identity
+    if deidentified:
+        settings = _one_off_key(settings)
+    elif source is not None:
+        print("synthnode generate: WARNING: --keep-identity: the outputs carry the source "
+              "patient's identity (name, IDs, dates, UIDs, institution). They are for local "
+              "experiments only and must not be shared.", file=sys.stderr)
     generation = Generation(settings)
+    deid: Deidentifier | None = None
+    if deidentified:
+        try:
+            deid = deidentifier(settings.deid, settings.output, lambda: generation)
+        except DeidentificationError as exc:
+            print(f"synthnode generate: {exc}", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for index in tqdm(range(args.num), unit="image", disable=args.num < 2, file=sys.stderr):
         one = dataclasses.replace(request, seed=args.seed + index)
-        try:
-            (ds,) = generation.run(one, source)
+        try:  # each seed de-identifies its own copy: synthesize works in place
+            (made,) = synthesize(generation, [(one, copy.deepcopy(source))], deid)
+        except DeidentificationError as exc:
+            print(f"synthnode generate: the source cannot be de-identified: {exc}",
+                  file=sys.stderr)
+            return 2
         except (ValueError, RuntimeError) as exc:
             print(f"FAILED seed {one.seed}: {exc}", file=sys.stderr)
             failed += 1
             continue
+        if isinstance(made, Quarantined):
+            print(f"synthnode generate: QUARANTINED, nothing written: {made}", file=sys.stderr)
+            return 1
+        (ds,) = made
         saved = save_checked(ds, args.out, settings.output, job_id=f"generate-{args.task}")
         if saved.quarantined:
             print(f"QUARANTINED {saved.path}: {saved.reason}")
@@ -596,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-description", default="synthnode synthetic")
     p.add_argument("--series-number", type=int, default=9000)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--keep-identity", action="store_true",
+                   help="keep the source patient's identity in the outputs (default: "
+                        "de-identified, PS3.15 Annex E): local experiments only, never share")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("model", help="model management")

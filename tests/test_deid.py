@@ -144,3 +144,19 @@ def test_full_dates_and_retained_uids_options(tmp_path: Path) -> None:
 def test_an_empty_key_is_refused_with_a_clear_message() -> None:
     with pytest.raises(DeidentificationError, match="SYNTHNODE__DEID__KEY"):
         Deidentifier(DeidSettings(), OutputSettings())
+
+
+def test_an_already_deidentified_source_passes_again() -> None:
+    """Placeholders the engine writes (an ANONYMIZED institution) identify no one: the leak
+    scan of a second pass must not quarantine them."""
+    from pydicom.data import get_testdata_file
+
+    from node.config import DeidOutput
+    from node.deid.batch import deidentify_to_bytes
+
+    deid = engine(quarantine_unmatched_burned_in=False)
+    once = deid.deidentify(dcmread(get_testdata_file("US1_UNCR.dcm")))
+    assert once.InstitutionName == "ANONYMIZED"
+    pseudonym = deid.pseudonym(once.PatientID)
+    twice, _ = deidentify_to_bytes(deid, once, DeidOutput.SOURCE)  # raises when quarantined
+    assert twice.PatientID == pseudonym

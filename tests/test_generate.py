@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
-from node.config import PixelRule, Settings
+from node.config import DeidSettings, OutputSettings, PixelRule, Settings
+from node.deid import Deidentifier, Quarantined
 from node.dicom import SynthesisTask, validate_file
 from node.generate.pixels import display_frames, to_output
-from node.generate.tasks import Generation, Request, deid_inpainter, prompt_for
+from node.generate.tasks import Generation, Request, deid_inpainter, prompt_for, synthesize
 from tests.nodeproc import SYNTHNODE, sample_file, write_config
 
 
@@ -149,9 +152,6 @@ def test_prompt_templates_and_bad_requests() -> None:
 
 
 def test_deidentification_inpaints_burned_in_text(generation: Generation) -> None:
-    from node.config import DeidSettings, OutputSettings
-    from node.deid import Deidentifier
-
     us = source("US1_UNCR.dcm")
     rule = PixelRule(name="test us", regions=[(0, 0, 120, 40)], fill="inpaint")
     deid = Deidentifier(DeidSettings(key="k" * 32, pixel_rules=[rule]), OutputSettings(),
@@ -254,3 +254,138 @@ def test_task_parameters_make_distinct_outputs_and_are_recorded(generation: Gene
     assert "margins 8,8,8,16 (top,right,bottom,left)" in d.DerivationDescription
     # How the source's values were mapped into the model's input is recorded too.
     assert "source values: " in a.DerivationDescription
+
+
+# -- synthnode generate de-identifies its source by default ---------------------------------
+
+PLANTED = {
+    "PatientName": "Plantedname^Givenplanted", "PatientID": "PLANTED-ID-4711",
+    "PatientBirthDate": "19510923", "AccessionNumber": "ACCPLANT88",
+    "ReferringPhysicianName": "Referrerplanted^Docone",
+    "PerformingPhysicianName": "Performerplanted^Doctwo", "StationName": "STATIONPLANT7",
+    "DeviceSerialNumber": "SERIALPLANT9", "InstitutionName": "Institutionplanted",
+}
+TASK_ARGS = {
+    "img2img": ["--strength", "0.5"], "inpaint": ["--region", "20,30,40,24"],
+    "outpaint": ["--margin", "8"], "text2img": [],
+}
+KEY = "test-only-generate-key-0123456789"
+
+
+def planted_source(path: Path) -> list[str]:
+    """CT_small with an identifying value in each attribute that a leak would show, written to
+    ``path``; the values (and each person name's components) to scan outputs for."""
+    ds = source("CT_small.dcm")
+    for keyword, value in PLANTED.items():
+        setattr(ds, keyword, value)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        generate_uid() for _ in range(3))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    values = [*PLANTED.values(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID]
+    return values + [part for v in PLANTED.values() for part in v.split("^")]
+
+
+def generate_cli(
+    settings: Settings, tmp_path: Path, task: str, *extra: str, key: str = ""
+) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
+    cfg = write_config(tmp_path / "gen.toml", {"generate": {
+        "cache_dir": str(settings.generate.cache_dir), "steps": 2}})
+    out = tmp_path / f"out-{task}"
+    env = {k: v for k, v in os.environ.items() if k != "SYNTHNODE__DEID__KEY"}
+    if key:
+        env["SYNTHNODE__DEID__KEY"] = key
+    res = subprocess.run(
+        [*SYNTHNODE, "--config", str(cfg), "generate", "--task", task, *TASK_ARGS[task],
+         *extra, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    return res, sorted(out.glob("*.dcm"))
+
+
+def leaked(path: Path, values: list[str]) -> list[str]:
+    """The planted values found anywhere in the file's bytes (an independent scan)."""
+    data = path.read_bytes()
+    return [v for v in values if v.encode() in data]
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint", "outpaint", "text2img"])
+def test_cli_generate_outputs_carry_none_of_the_sources_identity(
+    settings: Settings, tmp_path: Path, task: str
+) -> None:
+    values = planted_source(tmp_path / "planted.dcm")
+    res, (dcm,) = generate_cli(settings, tmp_path, task, "--source", str(tmp_path / "planted.dcm"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert leaked(dcm, values) == []
+    ds = dcmread(dcm)
+    assert ds.PatientIdentityRemoved == "YES" and ds.SyntheticData == "YES"
+    assert ds.PatientName == f"ANONYMOUS^{ds.PatientID}" and ds.PatientID.startswith("SN")
+    assert "one-off random key" in res.stderr and "--keep-identity" not in res.stderr
+    verdict = validate_file(dcm)
+    assert verdict.ok, verdict.report
+
+
+def test_cli_generate_uses_the_configured_key(settings: Settings, tmp_path: Path) -> None:
+    planted_source(tmp_path / "planted.dcm")
+    res, (dcm,) = generate_cli(settings, tmp_path, "img2img", "--source",
+                               str(tmp_path / "planted.dcm"), key=KEY)
+    assert res.returncode == 0, res.stdout + res.stderr
+    deid = Deidentifier(DeidSettings(key=KEY), OutputSettings())
+    assert dcmread(dcm).PatientID == deid.pseudonym(PLANTED["PatientID"])
+    assert "one-off random key" not in res.stderr
+
+
+def test_cli_generate_keeps_identity_only_when_told_and_warns(
+    settings: Settings, tmp_path: Path
+) -> None:
+    values = planted_source(tmp_path / "planted.dcm")
+    res, (dcm,) = generate_cli(settings, tmp_path, "img2img", "--source",
+                               str(tmp_path / "planted.dcm"), "--keep-identity")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "WARNING: --keep-identity" in res.stderr and "must not be shared" in res.stderr
+    found = leaked(dcm, values)
+    assert PLANTED["PatientName"] in found and PLANTED["PatientID"] in found
+    ds = dcmread(dcm)
+    assert ds.SyntheticData == "YES" and "PatientIdentityRemoved" not in ds
+
+
+def test_cli_generate_refuses_a_source_it_cannot_deidentify(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Ultrasound burns text into its pixels: with no pixel rule the source is quarantined,
+    and nothing is generated from it."""
+    res, written = generate_cli(settings, tmp_path, "img2img", "--source",
+                                str(sample_file("US1_UNCR.dcm")))
+    assert res.returncode == 1 and "QUARANTINED, nothing written" in res.stderr
+    assert "burned-in" in res.stderr
+    assert written == [] and not list((tmp_path / "out-img2img").glob("*.png"))
+
+
+def test_cli_text2img_without_a_source_has_a_synthetic_identity(
+    settings: Settings, tmp_path: Path
+) -> None:
+    res, (dcm,) = generate_cli(settings, tmp_path, "text2img", "--prompt", "A chest X-ray")
+    assert res.returncode == 0, res.stdout + res.stderr
+    ds = dcmread(dcm)
+    assert str(ds.PatientName).startswith("SYNTHETIC^") and ds.PatientID.startswith("SYN-")
+    assert ds.SyntheticData == "YES" and "one-off random key" not in res.stderr
+
+
+def test_synthesize_marks_kept_burned_in_text_and_scans_what_it_made(
+    generation: Generation,
+) -> None:
+    """Ultrasound let through with its burned-in text (marked) keeps that text in an img2img
+    output, so the output says so; text2img keeps no source pixel. An identifying value that
+    reaches an output by any way (here a prompt naming the patient) stops that output."""
+    deid = Deidentifier(DeidSettings(key=KEY, quarantine_unmatched_burned_in=False),
+                        OutputSettings())
+    us = source("US1_UNCR.dcm")
+    us.PatientName = PLANTED["PatientName"]
+    varied, fresh, named = synthesize(generation, [
+        (Request(SynthesisTask.IMG2IMG, seed=1, strength=0.3), copy.deepcopy(us)),
+        (Request(SynthesisTask.TEXT2IMG, seed=1), copy.deepcopy(us)),
+        (Request(SynthesisTask.TEXT2IMG, prompt=f"an image of {PLANTED['PatientName']}"),
+         copy.deepcopy(us)),
+    ], deid)
+    assert not isinstance(varied, Quarantined) and not isinstance(fresh, Quarantined)
+    assert varied[0].BurnedInAnnotation == "YES" and fresh[0].BurnedInAnnotation == "NO"
+    assert varied[0].PatientIdentityRemoved == "YES" == fresh[0].PatientIdentityRemoved
+    assert isinstance(named, Quarantined) and "PatientName" in str(named)

@@ -122,6 +122,10 @@ _CONTENT_VALUES = {
     0x0040A122: "TM",  # Time
     0x0040A124: "UI",  # UID
 }
+# What de-identification itself writes: a source already de-identified holds these, and they
+# identify no one (scanning for them would quarantine every such source).
+_PLACEHOLDERS = frozenset(v for v in [*_DUMMY.values(), *_CONTENT_VALUES.values()]
+                          if isinstance(v, str))
 
 
 class Deidentifier:
@@ -266,7 +270,7 @@ class Deidentifier:
             values = elem.value if elem.VM > 1 else [elem.value]
             for value in values:
                 text = str(value or "").strip()
-                if len(text) >= _MIN_LEAK_LENGTH:
+                if len(text) >= _MIN_LEAK_LENGTH and text not in _PLACEHOLDERS:
                     found[text] = keyword
         return found
 

@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import deidentify_to_bytes, record_mappings
-from node.dicom import SeriesSpec, SynthesisTask, mark_deidentified, save_checked
+from node.dicom import SeriesSpec, SynthesisTask, save_checked
 from node.dispatch import Outgoing, orthanc_client, send_to
 from node.dispatch.outgoing import load
 from node.dispatch.qr import Peer, QueryError
@@ -274,13 +274,10 @@ class Runner:
             deid = deid.model_copy(update={"options": task.options})
         key = tuple(sorted(o.value for o in deid.options))
         if key not in self._deid:
-            inpainter = None
-            if deid.needs_inpainter:
-                from node.generate.tasks import deid_inpainter
+            from node.generate.tasks import deidentifier
 
-                inpainter = deid_inpainter(self.generation())
             try:
-                self._deid[key] = Deidentifier(deid, self.settings.output, inpainter=inpainter)
+                self._deid[key] = deidentifier(deid, self.settings.output, self.generation)
             except DeidentificationError as exc:
                 raise JobFailed(str(exc), permanent=True) from None
         return self._deid[key]
@@ -319,7 +316,7 @@ class Runner:
         return made
 
     def _synthesize(self, job: Job, sources: list[Path], work: Path) -> Made:
-        from node.generate.tasks import Request
+        from node.generate.tasks import Request, synthesize
 
         task = job.rule_task
         kind = SynthesisTask(task.task.value)
@@ -346,27 +343,21 @@ class Runner:
         deid = self.deidentifier(task) if task.deidentified_source else None
         made = Made()
         for start in range(0, len(sources), GENERATION_CHUNK):
-            batch: list[Dataset] = []
-            for path in sources[start:start + GENERATION_CHUNK]:
-                ds = _read(path)
-                sop = str(ds.SOPInstanceUID)
-                if deid is not None:
-                    try:
-                        ds = deid.deidentify(ds, in_place=True)
-                    except Quarantined as exc:
-                        made.quarantined += 1
-                        made.notes.append(f"{sop}: source not de-identifiable: {exc}")
-                        continue
-                batch.append(ds)
+            batch = [_read(path) for path in sources[start:start + GENERATION_CHUNK]]
+            sops = [str(ds.SOPInstanceUID) for ds in batch]  # before de-identification
             try:
-                results = self.generation().run_many([(request, ds) for ds in batch])
+                results = synthesize(self.generation(), [(request, ds) for ds in batch], deid)
             except ValueError as exc:
                 raise JobFailed(f"generation failed: {exc}", permanent=True) from None
-            for outputs in results:
+            except DeidentificationError as exc:
+                raise JobFailed(str(exc), permanent=True) from None
+            for sop, outputs in zip(sops, results, strict=True):
+                if isinstance(outputs, Quarantined):
+                    made.quarantined += 1
+                    made.notes.append(f"{sop}: not synthesized: {outputs}")
+                    log.warning("job %s: instance %s quarantined: %s", job.id, sop, outputs)
+                    continue
                 for out in outputs:
-                    if deid is not None:  # its identity is the pseudonymous one
-                        mark_deidentified(out, deid.record(),
-                                          self.settings.output, synthetic=True)
                     saved = save_checked(out, work, self.settings.output, job.id)
                     if saved.quarantined:
                         made.quarantined += 1
