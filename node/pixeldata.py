@@ -10,7 +10,6 @@ plugin is never used for JPEG or JPEG-LS: there it runs pylibjpeg-libjpeg, which
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -59,9 +58,11 @@ DECODING_PLUGINS: dict[UID, tuple[str, ...]] = {
     ImplicitVRLittleEndian: (),
     DeflatedExplicitVRLittleEndian: (),
     ExplicitVRBigEndian: (),
-    # JPEG: GDCM, then Pillow (8-bit only); never "pylibjpeg" (pylibjpeg-libjpeg, GPL-3.0)
-    JPEGBaseline8Bit: ("gdcm", "pillow"),
-    JPEGExtended12Bit: ("gdcm", "pillow"),
+    # JPEG: Pillow (libjpeg-turbo; 8-bit, ~5x faster than GDCM on colour and identical on
+    # pydicom's samples), then GDCM (12-bit Extended: _decode_jpeg12); never "pylibjpeg"
+    # (pylibjpeg-libjpeg, GPL-3.0)
+    JPEGBaseline8Bit: ("pillow", "gdcm"),
+    JPEGExtended12Bit: ("pillow", "gdcm"),
     JPEGLossless: ("gdcm",),
     JPEGLosslessSV1: ("gdcm",),
     # JPEG-LS: CharLS through pyjpegls, then GDCM (its own CharLS); never "pylibjpeg"
@@ -86,17 +87,25 @@ permissively licensed."""
 # based multiple component transforms) and fail on the rest.
 _DECODE_AS = {JPEG2000MCLossless: JPEG2000Lossless, JPEG2000MC: JPEG2000}
 
-# Transfer syntaxes written back in themselves when the pixels change, and the encoder options
-# that make the encoding lossless. HTJ2K has no encoder in pydicom 3.0 (OpenJPEG 2.5 decodes
-# HTJ2K only); JPEG Lossless has none either (GDCM's is not exposed by pydicom).
+# Transfer syntaxes written back in themselves when the pixels change, and the pydicom encoder
+# options that make the encoding lossless. HTJ2K has no encoder in pydicom 3.0 (OpenJPEG 2.5
+# decodes HTJ2K only); JPEG Lossless is encoded by GDCM directly (pydicom offers GDCM for RLE
+# only).
 _LOSSLESS_ENCODING: dict[UID, dict[str, Any]] = {
     RLELossless: {},
     JPEGLSLossless: {},
     JPEGLSNearLossless: {"jls_error": 0},
     JPEG2000Lossless: {},
 }
-# Uncompressed data stays in its syntax: pydicom does not convert a data set between byte
-# orders, and Implicit VR stays implicit rather than have private VRs guessed.
+_GDCM_ENCODING = (JPEGLossless, JPEGLosslessSV1)
+# pydicom's encoding plugins, the first available used. Not "gdcm" for RLE: GDCM 3.2.6's RLE
+# encoder aborts the process on frames of odd length.
+_ENCODING_PLUGINS: dict[UID, tuple[str, ...]] = {
+    RLELossless: ("pylibjpeg", "pydicom"),
+    JPEGLSLossless: ("pyjpegls",),
+    JPEGLSNearLossless: ("pyjpegls",),
+    JPEG2000Lossless: ("pylibjpeg",),
+}
 _NATIVE_KEPT = (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian,
                 ExplicitVRBigEndian)
 
@@ -167,11 +176,14 @@ def decode_frames(ds: Dataset) -> tuple[np.ndarray, str]:
         )
     if uid == JPEGExtended12Bit and int(ds.get("BitsStored") or 8) > 8:
         return _decode_jpeg12(ds), str(ds.PhotometricInterpretation)
-    source = ds
+    source, narrow = ds, 0
     if uid in _DECODE_AS:  # the Part 1 decoder, told the dataset is Part 1
-        source = copy.copy(ds)
-        source.file_meta = FileMetaDataset()
-        source.file_meta.TransferSyntaxUID = _DECODE_AS[uid]
+        source = _pixel_dataset(ds, _DECODE_AS[uid])
+    bits_allocated, bits_stored = int(ds.get("BitsAllocated") or 0), int(ds.get("BitsStored") or 0)
+    if uid in (JPEGLossless, JPEGLosslessSV1) and bits_allocated == 8 and 0 < bits_stored < 8:
+        # GDCM 3.2.6 aborts the process (a failed assertion) on JPEG Lossless with fewer than
+        # 8 of 8 bits stored: decode as 8 bits stored, keep the stored bits afterwards
+        source, narrow = _pixel_dataset(ds, uid, BitsStored=8, HighBit=7), bits_stored
     failures = []
     for plugin in plugins:
         try:
@@ -187,12 +199,44 @@ def decode_frames(ds: Dataset) -> tuple[np.ndarray, str]:
             f'pixel data in transfer syntax "{uid.name}" ({uid}) cannot be decoded: '
             + "; ".join(failures)
         )
+    if narrow:
+        arr = _stored_bits(arr, narrow, int(ds.get("PixelRepresentation", 0)) == 1)
     samples = int(meta["samples_per_pixel"])
     shape = (int(meta["number_of_frames"]), int(meta["rows"]), int(meta["columns"]))
     frames = arr.reshape(shape + ((samples,) if samples > 1 else ()))
     if not frames.flags.writeable or not frames.flags.c_contiguous:
         frames = frames.copy()
     return frames, str(meta["photometric_interpretation"])
+
+
+_PIXEL_KEYWORDS = (
+    "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames",
+    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "ExtendedOffsetTable", "ExtendedOffsetTableLengths", "PixelData",
+)
+
+
+def _pixel_dataset(ds: Dataset, uid: UID, **overrides: Any) -> Dataset:
+    """The Image Pixel module and Pixel Data of ``ds`` as a new dataset in transfer syntax
+    ``uid``, with ``overrides``: values shared, elements not (changing one leaves ``ds``
+    alone)."""
+    view = Dataset()
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            elem = ds[keyword]
+            view.add_new(elem.tag, elem.VR, overrides.get(keyword, elem.value))
+            view[keyword].is_undefined_length = elem.is_undefined_length
+    view.file_meta = FileMetaDataset()
+    view.file_meta.TransferSyntaxUID = uid
+    return view
+
+
+def _stored_bits(arr: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """``arr`` reduced to its low ``bits`` bits, sign-extended when ``signed``."""
+    values = arr.astype(np.int32) & ((1 << bits) - 1)
+    if signed:
+        values = np.where(values >= 1 << (bits - 1), values - (1 << bits), values)
+    return values.astype(arr.dtype)
 
 
 def _decode_jpeg12(ds: Dataset) -> np.ndarray:
@@ -248,7 +292,20 @@ def can_encode(uid: str) -> bool:
     uid = UID(uid)
     if uid in _NATIVE_KEPT:
         return True
-    return uid in _LOSSLESS_ENCODING and get_encoder(uid).is_available
+    if uid in _GDCM_ENCODING:
+        return _have_gdcm()
+    if uid not in _LOSSLESS_ENCODING:
+        return False
+    available = get_encoder(uid).available_plugins
+    return any(plugin in available for plugin in _ENCODING_PLUGINS[uid])
+
+
+def _have_gdcm() -> bool:
+    try:
+        import gdcm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def store_frames(ds: Dataset, frames: np.ndarray, photometric: str) -> UID:
@@ -257,9 +314,9 @@ def store_frames(ds: Dataset, frames: np.ndarray, photometric: str) -> UID:
     of ``ds``, in place, and return the transfer syntax written.
 
     Losslessly, always: in the dataset's own transfer syntax where :func:`can_encode` (RLE,
-    JPEG-LS, JPEG 2000 Lossless, and the uncompressed syntaxes, Deflated re-deflated when
-    saved), a compressed encoding checked by decoding it again; otherwise (JPEG Lossless,
-    HTJ2K, JPEG 2000 Part 2, pixels an encoder does not take) and for data that was lossy
+    JPEG Lossless, JPEG-LS, JPEG 2000 Lossless, and the uncompressed syntaxes, Deflated
+    re-deflated when saved), a compressed encoding checked by decoding it again; otherwise
+    (HTJ2K, JPEG 2000 Part 2, pixels an encoder does not take) and for data that was lossy
     compressed (JPEG baseline and extended; JPEG-LS near-lossless, JPEG 2000 and HTJ2K when
     their codestream or Lossy Image Compression says so), uncompressed Explicit VR Little
     Endian, never lossy again. Lossy
@@ -282,7 +339,7 @@ def store_frames(ds: Dataset, frames: np.ndarray, photometric: str) -> UID:
     target, fragments = ExplicitVRLittleEndian, None
     if source in _NATIVE_KEPT:
         target = source
-    elif method is None and source in _LOSSLESS_ENCODING:
+    elif method is None and can_encode(source):
         fragments = _lossless_fragments(ds, frames, photometric, source)
         if fragments is not None:
             target = source
@@ -358,9 +415,10 @@ def _number_of_frames(ds: Dataset) -> int:
 
 
 def _native_bytes(
-    ds: Dataset, frames: np.ndarray, bits_allocated: int, big_endian: bool = False
+    ds: Dataset, frames: np.ndarray, bits_allocated: int, big_endian: bool = False,
+    pad: bool = True,
 ) -> bytes:
-    """``frames`` as uncompressed Pixel Data (even length)."""
+    """``frames`` as uncompressed Pixel Data (of even length if ``pad``)."""
     if bits_allocated == 1:
         data = pack_bits(frames, pad=False)
     elif bits_allocated in (8, 16, 32):
@@ -370,41 +428,42 @@ def _native_bytes(
     else:
         raise PixelDataError(f"Bits Allocated {bits_allocated} is not supported for writing "
                              "pixels back")
-    return data + b"\0" if len(data) % 2 else data
+    return data + b"\0" if pad and len(data) % 2 else data
 
 
 def _lossless_fragments(
     ds: Dataset, frames: np.ndarray, photometric: str, uid: UID
 ) -> list[bytes] | None:
-    """One lossless codestream per frame in ``uid``, checked by decoding them again, or None
-    when ``uid`` has no encoder here or its encoder cannot take these pixels."""
-    encoder = get_encoder(uid)
-    if not encoder.is_available:
-        return None
-    opts = as_pixel_options(
-        ds, photometric_interpretation=photometric, **_LOSSLESS_ENCODING[uid],
-        **({"planar_configuration": 0} if frames.ndim == 4 else {}),
-    )
-    opts.pop("extended_offsets", None)
-    arr = frames[0] if frames.shape[0] == 1 else frames
+    """One lossless codestream per frame in ``uid`` (which :func:`can_encode`), checked by
+    decoding them again, or None when the encoder cannot take these pixels."""
     try:
-        fragments = [bytes(f) for f in encoder.iter_encode(arr, **opts)]
+        if uid in _GDCM_ENCODING:
+            fragments = [_gdcm_encode(frame, ds, photometric, uid) for frame in frames]
+        else:
+            opts = as_pixel_options(
+                ds, photometric_interpretation=photometric, **_LOSSLESS_ENCODING[uid],
+                **({"planar_configuration": 0} if frames.ndim == 4 else {}),
+            )
+            opts.pop("extended_offsets", None)
+            arr = frames[0] if frames.shape[0] == 1 else frames
+            encoder = get_encoder(uid)
+            plugin = next(p for p in _ENCODING_PLUGINS[uid] if p in encoder.available_plugins)
+            fragments = [bytes(f) for f in encoder.iter_encode(
+                arr, encoding_plugin=plugin, **opts)]
     except Exception as exc:  # an encoding profile or bit depth the encoder does not take
         log.info('pixels not re-encoded in "%s": %s; writing Explicit VR Little Endian',
                  uid.name, exc)
         return None
     # 2b. the round trip must be exact; an encoder that is not lossless is not used
-    check = Dataset()
-    for keyword in ("SamplesPerPixel", "Rows", "Columns", "NumberOfFrames", "BitsAllocated",
-                    "BitsStored", "HighBit", "PixelRepresentation"):
-        if keyword in ds:
-            setattr(check, keyword, ds[keyword].value)
-    check.PhotometricInterpretation = photometric
+    check = _pixel_dataset(ds, uid, PhotometricInterpretation=photometric,
+                           PixelData=encapsulate(fragments))
+    check["PixelData"].is_undefined_length = True
+    check["PixelData"].VR = VR.OB
     if frames.ndim == 4:
         check.PlanarConfiguration = 0
-    check.file_meta = FileMetaDataset()
-    check.file_meta.TransferSyntaxUID = uid
-    check.PixelData = encapsulate(fragments)
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if keyword in check:
+            del check[keyword]
     try:
         again, _ = decode_frames(check)
     except PixelDataError as exc:
@@ -416,6 +475,43 @@ def _lossless_fragments(
                     uid.name)
         return None
     return fragments
+
+
+def _gdcm_encode(frame: np.ndarray, ds: Dataset, photometric: str, uid: UID) -> bytes:
+    """One frame as a JPEG Lossless codestream, by GDCM (first-order prediction, which
+    JPEGLossless allows too). GDCM refuses frames of odd length (8-bit, odd rows x columns x
+    samples): ValueError."""
+    import gdcm
+
+    writer = gdcm.ImageWriter()  # an Image from a writer, kept alive while in use
+    image = writer.GetImage()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((int(ds.Columns), int(ds.Rows), 1))
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(
+        gdcm.PhotometricInterpretation.GetPIType(photometric)))
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    samples, bits_stored = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsStored)
+    image.SetPixelFormat(gdcm.PixelFormat(
+        samples, int(ds.BitsAllocated), bits_stored, bits_stored - 1,
+        int(ds.get("PixelRepresentation", 0)),
+    ))
+    if samples > 1:
+        image.SetPlanarConfiguration(0)
+    elem = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    elem.SetByteStringValue(_native_bytes(ds, frame[None], int(ds.BitsAllocated)))
+    image.SetDataElement(elem)
+    converter = gdcm.ImageChangeTransferSyntax()
+    converter.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(str(uid))))
+    converter.SetInput(image)
+    if not converter.Change():
+        raise ValueError("GDCM's ImageChangeTransferSyntax failed")
+    fragments = converter.GetOutput().GetDataElement().GetSequenceOfFragments()
+    if fragments is None or fragments.GetNumberOfFragments() < 1:
+        raise ValueError("GDCM returned no fragments")
+    return b"".join(
+        fragments.GetFragment(i).GetByteValue().GetBuffer().encode("utf-8", "surrogateescape")
+        for i in range(fragments.GetNumberOfFragments())
+    )
 
 
 def _mark_lossy(ds: Dataset, method: str, source: UID) -> None:

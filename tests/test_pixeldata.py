@@ -60,7 +60,7 @@ ROWS, COLUMNS = 36, 40  # OpenJPEG encodes 6 resolutions: 32 pixels at least
 
 def image(
     bits_stored: int = 8, signed: bool = False, frames: int = 1,
-    photometric: str = "MONOCHROME2", seed: int = 0,
+    photometric: str = "MONOCHROME2", seed: int = 0, rows: int = ROWS, columns: int = COLUMNS,
 ) -> tuple[Dataset, np.ndarray]:
     """An uncompressed Secondary Capture image with smooth, noisy content filling the stored
     range, and its (frames, rows, columns[, 3]) pixel values."""
@@ -69,8 +69,8 @@ def image(
     low, high = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (
         0, 2**bits_stored - 1)
     rng = np.random.default_rng(seed)
-    shape = (frames, ROWS, COLUMNS) + ((3,) if rgb else ())
-    ramp = np.linspace(0.0, 1.0, ROWS * COLUMNS).reshape(ROWS, COLUMNS)
+    shape = (frames, rows, columns) + ((3,) if rgb else ())
+    ramp = np.linspace(0.0, 1.0, rows * columns).reshape(rows, columns)
     ramp = ramp[None, :, :, None] if rgb else ramp[None]
     values = low + (high - low) * ramp + rng.normal(0, (high - low) / 20, shape)
     values[:, :2] = low  # both ends of the range present
@@ -89,7 +89,7 @@ def image(
         ds.PlanarConfiguration = 0
     if frames > 1:
         ds.NumberOfFrames = frames
-    ds.Rows, ds.Columns = ROWS, COLUMNS
+    ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, bits_stored, bits_stored - 1
     ds.PixelRepresentation = int(signed)
     if photometric == "PALETTE COLOR":
@@ -193,6 +193,7 @@ def test_every_accepted_transfer_syntax_has_a_permissive_decoder_installed() -> 
         assert plugin in DECODING_PLUGINS[uid] or (plugin == "" and not DECODING_PLUGINS[uid])
         if uid in gpl_paths:
             assert "pylibjpeg" not in DECODING_PLUGINS[uid], uid.name
+    assert decoding_plugin(JPEGBaseline8Bit) == "pillow"
     assert decoding_plugin(JPEGLosslessSV1) == "gdcm"
     assert decoding_plugin(JPEGLSLossless) == "pyjpegls"
     assert decoding_plugin(HTJ2K) == "pylibjpeg"
@@ -209,6 +210,8 @@ LOSSLESS_DCMTK = [
     (("dcmcjpeg", "+e1"), JPEGLosslessSV1, 12, False, 1, "MONOCHROME1"),
     (("dcmcjpeg", "+e1"), JPEGLosslessSV1, 16, True, 1, "MONOCHROME2"),
     (("dcmcjpeg", "+e1"), JPEGLosslessSV1, 8, False, 1, "RGB"),
+    (("dcmcjpeg", "+e1"), JPEGLosslessSV1, 7, True, 1, "MONOCHROME2"),  # GDCM would abort
+    (("dcmcjpeg", "+e1"), JPEGLosslessSV1, 2, False, 1, "MONOCHROME2"),
     (("dcmcjpeg", "+el", "+sv", "3"), JPEGLossless, 12, False, 2, "MONOCHROME2"),
     (("dcmcjpls", "+el"), JPEGLSLossless, 8, False, 3, "MONOCHROME2"),
     (("dcmcjpls", "+el"), JPEGLSLossless, 12, True, 1, "MONOCHROME2"),
@@ -239,6 +242,30 @@ def test_dcmtk_lossless_objects_decode_exactly_and_are_stored_again_losslessly(
     assert "LossyImageCompression" not in back
     assert back.get("NumberOfFrames", 1) == ds.get("NumberOfFrames", 1)
     np.testing.assert_array_equal(decode_frames(back)[0], decoded)
+    if uid in (JPEGLossless, JPEGLosslessSV1):  # GDCM's encoding, checked by dcmtk
+        np.testing.assert_array_equal(dcmtk_decoded(tmp_path / "back.dcm"), decoded)
+
+
+def dcmtk_decoded(path: Path) -> np.ndarray:
+    """The frames of a JPEG file as dcmtk's dcmdjpeg decodes them (colour as stored)."""
+    target = path.with_suffix(".dcmdjpeg.dcm")
+    subprocess.run([dcmtk("dcmdjpeg"), str(path), str(target)], check=True,
+                   capture_output=True, timeout=30)
+    return decode_frames(dcmread(target))[0]
+
+
+@pytest.mark.parametrize("tool", [("dcmcjpeg", "+e1"), ("dcmcrle",), ("dcmcjpls", "+el")])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "RGB"])
+def test_frames_of_odd_length_are_stored_again_losslessly(
+    tmp_path: Path, tool: tuple[str, ...], photometric: str,
+) -> None:
+    ds, arr = image(8, False, 3, photometric, rows=35, columns=33)
+    compressed = dcmtk_compressed(ds, tmp_path, *tool)
+    uid = compressed.file_meta.TransferSyntaxUID
+    # GDCM's JPEG Lossless encoder refuses odd lengths: uncompressed then
+    expected = ExplicitVRLittleEndian if uid == JPEGLosslessSV1 else uid
+    assert_stored_again(compressed, tmp_path, expected)
+    np.testing.assert_array_equal(decode_frames(dcmread(tmp_path / "stored.dcm"))[0], arr)
 
 
 @pytest.mark.parametrize(("uid", "bits", "signed", "frames", "photometric"), [
@@ -488,7 +515,8 @@ def test_unsupported_transfer_syntax_is_named() -> None:
         decode_frames(ds)
     assert not can_encode("1.2.840.10008.1.2.4.100")
     assert can_encode(RLELossless) and can_encode(JPEG2000Lossless)
-    assert not can_encode(JPEGLosslessSV1) and not can_encode(JPEGBaseline8Bit)
+    assert can_encode(JPEGLosslessSV1) and can_encode(JPEGLossless)  # GDCM
+    assert not can_encode(JPEGBaseline8Bit) and not can_encode(HTJ2KLossless)
 
 
 def test_pixels_an_encoder_cannot_take_are_written_explicit_le_losslessly(
