@@ -243,7 +243,11 @@ def _decode_jpeg12(ds: Dataset) -> np.ndarray:
     """12-bit JPEG Extended (process 4) frames decoded by GDCM directly: pydicom's GDCM plugin
     refuses 12-bit precision, and its only other 12-bit path is pylibjpeg-libjpeg (GPL-3.0).
     The standard allows monochrome only (PS3.5 Table 8.2.1-1)."""
-    import gdcm  # python-gdcm, BSD; imported here as pydicom's plugin does
+    try:
+        import gdcm  # python-gdcm, BSD; imported here as pydicom's plugin does
+    except ImportError as exc:
+        raise PixelDataError(f'12-bit "{JPEGExtended12Bit.name}" needs GDCM (python-gdcm), '
+                             "which is not installed") from exc
 
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if int(ds.get("SamplesPerPixel") or 1) != 1 or photometric not in _MONOCHROME:
