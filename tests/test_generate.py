@@ -154,8 +154,8 @@ def test_prompt_templates_and_bad_requests() -> None:
 def test_deidentification_inpaints_burned_in_text(generation: Generation) -> None:
     us = source("US1_UNCR.dcm")
     rule = PixelRule(name="test us", regions=[(0, 0, 120, 40)], fill="inpaint")
-    deid = Deidentifier(DeidSettings(key="k" * 32, pixel_rules=[rule]), OutputSettings(),
-                        inpainter=deid_inpainter(generation))
+    deid = Deidentifier(DeidSettings(key="k" * 32, pixel_rules=[rule], detect_text=False),
+                        OutputSettings(), inpainter=deid_inpainter(generation))
     out = deid.deidentify(us)
     before, after = us.pixel_array, out.pixel_array
     assert np.array_equal(after[40:, :], before[40:, :])  # outside the region: untouched
@@ -222,7 +222,7 @@ def test_cli_polygon_and_deidentify_with_inpainting(settings: Settings, tmp_path
     rule = {"name": "us top", "regions": [[0, 0, 120, 40]], "fill": "inpaint"}
     cfg = tmp_path / "deid.toml"
     cfg.write_text(
-        f'[generate]\ncache_dir = "{cache}"\nsteps = 2\n[deid]\n'
+        f'[generate]\ncache_dir = "{cache}"\nsteps = 2\n[deid]\ndetect_text = false\n'
         '[[deid.pixel_rules]]\n'
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items())
     )
@@ -287,10 +287,11 @@ def planted_source(path: Path) -> list[str]:
 
 
 def generate_cli(
-    settings: Settings, tmp_path: Path, task: str, *extra: str, key: str = ""
+    settings: Settings, tmp_path: Path, task: str, *extra: str, key: str = "",
+    deid: dict[str, object] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
     cfg = write_config(tmp_path / "gen.toml", {"generate": {
-        "cache_dir": str(settings.generate.cache_dir), "steps": 2}})
+        "cache_dir": str(settings.generate.cache_dir), "steps": 2}, "deid": deid or {}})
     out = tmp_path / f"out-{task}"
     env = {k: v for k, v in os.environ.items() if k != "SYNTHNODE__DEID__KEY"}
     if key:
@@ -350,10 +351,10 @@ def test_cli_generate_keeps_identity_only_when_told_and_warns(
 def test_cli_generate_refuses_a_source_it_cannot_deidentify(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """Ultrasound burns text into its pixels: with no pixel rule the source is quarantined,
-    and nothing is generated from it."""
+    """Ultrasound burns text into its pixels: with text detection off and no pixel rule the
+    source is quarantined, and nothing is generated from it."""
     res, written = generate_cli(settings, tmp_path, "img2img", "--source",
-                                str(sample_file("US1_UNCR.dcm")))
+                                str(sample_file("US1_UNCR.dcm")), deid={"detect_text": False})
     assert res.returncode == 1 and "QUARANTINED, nothing written" in res.stderr
     assert "burned-in" in res.stderr
     assert written == [] and not list((tmp_path / "out-img2img").glob("*.png"))
@@ -375,8 +376,8 @@ def test_synthesize_marks_kept_burned_in_text_and_scans_what_it_made(
     """Ultrasound let through with its burned-in text (marked) keeps that text in an img2img
     output, so the output says so; text2img keeps no source pixel. An identifying value that
     reaches an output by any way (here a prompt naming the patient) stops that output."""
-    deid = Deidentifier(DeidSettings(key=KEY, quarantine_unmatched_burned_in=False),
-                        OutputSettings())
+    deid = Deidentifier(DeidSettings(key=KEY, quarantine_unmatched_burned_in=False,
+                                     detect_text=False), OutputSettings())
     us = source("US1_UNCR.dcm")
     us.PatientName = PLANTED["PatientName"]
     varied, fresh, named = synthesize(generation, [
