@@ -28,6 +28,7 @@ COLUMNS = {
     DeidOption.CLEAN_DESCRIPTORS: "cleanDescOpt",
     DeidOption.CLEAN_STRUCTURED_CONTENT: "cleanStructContOpt",
 }
+TEXT_VRS = ("LO", "SH", "LT", "ST", "UT", "UC")
 SPECIAL = {0x00100010, 0x00100020}  # Patient Name and ID: pseudonyms, checked elsewhere
 # A sequence that is not in the table: its items are cleaned but it is kept.
 CARRIER = 0x00540220  # View Code Sequence
@@ -70,8 +71,9 @@ def expected(row: dict[str, Any], options: set[DeidOption]) -> str:
 
 SAMPLE: dict[str, Any] = {
     "AE": "PHIAE", "AS": "042Y", "CS": "PHICS", "DA": "20190314", "DT": "20190314101010",
-    "TM": "101010", "LO": "PHI-LO-VALUE", "SH": "PHI-SH", "LT": "PHI-LT-VALUE",
-    "ST": "PHI-ST-VALUE", "UT": "PHI-UT-VALUE", "UC": "PHI-UC-VALUE", "PN": "Phi^Person",
+    "TM": "101010", "LO": "PHI-LO-VALUE PID-1", "SH": "PHI-SH PID-1",
+    "LT": "PHI-LT-VALUE PID-1", "ST": "PHI-ST-VALUE PID-1", "UT": "PHI-UT-VALUE PID-1",
+    "UC": "PHI-UC-VALUE PID-1", "PN": "Phi^Person",
     "UR": "http://phi.example/x", "UI": "1.2.3.4.5.6.7.8.9", "DS": "12.5", "IS": "42",
     "FL": 1.5, "FD": 2.5, "SL": -3, "SS": -4, "UL": 5, "US": 6, "SV": 7, "UV": 8,
     "OB": b"PHIB", "OW": b"PHIW", "OD": b"PHIPHIPH", "OF": b"PHIF", "OL": b"PHIL",
@@ -105,6 +107,8 @@ def check(action: str, tag: int, vr: str, before: Any, after: Dataset, uid_map: 
     elif action == "U":
         assert present and value != before and is_valid_uid(str(value)), name
         assert uid_map.setdefault(before, value) == value, name  # one new UID per source UID
+    elif action == "C" and vr in TEXT_VRS:  # cleaned: the Patient ID out, the rest kept
+        assert present and value == before.replace(" PID-1", ""), name
     elif action in ("D", "C"):
         assert vr == "SQ" or not present or value != before, name
         if action == "D":

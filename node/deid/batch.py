@@ -104,7 +104,7 @@ def deidentify_to_bytes(deid: Deidentifier, source: Dataset, output: DeidOutput
     """``source`` de-identified (in place: callers read it from disk) into the IOD ``output``
     asks for, and its file bytes after the safety scan; raises :class:`Quarantined`."""
     identifiers = deid.identifiers(source)
-    result = deid.deidentify(source, in_place=True)
+    result = deid.deidentify(source, in_place=True, identifiers=identifiers)
     if output is DeidOutput.SC:
         result = as_secondary_capture(deid, result)
     return result, deid.encode(result, identifiers)
