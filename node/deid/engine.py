@@ -5,7 +5,8 @@ What it does to a data set (a copy; the input is untouched):
 1. every attribute of Table E.1-1 gets its action (:mod:`node.deid.profile`), inside sequences
    too; attributes not in the table are kept, sequences among them still cleaned;
 2. private attributes are removed, except those on the ``safe_private`` allowlist with Retain
-   Safe Private; curves (50xx) and overlays (60xx) are removed whole, as are group lengths;
+   Safe Private (their text cleaned, as C asks); curves (50xx) and overlays (60xx) are
+   removed whole, Clean Graphics or not, as are group lengths;
 3. Patient ID and Name become keyed HMAC pseudonyms; every UID with action U becomes a UID
    derived from an HMAC of the original, so the same source UID maps to the same new UID on
    every run and every machine sharing the key, and references stay coherent;
@@ -19,7 +20,10 @@ What it does to a data set (a copy; the input is untouched):
    a content item, 0040,A1xx) are cleaned wherever they occur: the table names the sequences
    that hold them (Content Sequence, Acquisition Context Sequence) but not the values, and
    keeping or cleaning a sequence by recursion would keep its free text;
-7. the PS3.15 E.1.1 markers are written (:func:`node.dicom.mark_deidentified`) and the file meta
+7. C on text (the descriptors of Clean Descriptors, kept safe private text) takes out the
+   source's identifying values, dates, times and phone or ID numbers and keeps the rest
+   (:meth:`node.deid.identifiers.Identifiers.clean`);
+8. the PS3.15 E.1.1 markers are written (:func:`node.dicom.mark_deidentified`) and the file meta
    follows the new SOP Instance UID.
 
 Compound actions (X/Z, X/D, Z/D, X/Z/D) need the attribute's Type: ``type_of`` (by default
@@ -302,8 +306,10 @@ class Deidentifier:
                 if 0x0010 <= element <= 0x00FF:
                     private_creators.append(tag)
                 elif self._keep_private(ds, group, element):
+                    # Retain Safe Private: C; a safe value that is not text is kept as it is.
                     kept_blocks.add((group, element >> 8))
-                    self._descend(ds[tag], work, tag)
+                    if ds[tag].VR == "SQ" or ds[tag].VR in TEXT_VRS:
+                        self._clean_value(ds[tag], work, tag)
                 else:
                     del ds[tag]
                 continue
