@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
@@ -77,7 +78,7 @@ def _phone_like(text: str) -> bool:
             and (max(map(len, groups)) >= 4 or text.startswith(("+", "("))))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Identifiers:
     """The identifying values of one source data set, taken before de-identification."""
 
@@ -101,11 +102,10 @@ class Identifiers:
         for keyword in keywords:
             for value in _values(source.data_element(keyword) if keyword in source else None):
                 found._add(value, keyword)
-        for elem in _walk(source):
-            if elem.VR == "PN":
-                for value in _values(elem):
-                    found._add(value, elem.keyword or "a person name")
-                    found._add_name(PersonName(value), elem.keyword or "a person name")
+        for elem in _person_names(source):
+            for value in _values(elem):
+                found._add(value, elem.keyword or "a person name")
+                found._add_name(PersonName(value), elem.keyword or "a person name")
         return found
 
     def _add(self, value: str, keyword: str) -> None:
@@ -124,9 +124,6 @@ class Identifiers:
             letters = sum(c.isalpha() for c in component)
             if run and letters >= MIN_NAME_LETTERS and " ".join(run) not in PLACEHOLDERS:
                 self.names.setdefault(run, keyword)
-
-    def __bool__(self) -> bool:
-        return bool(self.whole or self.names)
 
     # -- matching --------------------------------------------------------------------------
 
@@ -211,6 +208,23 @@ def _values(elem: DataElement | None) -> list[str]:
         return []
     values = elem.value if elem.VM > 1 else [elem.value]
     return [str(v) for v in values if v is not None and str(v).strip()]
+
+
+def _person_names(ds: Dataset) -> Iterator[DataElement]:
+    """The PN elements of ``ds`` and its sequences, converting no other element from its raw
+    form (most elements are written as they were read)."""
+    for raw in ds.elements():
+        vr = raw.VR
+        if not vr:
+            try:
+                vr = dictionary_VR(raw.tag)
+            except KeyError:
+                continue
+        if vr == "PN":
+            yield ds[raw.tag]
+        elif vr == "SQ":
+            for item in ds[raw.tag].value or []:
+                yield from _person_names(item)
 
 
 def _walk(ds: Dataset) -> Iterator[DataElement]:
