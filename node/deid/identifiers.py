@@ -127,8 +127,9 @@ class Identifiers:
 
     # -- matching --------------------------------------------------------------------------
 
-    def found_in(self, text: str, free_text: bool) -> set[str]:
-        """The keywords whose values ``text`` holds (names' components too, if ``free_text``)."""
+    def found_in(self, text: str, *, free_text: bool = True) -> set[str]:
+        """The keywords whose values ``text`` holds (lone name components too, in
+        ``free_text``: text people wrote, as opposed to coded values)."""
         hits = {self.whole[v] for v in _split(text) if v in self.whole}
         found = tokens(text)
         if not found:
@@ -150,9 +151,10 @@ class Identifiers:
                 raw = elem.value if isinstance(elem.value, bytes) else b""
                 for text in _CONTROL.split(raw.decode("latin-1")):
                     if text:
-                        leaked |= self.found_in(text, elem.VR in _BINARY_TEXT_VRS)
+                        leaked |= self.found_in(text, free_text=elem.VR in _BINARY_TEXT_VRS)
             else:
-                leaked |= self.found_in("\\".join(_values(elem)), elem.VR in FREE_TEXT_VRS)
+                leaked |= self.found_in("\\".join(_values(elem)),
+                                        free_text=elem.VR in FREE_TEXT_VRS)
         return leaked
 
     def clean(self, text: str) -> str:
