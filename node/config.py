@@ -294,7 +294,8 @@ class DeidSettings(_Section):
 
     output: DeidOutput = DeidOutput.SOURCE
     honest_broker_file: Path | None = Field(
-        None, description="append original -> pseudonym mappings here (mode 0600); no = none"
+        None, description="append each instance's original -> new patient ID, name and UIDs "
+        "here, one JSON line each (mode 0600); no = none"
     )
     burned_in_modalities: list[str] = Field(
         default_factory=lambda: ["US", "SC", "XC", "ES"],

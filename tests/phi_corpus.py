@@ -113,6 +113,19 @@ class _Planter:
                 return self._record(value, where)
             n += 1
 
+    def number(self, where: str) -> str:
+        """A new phone number ``555-ddd-dddd``: what descriptors get. Clean Descriptors keeps a
+        descriptor's text but for the identifiers, dates, times and numbers in it (PS3.15
+        E.3.5, "values of similar meaning"), so a random token there would rightly stay."""
+        n = len(self.planted)
+        while True:
+            text = f"{self.salt}|{self.seed}|number|{n}"
+            digits = int(hashlib.sha256(text.encode()).hexdigest(), 16)
+            value = f"555-{digits % 900 + 100}-{digits // 1000 % 10000:04d}"
+            if value not in self._values:
+                return self._record(value, where)
+            n += 1
+
     def uid(self, where: str) -> str:
         """A new UID under pydicom's root, determined by the seed and ``where``."""
         # With prefix=None generate_uid ignores entropy_srcs (random UUID): keep the prefix.
@@ -213,13 +226,13 @@ def _patient(
     ds.CountryOfResidence = p.token("COR", "CountryOfResidence")
     ds.RegionOfResidence = p.token("ROR", "RegionOfResidence")
     ds.EthnicGroup = p.token("ETH", "EthnicGroup")
-    ds.Occupation = p.token("OCC", "Occupation")
+    ds.Occupation = p.number("Occupation")
     ds.PatientReligiousPreference = p.token("REL", "PatientReligiousPreference")
     ds.ResponsiblePerson = f"{p.token('RP', 'ResponsiblePerson family')}^Guardian"
     ds.ResponsiblePersonRole = "PARENT"
     ds.ResponsibleOrganization = p.token("RO", "ResponsibleOrganization")
-    ds.AdditionalPatientHistory = f"Seen by {p.token('APH', 'AdditionalPatientHistory')} in 2012"
-    ds.PatientComments = f"Prefers to be called {p.token('PC', 'PatientComments')}"
+    ds.AdditionalPatientHistory = f"Seen in 2012, call {p.number('AdditionalPatientHistory')}"
+    ds.PatientComments = f"Prefers to be called at {p.number('PatientComments')}"
     if detached_refs:
         uid = p.uid("ReferencedPatientSequence[0].ReferencedSOPInstanceUID")
         ds.ReferencedPatientSequence = Sequence([_ref(DETACHED_PATIENT, uid)])
@@ -229,7 +242,7 @@ def _patient(
 # -- General Study module, Imaging Service Request, Visit ---------------------------------------
 
 
-def _study(p: _Planter, study_uid: str, day: datetime.date, birth: str) -> Dataset:
+def _study(p: _Planter, study_uid: str, day: datetime.date, birth: str, family: str) -> Dataset:
     ds = Dataset()
     ds.StudyInstanceUID = study_uid
     # Patient Study module: the same in every instance, as dcentvfy wants.
@@ -242,7 +255,9 @@ def _study(p: _Planter, study_uid: str, day: datetime.date, birth: str) -> Datas
     ds.StudyTime = p.random_time()
     ds.AccessionNumber = p.token("ACC", "AccessionNumber")
     ds.StudyID = p.token("SID", "StudyID")
-    ds.StudyDescription = f"CT chest {p.token('SD', 'StudyDescription')}"
+    # Descriptors hold what people type there: the patient's name, a date, a phone number.
+    said = p.given(day.strftime("%d-%b-%Y"), "StudyDescription date")
+    ds.StudyDescription = f"CT chest {family} {said} {p.number('StudyDescription')}"
     ds.ReferringPhysicianName = f"{p.token('REF', 'ReferringPhysicianName family')}^Rex"
     ds.ReferringPhysicianAddress = p.token("RPA", "ReferringPhysicianAddress") + " Hill Road"
     ds.ReferringPhysicianTelephoneNumbers = [p.token("RPT", "ReferringPhysicianTelephoneNumbers")]
@@ -253,9 +268,9 @@ def _study(p: _Planter, study_uid: str, day: datetime.date, birth: str) -> Datas
     ds.AdmissionID = p.token("ADM", "AdmissionID")
     ds.RequestingPhysician = f"{p.token('RQP', 'RequestingPhysician family')}^Cy"
     ds.RequestingService = p.token("RQS", "RequestingService")
-    ds.RequestedProcedureDescription = p.token("RPD", "RequestedProcedureDescription")
-    ds.ReasonForTheRequestedProcedure = p.token("RFR", "ReasonForTheRequestedProcedure")
-    ds.StudyComments = f"Called {p.token('SC', 'StudyComments')} about results"
+    ds.RequestedProcedureDescription = f"CT chest {p.number('RequestedProcedureDescription')}"
+    ds.ReasonForTheRequestedProcedure = f"Cough, {p.number('ReasonForTheRequestedProcedure')}"
+    ds.StudyComments = f"Called {p.number('StudyComments')} about results"
     proc = _code(
         "CTCHEST",
         "99ACME",
@@ -274,8 +289,8 @@ def _request_attributes(
     item.ScheduledProcedureStepID = p.token(
         "SPS", "RequestAttributesSequence[0].ScheduledProcedureStepID"
     )
-    item.ScheduledProcedureStepDescription = p.token(
-        "SPD", "RequestAttributesSequence[0].ScheduledProcedureStepDescription"
+    item.ScheduledProcedureStepDescription = p.number(
+        "RequestAttributesSequence[0].ScheduledProcedureStepDescription"
     )
     if detached_refs:
         item.ReferencedStudySequence = Sequence([_ref(DETACHED_STUDY, study_uid)])
@@ -295,8 +310,8 @@ def _series(p: _Planter, s: int, day: datetime.date) -> Dataset:
     ds.SeriesDate = p.date(_da(day))
     ds.SeriesTime = p.random_time()
     ds.SeriesNumber = s + 1
-    ds.SeriesDescription = f"Axial {p.token('SER', at + 'SeriesDescription')}"
-    ds.ProtocolName = f"Protocol {p.token('PRO', at + 'ProtocolName')}"
+    ds.SeriesDescription = f"Axial {p.number(at + 'SeriesDescription')}"
+    ds.ProtocolName = f"Protocol {p.number(at + 'ProtocolName')}"
     ds.PerformingPhysicianName = [f"{p.token('PPN', at + 'PerformingPhysicianName family')}^Di"]
     ds.OperatorsName = [
         f"{p.token('OPN', at + f'OperatorsName[{i}] family')}^Op{i}" for i in range(2)
@@ -304,7 +319,7 @@ def _series(p: _Planter, s: int, day: datetime.date) -> Dataset:
     ds.PerformedProcedureStepID = p.token("PPI", at + "PerformedProcedureStepID")
     ds.PerformedProcedureStepStartDate = p.date(_da(day))
     ds.PerformedProcedureStepStartTime = p.random_time()
-    ds.PerformedProcedureStepDescription = p.token("PPD", at + "PerformedProcedureStepDescription")
+    ds.PerformedProcedureStepDescription = p.number(at + "PerformedProcedureStepDescription")
     ds.PerformedStationAETitle = p.token("AE", at + "PerformedStationAETitle")
     ds.PerformedStationName = p.token("PSN", at + "PerformedStationName")
     ds.PerformedLocation = p.token("PL", at + "PerformedLocation")
@@ -462,7 +477,8 @@ def make_planted_study(
     patient = _patient(p, patient_id, patient_name, detached_refs)
     study_uid = p.uid("StudyInstanceUID")
     day = p.random_date(2015, 2022)
-    study = _study(p, study_uid, day, str(patient.PatientBirthDate))
+    study = _study(p, study_uid, day, str(patient.PatientBirthDate),
+                   patient.PatientName.family_name)
     request = _request_attributes(p, study_uid, study.AccessionNumber, detached_refs)
     creator_uid = p.uid("InstanceCreatorUID")
     samples = [
@@ -507,9 +523,9 @@ def make_planted_study(
             ds.AcquisitionDateTime = p.date(f"{ds.AcquisitionDate}{ds.AcquisitionTime}.250000")
             ds.ContentDate = p.date(_da(day))
             ds.ContentTime = p.random_time()
-            ds.ImageComments = f"Reviewed with {p.token('IMC', at + 'ImageComments')}"
-            ds.AcquisitionComments = f"Patient {p.token('ACQ', at + 'AcquisitionComments')} moved"
-            ds.DerivationDescription = f"Windowed by {p.token('DER', at + 'DerivationDescription')}"
+            ds.ImageComments = f"Reviewed, call {p.number(at + 'ImageComments')}"
+            ds.AcquisitionComments = f"Patient moved, {p.number(at + 'AcquisitionComments')}"
+            ds.DerivationDescription = f"Windowed, {p.number(at + 'DerivationDescription')}"
             ds.ContentCreatorName = f"{p.token('CCN', at + 'ContentCreatorName family')}^Eve"
             if s >= 1:
                 first = i % per_series
@@ -588,7 +604,8 @@ def make_planted_sr(
         day = p.random_date(2015, 2022)
         patient = _patient(p, patient_id, patient_name, detached_refs)
         _merge(ds, patient)
-        _merge(ds, _study(p, study_uid, day, str(patient.PatientBirthDate)))
+        _merge(ds, _study(p, study_uid, day, str(patient.PatientBirthDate),
+                          patient.PatientName.family_name))
     else:
         if patient_id is not None or patient_name is not None:
             raise ValueError("patient_id and patient_name come from the study when one is given")
@@ -613,7 +630,7 @@ def make_planted_sr(
     ds.SeriesNumber = 900
     ds.SeriesDate = p.date(_da(day))
     ds.SeriesTime = p.random_time()
-    ds.SeriesDescription = f"Report {p.token('SRD', at + 'SeriesDescription')}"
+    ds.SeriesDescription = f"Report {p.number(at + 'SeriesDescription')}"
     ds.ReferencedPerformedProcedureStepSequence = Sequence()
     ds.Manufacturer = "ACME"
     ds.InstitutionName = f"{p.token('INS', at + 'InstitutionName')} Clinic"
@@ -651,8 +668,8 @@ def make_planted_sr(
     request.StudyInstanceUID = study_uid
     request.AccessionNumber = p.token("RAN", at + "ReferencedRequestSequence[0].AccessionNumber")
     request.ReferencedStudySequence = Sequence()
-    request.RequestedProcedureDescription = p.token(
-        "RRD", at + "ReferencedRequestSequence[0].RequestedProcedureDescription"
+    request.RequestedProcedureDescription = p.number(
+        at + "ReferencedRequestSequence[0].RequestedProcedureDescription"
     )
     request.RequestedProcedureCodeSequence = Sequence()
     request.RequestedProcedureID = p.token(

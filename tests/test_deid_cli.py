@@ -38,6 +38,31 @@ def outputs(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.dcm"))
 
 
+UIDS = {"study_instance_uid": "StudyInstanceUID", "series_instance_uid": "SeriesInstanceUID",
+        "sop_instance_uid": "SOPInstanceUID", "frame_of_reference_uid": "FrameOfReferenceUID"}
+
+
+def check_broker(broker: Path, sources: list[Path], written: list[Path]) -> None:
+    """One line per written instance; each maps the source's patient and UIDs to those the
+    output file holds, and nothing else is in it."""
+    assert stat.S_IMODE(broker.stat().st_mode) == 0o600
+    lines = [json.loads(x) for x in broker.read_text().splitlines()]
+    before = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, sources)}
+    after = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, written)}
+    assert len(lines) == len(written)
+    assert {x["new_sop_instance_uid"] for x in lines} == set(after)
+    for line in lines:
+        src, out = before[line["sop_instance_uid"]], after[line["new_sop_instance_uid"]]
+        assert set(line) == {"patient_id", "patient_name", "pseudonym", "pseudonym_name",
+                             *UIDS, *(f"new_{k}" for k in UIDS)}
+        assert (line["patient_id"], line["patient_name"]) == (src.PatientID, str(src.PatientName))
+        assert (line["pseudonym"], line["pseudonym_name"]) == (out.PatientID, str(out.PatientName))
+        for field, keyword in UIDS.items():
+            assert line[field] == src.get(keyword), field
+            assert line[f"new_{field}"] == out.get(keyword), field
+        assert line["study_instance_uid"] != line["new_study_instance_uid"]
+
+
 def test_no_planted_value_survives(tmp_path: Path) -> None:
     study = make_planted_study(tmp_path / "in" / "study", seed=3)
     sr = make_planted_sr(tmp_path / "in" / "sr", study=study, seed=3)
@@ -84,25 +109,26 @@ def test_bad_files_are_reported_and_the_rest_written(tmp_path: Path) -> None:
     assert all(b"PID-4242" not in p.read_bytes() for p in written)
     # Outputs are named by their new UIDs, never by input names.
     assert all(p.stem == str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in written)
-    # The honest broker: mode 0600, one line per patient and study, the same after a re-run.
-    assert stat.S_IMODE(broker.stat().st_mode) == 0o600
-    lines = [json.loads(x) for x in broker.read_text().splitlines()]
-    pseudonym = str(dcmread(written[0]).PatientID)
-    assert lines == [{"patient_id": "PID-4242", "pseudonym": pseudonym,
-                      "study_instance_uid": str(dcmread(good[0]).StudyInstanceUID),
-                      "new_study_instance_uid": str(dcmread(written[0]).StudyInstanceUID)}]
+    # The honest broker: mode 0600, one line per instance (every UID kind, the patient's ID
+    # and name), the same after a re-run.
+    check_broker(broker, good, written)
+    assert all(dcmread(p).get("FrameOfReferenceUID") for p in good)  # CT: all four kinds
+    lines = broker.read_text()
     again = deidentify([tmp_path / "in" / "ct"], tmp_path / "out2", tmp_path,
                        honest_broker_file=str(broker))
     assert again.returncode == 0, again.stdout + again.stderr
     assert [p.name for p in outputs(tmp_path / "out2")] == [p.name for p in written]
-    assert len(broker.read_text().splitlines()) == 1
+    assert broker.read_text() == lines
 
 
 def test_secondary_capture_output(tmp_path: Path) -> None:
     files = make_study(tmp_path / "in", per_series=2, source="emri_small.dcm")
-    res = deidentify(files, tmp_path / "out", tmp_path, output="sc")
+    broker = tmp_path / "broker.jsonl"
+    res = deidentify(files, tmp_path / "out", tmp_path, output="sc",
+                     honest_broker_file=str(broker))
     written = outputs(tmp_path / "out")
     assert len(written) == 2, res.stdout + res.stderr
+    check_broker(broker, files, written)  # the SC writer's UIDs, as written
     for path in written:
         ds = dcmread(path)
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word

@@ -189,8 +189,8 @@ def test_a_long_cine_is_searched_on_a_sample_and_verified_in_every_frame(
             return super().lines(stacked)
 
     settings = DeidSettings(key=KEY)
-    result = clean_pixels(cine, settings, identifiers=[str(source.PatientName)],
-                          finder=Counting())
+    identifiers = Deidentifier(settings, OutputSettings()).identifiers(source)
+    result = clean_pixels(cine, settings, identifiers=identifiers, finder=Counting())
     assert result.verdict is PixelVerdict.CLEANED and result.verified
     after, _ = decode_frames(cine)
     for planted in case.planted:
@@ -205,8 +205,9 @@ def test_pixel_rules_combine_with_detection(corpus: list[Case]) -> None:
     rule = PixelRule(name="ct footer", regions=[box])
     ds = _file(case.dataset)
     before, _ = decode_frames(ds)
-    result = clean_pixels(ds, DeidSettings(key=KEY, pixel_rules=[rule]),
-                          identifiers=[str(ds.PatientName)])
+    settings = DeidSettings(key=KEY, pixel_rules=[rule])
+    result = clean_pixels(ds, settings,
+                          identifiers=Deidentifier(settings, OutputSettings()).identifiers(ds))
     assert result.verdict is PixelVerdict.CLEANED and result.rule == "ct footer"
     after, _ = decode_frames(ds)
     x, y, w, h = box

@@ -208,9 +208,21 @@ def test_planted_phi_never_reaches_the_research_archive(
     assert "quarantined 1: structured report with free text" in out
     # The honest broker: the one place original and pseudonym meet, readable by its owner only.
     assert stat.S_IMODE(broker.stat().st_mode) == 0o600
-    (mapping,) = [json.loads(line) for line in broker.read_text().splitlines()]
-    assert mapping["patient_id"] == study.patient_id
-    assert mapping["pseudonym"] == research_tags(research)[0]["PatientID"]
+    mappings = [json.loads(line) for line in broker.read_text().splitlines()]
+    stored_tags = research_tags(research)
+    assert len(mappings) == 4  # one per instance mirrored
+    assert {m["patient_id"] for m in mappings} == {study.patient_id}
+    assert {m["pseudonym"] for m in mappings} == {stored_tags[0]["PatientID"]}
+    by_sop = {t["SOPInstanceUID"]: t for t in stored_tags}
+    sources = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, study.files)}
+    assert {m["new_sop_instance_uid"] for m in mappings} == set(by_sop)
+    for m in mappings:  # every UID kind, from the source file to the stored instance
+        stored, source = by_sop[m["new_sop_instance_uid"]], sources[m["sop_instance_uid"]]
+        for kind, keyword in [("study_instance_uid", "StudyInstanceUID"),
+                              ("series_instance_uid", "SeriesInstanceUID"),
+                              ("frame_of_reference_uid", "FrameOfReferenceUID")]:
+            assert m[kind] == source.get(keyword), kind
+            assert m[f"new_{kind}"] == stored.get(keyword) != m[kind], kind
     assert os.environ.get(PASSWORD_ENV) not in node.log()
 
 

@@ -41,13 +41,57 @@ class Fate(StrEnum):
 
 
 @dataclass(frozen=True)
+class Identity:
+    """What identifies one instance: its patient and its UIDs."""
+
+    patient_id: str
+    patient_name: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    frame_of_reference_uid: str | None
+    """None where the instance has no Frame of Reference."""
+
+    @classmethod
+    def of(cls, ds: Dataset) -> Identity:
+        return cls(str(ds.get("PatientID", "") or ""), str(ds.get("PatientName", "") or ""),
+                   str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
+                   str(ds.get("SOPInstanceUID", "")),
+                   str(ds.FrameOfReferenceUID) if ds.get("FrameOfReferenceUID") else None)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of the honest-broker file: an instance as it came and as it was written."""
+
+    original: Identity
+    new: Identity
+
+    def as_json(self) -> dict[str, str | None]:
+        """The line's fields: ``patient_id``, ``patient_name``, ``pseudonym``,
+        ``pseudonym_name``, then for each UID its original and ``new_`` value."""
+        line: dict[str, str | None] = {
+            "patient_id": self.original.patient_id, "patient_name": self.original.patient_name,
+            "pseudonym": self.new.patient_id, "pseudonym_name": self.new.patient_name,
+        }
+        for name in _UID_FIELDS:
+            line[name] = getattr(self.original, name)
+            line[f"new_{name}"] = getattr(self.new, name)
+        return line
+
+
+_UID_FIELDS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid",
+               "frame_of_reference_uid")
+
+
+@dataclass(frozen=True)
 class FileResult:
     source: str
     fate: Fate
     detail: str
     """The output path when written, else the reason (no patient data)."""
-    mapping: tuple[str, str, str, str] | None = None
-    """(original Patient ID, pseudonym, original Study UID, new Study UID) for the broker."""
+    mapping: Mapping | None = None
+    """The original identity and the new one, for the honest broker."""
 
 
 @dataclass
@@ -104,7 +148,7 @@ def deidentify_to_bytes(deid: Deidentifier, source: Dataset, output: DeidOutput
     """``source`` de-identified (in place: callers read it from disk) into the IOD ``output``
     asks for, and its file bytes after the safety scan; raises :class:`Quarantined`."""
     identifiers = deid.identifiers(source)
-    result = deid.deidentify(source, in_place=True)
+    result = deid.deidentify(source, in_place=True, identifiers=identifiers)
     if output is DeidOutput.SC:
         result = as_secondary_capture(deid, result)
     return result, deid.encode(result, identifiers)
@@ -135,8 +179,7 @@ def _process(path: Path) -> FileResult:
         source.SOPInstanceUID  # noqa: B018 - fail here on a damaged header
     except (InvalidDicomError, OSError, AttributeError, ValueError, KeyError) as exc:
         return FileResult(str(path), Fate.UNREADABLE, _describe(exc))
-    original_patient = str(source.get("PatientID", ""))
-    original_study = str(source.get("StudyInstanceUID", ""))
+    original = Identity.of(source)  # before de-identification changes it in place
     try:
         output, data = deidentify_to_bytes(deid, source, settings.deid.output)
     except Quarantined as exc:
@@ -150,9 +193,7 @@ def _process(path: Path) -> FileResult:
     tmp = target.with_suffix(f".{os.getpid()}.part")
     tmp.write_bytes(data)
     os.replace(tmp, target)
-    mapping = (original_patient, str(output.PatientID), original_study,
-               str(output.StudyInstanceUID))
-    return FileResult(str(path), Fate.WRITTEN, str(target), mapping)
+    return FileResult(str(path), Fate.WRITTEN, str(target), Mapping(original, Identity.of(output)))
 
 
 def _describe(exc: BaseException) -> str:
@@ -169,29 +210,31 @@ def _describe(exc: BaseException) -> str:
 
 # -- main side -----------------------------------------------------------------------------
 
-def record_mappings(path: Path, mappings: Iterable[tuple[str, str, str, str]]) -> int:
-    """Append the (patient id, pseudonym, study UID, new study UID) pairs not yet in the
-    honest-broker file ``path`` (created 0600); several processes may call it at once (the
-    file is locked while read and appended). Returns how many were new."""
+def record_mappings(path: Path, mappings: Iterable[Mapping]) -> int:
+    """Append the mappings not yet in the honest-broker file ``path``, one JSON object a line
+    (:meth:`Mapping.as_json`); the file is created 0600, locked while read and appended (several
+    processes may call this at once) and synced. Returns how many lines were new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "r+", encoding="utf-8") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         f.seek(0)
-        seen = set()
-        for line in f.read().splitlines():
-            entry = json.loads(line)
-            seen.add((entry["patient_id"], entry["pseudonym"], entry["study_instance_uid"],
-                      entry["new_study_instance_uid"]))
-        new = [m for m in dict.fromkeys(mappings) if m not in seen]
-        for patient_id, pseudonym, study_uid, new_study_uid in new:
-            f.write(json.dumps({
-                "patient_id": patient_id, "pseudonym": pseudonym,
-                "study_instance_uid": study_uid, "new_study_instance_uid": new_study_uid,
-            }) + "\n")
+        seen = {_canonical(json.loads(line)) for line in f.read().splitlines() if line}
+        new = []
+        for mapping in dict.fromkeys(mappings):
+            line = mapping.as_json()
+            if _canonical(line) not in seen:
+                seen.add(_canonical(line))
+                new.append(line)
+        for line in new:
+            f.write(json.dumps(line) + "\n")
         f.flush()
         os.fsync(f.fileno())
     return len(new)
+
+
+def _canonical(line: object) -> str:
+    return json.dumps(line, sort_keys=True)
 
 
 def run(paths: Sequence[Path], out_dir: Path, settings: Settings, workers: int = 1,

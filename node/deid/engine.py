@@ -5,7 +5,8 @@ What it does to a data set (a copy; the input is untouched):
 1. every attribute of Table E.1-1 gets its action (:mod:`node.deid.profile`), inside sequences
    too; attributes not in the table are kept, sequences among them still cleaned;
 2. private attributes are removed, except those on the ``safe_private`` allowlist with Retain
-   Safe Private; curves (50xx) and overlays (60xx) are removed whole, as are group lengths;
+   Safe Private (their text cleaned, as C asks); curves (50xx) and overlays (60xx) are
+   removed whole, Clean Graphics or not, as are group lengths;
 3. Patient ID and Name become keyed HMAC pseudonyms; every UID with action U becomes a UID
    derived from an HMAC of the original, so the same source UID maps to the same new UID on
    every run and every machine sharing the key, and references stay coherent;
@@ -19,7 +20,10 @@ What it does to a data set (a copy; the input is untouched):
    a content item, 0040,A1xx) are cleaned wherever they occur: the table names the sequences
    that hold them (Content Sequence, Acquisition Context Sequence) but not the values, and
    keeping or cleaning a sequence by recursion would keep its free text;
-7. the PS3.15 E.1.1 markers are written (:func:`node.dicom.mark_deidentified`) and the file meta
+7. C on text (the descriptors of Clean Descriptors, kept safe private text) takes out the
+   source's identifying values, dates, times and phone or ID numbers and keeps the rest
+   (:meth:`node.deid.identifiers.Identifiers.clean`);
+8. the PS3.15 E.1.1 markers are written (:func:`node.dicom.mark_deidentified`) and the file meta
    follows the new SOP Instance UID.
 
 Compound actions (X/Z, X/D, Z/D, X/Z/D) need the attribute's Type: ``type_of`` (by default
@@ -39,15 +43,18 @@ import datetime
 import hashlib
 import hmac
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from node.config import DeidOption, DeidSettings, OutputSettings
+from node.deid.identifiers import TEXT_VRS, Identifiers
 from node.deid.pixels import (
     Inpainter,
     PixelDataError,
@@ -101,7 +108,8 @@ class Quarantined(DeidentificationError):
 
 
 # Values of these attributes are what a leak would look like: after de-identification, none
-# may occur anywhere in the encoded output (unless an option keeps it on purpose).
+# may occur in the output (unless an option keeps it on purpose), nor in cleaned descriptors.
+# Person names anywhere in the source count too (Identifiers.collect).
 _IDENTIFYING = (
     "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
     "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber",
@@ -111,7 +119,6 @@ _IDENTIFYING = (
 _INSTITUTION = ("InstitutionName", "InstitutionAddress")
 _ORIGINAL_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                   "FrameOfReferenceUID")
-_MIN_LEAK_LENGTH = 4  # shorter values ("M", "1") occur anywhere by chance
 
 # Content item values (PS3.3 C.17.3): what replaces them; dates follow the date options.
 _CONTENT_VALUES = {
@@ -122,10 +129,16 @@ _CONTENT_VALUES = {
     0x0040A122: "TM",  # Time
     0x0040A124: "UI",  # UID
 }
-# What de-identification itself writes: a source already de-identified holds these, and they
-# identify no one (scanning for them would quarantine every such source).
-_PLACEHOLDERS = frozenset(v for v in [*_DUMMY.values(), *_CONTENT_VALUES.values()]
-                          if isinstance(v, str))
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every step of one data set's cleaning needs."""
+
+    sop_class: str
+    shift: datetime.timedelta
+    """How far dates move back (Modified Dates)."""
+    identifiers: Identifiers
+    """The source's identifying values, which cleaned text must not hold."""
 
 
 class Deidentifier:
@@ -201,14 +214,18 @@ class Deidentifier:
 
     # -- the data set ----------------------------------------------------------------------
 
-    def deidentify(self, source: Dataset, *, in_place: bool = False) -> Dataset:
+    def deidentify(self, source: Dataset, *, in_place: bool = False,
+                   identifiers: Identifiers | None = None) -> Dataset:
         """A de-identified copy of ``source`` in its own IOD: tags, pixels, markers; with
         ``in_place``, ``source`` itself becomes it (no copy: faster, for callers that reread
-        the file anyway; take :meth:`identifiers` first).
+        the file anyway; take :meth:`identifiers` first and pass them, as :meth:`encode` needs
+        them too).
 
         Raises :class:`Quarantined` when it must not be passed on: a likely face with Clean
         Recognizable Visual Features, burned-in text with no pixel rule (unless the settings
         let it pass, marked), an identifier still present (see :meth:`encode`)."""
+        # What identifies the subject, taken before anything changes (cleaning works in place).
+        identifiers = self.identifiers(source) if identifiers is None else identifiers
         recognizable = likely_recognizable(source)
         if recognizable and DeidOption.CLEAN_RECOGNIZABLE_VISUAL_FEATURES in self.options:
             raise Quarantined(f"recognizable visual features likely: {recognizable}")
@@ -219,7 +236,6 @@ class Deidentifier:
             raise Quarantined("structured report with free text: its content would be removed "
                               "(enable the clean_structured_content option to keep it, cleaned)")
         synthetic = str(source.get("SyntheticData", "")).upper() == "YES"
-        identifiers = self.identifiers(source)  # before anything of it is changed
         ds = source if in_place else copy.deepcopy(source)
         subject = str(ds.get("PatientID", "") or ds.get("PatientName", "") or
                       ds.get("StudyInstanceUID", ""))
@@ -227,8 +243,8 @@ class Deidentifier:
             raise DeidentificationError("no Patient ID, Patient Name or Study Instance UID to "
                                         "derive a pseudonym from")
         shift = datetime.timedelta(days=self.date_shift_days(subject))
-        sop_class = str(ds.get("SOPClassUID", ""))
-        self._clean(ds, sop_class, shift, parent=None)
+        work = _Pass(str(ds.get("SOPClassUID", "")), shift, identifiers)
+        self._clean(ds, work, parent=None)
         pseudonym = self.pseudonym(subject)
         ds.PatientID = pseudonym
         ds.PatientName = f"ANONYMOUS^{pseudonym}"
@@ -250,47 +266,33 @@ class Deidentifier:
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         return ds
 
-    def identifiers(self, source: Dataset) -> dict[str, str]:
-        """Values of ``source`` that must not appear in its de-identified output, by keyword
-        (those an enabled option keeps on purpose excepted)."""
+    def identifiers(self, source: Dataset) -> Identifiers:
+        """Values of ``source`` that must not appear in its de-identified output nor in its
+        cleaned text (those an enabled option keeps on purpose excepted)."""
         keywords = list(_IDENTIFYING)
         if DeidOption.RETAIN_INSTITUTION_IDENTITY not in self.options:
             keywords += _INSTITUTION
-        if DeidOption.RETAIN_UIDS not in self.options:
-            keywords += _ORIGINAL_UIDS
         if DeidOption.RETAIN_LONGITUDINAL_FULL_DATES in self.options:
             keywords.remove("PatientBirthDate")
-        found: dict[str, str] = {}
-        for keyword in keywords:
-            if keyword not in source:
-                continue
-            elem = source[keyword]
-            if elem.VR == "SQ":
-                continue
-            values = elem.value if elem.VM > 1 else [elem.value]
-            for value in values:
-                text = str(value or "").strip()
-                if len(text) >= _MIN_LEAK_LENGTH and text not in _PLACEHOLDERS:
-                    found[text] = keyword
-        return found
+        uids = () if DeidOption.RETAIN_UIDS in self.options else _ORIGINAL_UIDS
+        return Identifiers.collect(source, keywords, uids)
 
-    def encode(self, output: Dataset, identifiers: dict[str, str]) -> bytes:
+    def encode(self, output: Dataset, identifiers: Identifiers) -> bytes:
         """``output`` as DICOM file bytes, after checking that none of the source's
-        ``identifiers`` (:meth:`identifiers`, taken before de-identification) survived anywhere
-        in them (raises :class:`Quarantined` naming the attributes)."""
+        ``identifiers`` (:meth:`identifiers`, taken before de-identification) survived in the
+        data set they encode, read back (raises :class:`Quarantined` naming the attributes).
+        Whole values and whole tokens match, never a substring inside a token
+        (:mod:`node.deid.identifiers`)."""
         buffer = BytesIO()
         output.save_as(buffer, enforce_file_format=True)
         data = buffer.getvalue()
-        leaked = sorted({kw for value, kw in identifiers.items()
-                         if value.encode("utf-8", "replace") in data})
+        leaked = sorted(identifiers.leaks(dcmread(BytesIO(data))))
         if leaked:
             raise Quarantined(f"original values of {', '.join(leaked)} survived "
                               "de-identification")
         return data
 
-    def _clean(
-        self, ds: Dataset, sop_class: str, shift: datetime.timedelta, parent: int | None
-    ) -> None:
+    def _clean(self, ds: Dataset, work: _Pass, parent: int | None) -> None:
         scheme = str(ds.get("CodingSchemeDesignator", "") or "")
         if (scheme.startswith("99") or scheme == "L") and "CodeMeaning" in ds:
             ds.CodeMeaning = str(ds.get("CodeValue", "") or "private code")
@@ -306,8 +308,10 @@ class Deidentifier:
                 if 0x0010 <= element <= 0x00FF:
                     private_creators.append(tag)
                 elif self._keep_private(ds, group, element):
+                    # Retain Safe Private: C; a safe value that is not text is kept as it is.
                     kept_blocks.add((group, element >> 8))
-                    self._descend(ds[tag], sop_class, shift, tag)
+                    if ds[tag].VR == "SQ" or ds[tag].VR in TEXT_VRS:
+                        self._clean_value(ds[tag], work, tag)
                 else:
                     del ds[tag]
                 continue
@@ -316,13 +320,13 @@ class Deidentifier:
                 continue
             action = self.profile.action(tag)
             if action is None and tag in _CONTENT_VALUES:
-                self._clean_content_value(ds, tag, shift)
+                self._clean_content_value(ds, tag, work.shift)
                 continue
             if action is None or action == "K":
                 if self._is_sequence(ds, tag):
-                    self._descend(ds[tag], sop_class, shift, tag)
+                    self._descend(ds[tag], work, tag)
                 continue
-            self._apply(ds, tag, self._resolve(action, sop_class, tag, parent), sop_class, shift)
+            self._apply(ds, tag, self._resolve(action, work.sop_class, tag, parent), work)
         for tag in private_creators:
             if (tag >> 16, tag & 0xFF) not in kept_blocks:
                 del ds[tag]
@@ -369,49 +373,50 @@ class Deidentifier:
             return choices[0]
         return "D" if "D" in choices else "Z"  # Type unknown: present, empty or dummy
 
-    def _descend(
-        self, elem: DataElement, sop_class: str, shift: datetime.timedelta, tag: int
-    ) -> None:
+    def _descend(self, elem: DataElement, work: _Pass, tag: int) -> None:
         if elem.VR == "SQ":
             for item in elem.value:
-                self._clean(item, sop_class, shift, parent=tag)
+                self._clean(item, work, parent=tag)
 
-    def _apply(
-        self, ds: Dataset, tag: int, action: str, sop_class: str, shift: datetime.timedelta
-    ) -> None:
+    def _apply(self, ds: Dataset, tag: int, action: str, work: _Pass) -> None:
         elem = ds[tag]
         vr = elem.VR
         if action == "K":
-            self._descend(elem, sop_class, shift, tag)
+            self._descend(elem, work, tag)
         elif action == "X":
             del ds[tag]
         elif action == "Z":
             elem.value = DicomSequence() if vr == "SQ" else None
         elif action == "D":
             if vr == "SQ":
-                self._descend(elem, sop_class, shift, tag)
+                self._descend(elem, work, tag)
             elif vr == "UI":
                 self._remap(elem)
             else:
                 elem.value = _DUMMY.get(vr)
         elif action == "C":
-            self._clean_value(elem, sop_class, shift, tag)
+            self._clean_value(elem, work, tag)
         elif action == "U":
             self._remap(elem)
         else:
             raise DeidentificationError(f"unknown action {action!r} for ({tag >> 16:04X},"
                                         f"{tag & 0xFFFF:04X})")
 
-    def _clean_value(
-        self, elem: DataElement, sop_class: str, shift: datetime.timedelta, tag: int
-    ) -> None:
+    def _clean_value(self, elem: DataElement, work: _Pass, tag: int) -> None:
         """C: replace with values of similar meaning that identify nobody."""
         if elem.VR == "SQ":
-            self._descend(elem, sop_class, shift, tag)
+            self._descend(elem, work, tag)
         elif elem.VR in _DATE_VRS and self.temporal is TemporalInformation.MODIFIED:
-            elem.value = _shift_dates(elem, shift)
+            elem.value = _shift_dates(elem, work.shift)
         elif elem.VR == "TM" and self.temporal is TemporalInformation.MODIFIED:
             pass  # a day shift leaves the time of day as it was
+        elif elem.VR in TEXT_VRS and elem.value:
+            # Descriptors (Clean Descriptors, PS3.15 E.3.5): their identifying parts out, the
+            # rest kept; emptied, never removed, so the attribute's Type still holds.
+            if elem.VM > 1:
+                elem.value = [work.identifiers.clean(str(v)) for v in elem.value]
+            else:
+                elem.value = work.identifiers.clean(str(elem.value))
         else:
             elem.value = None
 

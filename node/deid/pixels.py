@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 
 from node.config import DeidSettings, PixelFill, PixelRule
+from node.deid.identifiers import Identifiers
 from node.deid.text import (
     Found,
     Policy,
@@ -196,7 +197,7 @@ def _describe(ds: Dataset) -> str:
 
 def clean_pixels(
     ds: Dataset, settings: DeidSettings, inpainter: Inpainter | None = None,
-    identifiers: Iterable[str] = (), finder: TextFinder | None = None,
+    identifiers: Identifiers | None = None, finder: TextFinder | None = None,
 ) -> PixelResult:
     """Apply Clean Pixel Data to ``ds`` in place and say what was done.
 
@@ -283,7 +284,7 @@ def _where(found: Sequence[Found]) -> str:
 
 def _detect_and_hide(
     ds: Dataset, settings: DeidSettings, rule: PixelRule | None,
-    inpainter: Inpainter | None, identifiers: Iterable[str], finder: TextFinder,
+    inpainter: Inpainter | None, identifiers: Identifiers | None, finder: TextFinder,
 ) -> PixelResult:
     # 1. everything that can fail on configuration, before any change
     fill = settings.text_fill

@@ -37,6 +37,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 
+from node.deid.identifiers import Identifiers
 from node.pixeldata import Region
 
 DETECT_MIN_SIDE = 512
@@ -316,39 +317,28 @@ _DATE_OR_TIME = re.compile(r"\d{1,4}\s*[/.-]\s*\d{1,2}\s*[/.-]\s*\d{1,4}|\d{1,2}
 """Short numbers are allowlisted (ruler labels), but not as a date or a time of day."""
 
 
-def tokens(text: str) -> list[str]:
-    """Upper-case alphanumeric runs of ``text``."""
+def words(text: str) -> list[str]:
+    """Upper-case alphanumeric runs of ``text`` (what the allowlist's patterns match)."""
     return [t.upper() for t in _TOKEN.findall(text)]
 
 
 class Policy:
-    """Decides the :class:`TextKind` of read text: the source's identifying values (their
-    tokens) first, then the allowlist (regular expressions over whole tokens)."""
+    """Decides the :class:`TextKind` of read text: the source's identifying values first
+    (matched as the leak scan matches them: whole values, token runs, name components), then
+    the allowlist (regular expressions over whole tokens)."""
 
-    def __init__(self, allowlist: Iterable[str], identifiers: Iterable[str],
+    def __init__(self, allowlist: Iterable[str], identifiers: Identifiers | None = None,
                  min_allowed_score: float = 0.8) -> None:
         self.allowed = [re.compile(p, re.IGNORECASE) for p in allowlist]
+        self.identifiers = identifiers if identifiers is not None else Identifiers()
         self.min_allowed_score = min_allowed_score
-        self.identifying: set[str] = set()
-        self.identifying_runs: list[list[str]] = []
-        for value in identifiers:
-            parts = tokens(value)
-            if not parts:
-                continue
-            self.identifying_runs.append(parts)
-            self.identifying.update(p for p in parts if len(p) >= 3 or p.isdigit())
-            joined = "".join(parts)  # "1980-01-01" read as 19800101, "DOE^JANE" as DOEJANE
-            if len(joined) >= 4:
-                self.identifying.add(joined)
 
     def kind(self, text: str, score: float, box_aspect: float) -> TextKind:
         """``box_aspect``: the line's length over its height, to refuse a reading that is far
         too short for the line (a long name misread as "L")."""
-        parts = tokens(text)
-        if any(p in self.identifying for p in parts) or (
-                "".join(parts) in self.identifying) or any(
-                _contains(parts, run) for run in self.identifying_runs):
+        if self.identifiers.found_in(text):
             return TextKind.IDENTIFYING
+        parts = words(text)
         if not parts or score < self.min_allowed_score or _DATE_OR_TIME.search(text):
             return TextKind.OTHER
         if box_aspect > 2.0 * (len(text.strip()) + 1):
@@ -356,12 +346,6 @@ class Policy:
         if all(any(p.fullmatch(t) for p in self.allowed) for t in parts):
             return TextKind.ALLOWED
         return TextKind.OTHER
-
-
-def _contains(parts: list[str], run: list[str]) -> bool:
-    """Whether ``run`` occurs in ``parts`` as consecutive tokens."""
-    n = len(run)
-    return any(parts[i:i + n] == run for i in range(len(parts) - n + 1))
 
 
 def outline_mask(found: Iterable[Found], rows: int, columns: int) -> np.ndarray:
@@ -441,7 +425,7 @@ def is_text(text: str, score: float, line_score: float, shape: float) -> bool:
     several characters even unsurely (hidden all the same: hard to read is not clean). The
     detector alone also marks edges and blobs of anatomy; what it marks there reads as
     nothing, as no letter or digit, or as one or two characters without confidence."""
-    read = "".join(tokens(text))
+    read = "".join(words(text))
     if read and score >= (SHORT_READ_MIN_SCORE if len(read) <= 2 else READ_MIN_SCORE):
         # a reading far too short or too long for the line's shape is not what is there
         return shape <= 2.0 * len(text.strip()) + 3 and shape >= 0.2 * len(read)

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from node.config import DeidSettings, OutputSettings, Settings
 from node.deid import Deidentifier, Quarantined
+from node.deid.identifiers import Identifiers
 from node.dicom import (
     NewIdentity,
     Pixels,
@@ -341,14 +342,15 @@ def synthesize(
         return list(generation.run_many(jobs))
     results: list[list[Dataset] | Quarantined] = [[] for _ in jobs]
     # 1. de-identify the sources, noting what must not survive into the outputs
-    ready: list[tuple[int, Request, Dataset | None, dict[str, str]]] = []
+    ready: list[tuple[int, Request, Dataset | None, Identifiers]] = []
     for i, (request, source) in enumerate(jobs):
         if source is None:
-            ready.append((i, request, None, {}))
+            ready.append((i, request, None, Identifiers()))
             continue
         identifiers = deid.identifiers(source)
         try:
-            ready.append((i, request, deid.deidentify(source, in_place=True), identifiers))
+            ready.append((i, request, deid.deidentify(source, in_place=True,
+                                                       identifiers=identifiers), identifiers))
         except Quarantined as exc:
             results[i] = exc
     # 2. generate, all jobs batched together

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
-from node.deid.batch import deidentify_to_bytes, record_mappings
+from node.deid.batch import Identity, Mapping, deidentify_to_bytes, record_mappings
 from node.dicom import SeriesSpec, SynthesisTask, save_checked
 from node.dispatch import Outgoing, orthanc_client, send_to
 from node.dispatch.outgoing import load
@@ -292,11 +292,11 @@ class Runner:
     def _deidentify(self, job: Job, sources: list[Path], work: Path) -> Made:
         deid = self.deidentifier(job.rule_task)
         made = Made()
-        mappings: set[tuple[str, str, str, str]] = set()
+        mappings: list[Mapping] = []
         for path in sources:
             source = _read(path)
-            patient, study = str(source.get("PatientID", "")), str(source.StudyInstanceUID)
-            sop = str(source.SOPInstanceUID)  # before de-identification remaps it
+            original = Identity.of(source)  # before de-identification changes it in place
+            sop = original.sop_instance_uid
             try:
                 output, data = deidentify_to_bytes(deid, source, self.settings.deid.output)
             except Quarantined as exc:
@@ -309,7 +309,7 @@ class Runner:
             target = work / f"{output.SOPInstanceUID}.dcm"
             target.write_bytes(data)
             made.files.append(_outgoing(target, output))
-            mappings.add((patient, str(output.PatientID), study, str(output.StudyInstanceUID)))
+            mappings.append(Mapping(original, Identity.of(output)))
         broker = self.settings.deid.honest_broker_file
         if broker is not None and mappings:
             record_mappings(broker, mappings)
