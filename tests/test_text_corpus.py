@@ -165,3 +165,15 @@ def test_the_same_corpus_every_build(corpus: list[Case]) -> None:
     for a, b in zip(corpus, again, strict=True):
         assert a.dataset.SOPInstanceUID == b.dataset.SOPInstanceUID
         assert a.dataset.PixelData == b.dataset.PixelData, a.name
+
+
+def test_every_input_is_a_valid_object(files: dict[str, Path]) -> None:
+    """dciodvfy finds no error: a node that validates its outputs holds nothing back for what
+    the corpus lacks."""
+    from node.dicom import validate_file
+
+    try:
+        errors = {name: validate_file(path).errors for name, path in files.items()}
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert not {name: e for name, e in errors.items() if e}

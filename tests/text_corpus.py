@@ -329,6 +329,8 @@ def _dataset(name: str, sop_class: str, modality: str, patient: Patient,
     ds.StudyTime = "101500"
     ds.AccessionNumber = patient.accession
     ds.Modality = modality
+    if modality not in ("CR", "DX"):  # General Series 2C: dciodvfy wants it empty here
+        ds.Laterality = ""
     ds.Manufacturer = "SYNTHNODE CORPUS"
     ds.InstitutionName = patient.institution
     ds.ReferringPhysicianName = "SMITH^JOHN"
@@ -420,6 +422,8 @@ class _Corpus:
 
     def add(self, name: str, ds: Dataset, texts: Sequence[Text], expect: Expect,
             syntax: str = ExplicitVRLittleEndian, frames: Sequence[int] | None = None) -> None:
+        if ds.Modality == "DX":  # Type 1 in the DX Image module; a lead marker is no annotation
+            ds.BurnedInAnnotation = "YES" if any(not t.keep for t in texts) else "NO"
         pixels = _frames(ds)
         grey = _grey(ds) if ds.SamplesPerPixel == 1 else None
         planted = _burn(pixels, texts, grey, frames)
@@ -439,31 +443,57 @@ def _cr(name: str, p: Patient, pixels: np.ndarray, bits: int) -> Dataset:
     window = 2**bits
     return _dataset(name, CR, "CR", p, pixels[None], "MONOCHROME1", bits,
                     WindowCenter=window // 2, WindowWidth=window - window // 8,
-                    BodyPartExamined="CHEST", ViewPosition="PA")
+                    BodyPartExamined="CHEST", ViewPosition="PA", PatientOrientation=["L", "F"])
 
 
 def _dx(name: str, p: Patient, pixels: np.ndarray, bits: int = 14) -> Dataset:
-    return _dataset(name, DX, "DX", p, pixels[None], "MONOCHROME2", bits,
-                    WindowCenter=int(0.55 * 2**bits), WindowWidth=2**bits,
-                    PresentationIntentType="FOR PRESENTATION", BodyPartExamined="LEG",
-                    RescaleSlope=1, RescaleIntercept=0, RescaleType="US")
+    ds = _dataset(name, DX, "DX", p, pixels[None], "MONOCHROME2", bits,
+                  WindowCenter=int(0.55 * 2**bits), WindowWidth=2**bits,
+                  PresentationIntentType="FOR PRESENTATION", BodyPartExamined="LEG",
+                  RescaleSlope=1, RescaleIntercept=0, RescaleType="US",
+                  ImageLaterality="R", PatientOrientation=["L", "F"],
+                  # DX Image, DX Detector, Acquisition Context (PS3.3 C.8.11)
+                  PixelIntensityRelationship="LIN", PixelIntensityRelationshipSign=1,
+                  PresentationLUTShape="IDENTITY", LossyImageCompression="00",
+                  DetectorType="SCINTILLATOR", ImagerPixelSpacing=[0.3, 0.3],
+                  AcquisitionContextSequence=[])
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator = "30021000", "SCT"
+    region.CodeMeaning = "Lower leg"
+    ds.AnatomicRegionSequence = [region]
+    return ds
+
+
+def _plane(name: str, size: int, spacing: float) -> dict[str, object]:
+    """Frame of Reference and Image Plane attributes of one axial slice."""
+    return dict(FrameOfReferenceUID=_uid(name, "frame"), PositionReferenceIndicator="",
+                PixelSpacing=[spacing, spacing], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                ImagePositionPatient=[-size * spacing / 2, -size * spacing / 2, 0],
+                SliceThickness=2.5, PatientPosition="HFS", AcquisitionNumber=1)
 
 
 def _ct(name: str, p: Patient, pixels: np.ndarray) -> Dataset:
-    return _dataset(name, CT, "CT", p, pixels[None], "MONOCHROME2", 16,
-                    RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU",
-                    WindowCenter=40, WindowWidth=400, KVP=120, SliceThickness=2.5)
+    ds = _dataset(name, CT, "CT", p, pixels[None], "MONOCHROME2", 16,
+                  RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU",
+                  WindowCenter=40, WindowWidth=400, KVP=120, **_plane(name, pixels.shape[0], 0.7))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    return ds
 
 
 def _mr(name: str, p: Patient, pixels: np.ndarray) -> Dataset:
-    return _dataset(name, MR, "MR", p, pixels[None], "MONOCHROME2", 16,
-                    WindowCenter=600, WindowWidth=1600, MagneticFieldStrength=1.5)
+    ds = _dataset(name, MR, "MR", p, pixels[None], "MONOCHROME2", 16,
+                  WindowCenter=600, WindowWidth=1600, MagneticFieldStrength=1.5,
+                  ScanningSequence="SE", SequenceVariant="NONE", ScanOptions="",
+                  MRAcquisitionType="2D", RepetitionTime=500, EchoTime=15, EchoTrainLength=1,
+                  **_plane(name, pixels.shape[0], 0.9))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    return ds
 
 
 def _us(name: str, p: Patient, pixels: np.ndarray) -> Dataset:
     sop = US_MULTIFRAME if pixels.ndim == 4 else US
     frames = pixels if pixels.ndim == 4 else pixels[None]
-    return _dataset(name, sop, "US", p, frames, "RGB", 8)
+    return _dataset(name, sop, "US", p, frames, "RGB", 8, PatientOrientation="")
 
 
 def _us_palette(name: str, p: Patient) -> Dataset:
@@ -476,7 +506,7 @@ def _us_palette(name: str, p: Patient) -> Dataset:
     lut[: len(palette) // 3] = np.asarray(palette, np.uint16).reshape(-1, 3)
     lut[254], lut[255] = (160, 160, 160), (255, 255, 255)
     lut = lut * 257  # 16-bit entries
-    ds = _dataset(name, US, "US", p, index[None], "PALETTE COLOR", 8)
+    ds = _dataset(name, US, "US", p, index[None], "PALETTE COLOR", 8, PatientOrientation="")
     for i, colour in enumerate(("Red", "Green", "Blue")):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
         setattr(ds, f"{colour}PaletteColorLookupTableData", lut[:, i].astype("<u2").tobytes())
@@ -484,7 +514,7 @@ def _us_palette(name: str, p: Patient) -> Dataset:
 
 
 def _sc(name: str, p: Patient, pixels: np.ndarray) -> Dataset:
-    return _dataset(name, SC, "OT", p, pixels[None], "RGB", 8)
+    return _dataset(name, SC, "OT", p, pixels[None], "RGB", 8, PatientOrientation="")
 
 
 def key_image(rows: int = 480, cols: int = 640) -> np.ndarray:
