@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from pydicom import dcmread
 
 from node.localorthanc import OrthancProcess
+from tests import ocr
 from tests.nodeproc import SYNTHNODE, NodeProcess, make_study
 from tests.phi_corpus import make_planted_sr, make_planted_study
 from tests.test_jobs import all_done, jobs_node, records, wait_for
@@ -79,6 +81,11 @@ def dated(files: list[Path], day: datetime.date) -> list[Path]:
             setattr(ds, keyword, day.strftime("%Y%m%d"))
         ds.save_as(path)
     return files
+
+
+US_HEADER, US_HEADER_BOX = "BAPTIST MED CTR", (15, 21, 156, 20)
+"""Text burned into the top left of pydicom's US1_UNCR.dcm, the planted study's ultrasound,
+and where (x, y, width, height)."""
 
 
 def research_tags(research: OrthancProcess) -> list[dict[str, Any]]:
@@ -189,11 +196,11 @@ def test_planted_phi_never_reaches_the_research_archive(
 
     wait_for(all_done(node, 1), what="the mirror job")
     (job,) = records(node)
-    # CT and MR are mirrored; the US (burned-in text, no pixel rule) and the SR (free text
-    # without clean_structured_content) are quarantined, never sent.
-    assert (job.outputs, job.quarantined) == (4, 3)
-    assert research.count_instances() == 4
-    assert {t["Modality"] for t in research_tags(research)} == {"CT", "MR"}
+    # CT, MR and US are mirrored, the US with the text burned into its pixels hidden; the SR
+    # (free text without clean_structured_content) is quarantined, never sent.
+    assert (job.outputs, job.quarantined) == (6, 1)
+    assert research.count_instances() == 6
+    assert {t["Modality"] for t in research_tags(research)} == {"CT", "MR", "US"}
     stored = b"".join(p.read_bytes() for p in research.storage.rglob("*") if p.is_file())
     leaks = [x.where for x in study.planted + sr.planted if x.value.encode() in stored]
     assert not leaks, leaks
@@ -204,13 +211,24 @@ def test_planted_phi_never_reaches_the_research_archive(
 
     out = subprocess.run([*SYNTHNODE, "--config", str(node.config), "mirror", "status"],
                          capture_output=True, text=True, check=True).stdout
-    assert "quarantined 2: burned-in annotation likely" in out
+    assert "burned-in" not in out
     assert "quarantined 1: structured report with free text" in out
+    # The ultrasound's burned-in header, read by tesseract (not the node's OCR): in the
+    # clinical images, and in none of the research ones.
+    us_in = [ds for ds in map(dcmread, study.files) if ds.Modality == "US"]
+    stored_files = [dcmread(BytesIO(research.request("GET", f"/instances/{i}/file")))
+                    for i in research.get_json("/instances")]
+    us_out = [ds for ds in stored_files if ds.Modality == "US"]
+    assert len(us_in) == len(us_out) == 2
+    assert all(ocr.reads(US_HEADER, ocr.read(ocr.display(ds)[0], US_HEADER_BOX)) for ds in us_in)
+    assert not any(ocr.reads(US_HEADER, ocr.read(ocr.display(ds)[0], US_HEADER_BOX))
+                   for ds in us_out)
+    assert all(ds.BurnedInAnnotation == "NO" for ds in us_out)
     # The honest broker: the one place original and pseudonym meet, readable by its owner only.
     assert stat.S_IMODE(broker.stat().st_mode) == 0o600
     mappings = [json.loads(line) for line in broker.read_text().splitlines()]
     stored_tags = research_tags(research)
-    assert len(mappings) == 4  # one per instance mirrored
+    assert len(mappings) == 6  # one per instance mirrored
     assert {m["patient_id"] for m in mappings} == {study.patient_id}
     assert {m["pseudonym"] for m in mappings} == {stored_tags[0]["PatientID"]}
     by_sop = {t["SOPInstanceUID"]: t for t in stored_tags}
@@ -222,6 +240,9 @@ def test_planted_phi_never_reaches_the_research_archive(
                               ("series_instance_uid", "SeriesInstanceUID"),
                               ("frame_of_reference_uid", "FrameOfReferenceUID")]:
             assert m[kind] == source.get(keyword), kind
+            if m[kind] is None:  # the ultrasound has no Frame of Reference
+                assert m[f"new_{kind}"] is None and keyword not in stored, kind
+                continue
             assert m[f"new_{kind}"] == stored.get(keyword) != m[kind], kind
     assert os.environ.get(PASSWORD_ENV) not in node.log()
 
