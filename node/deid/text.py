@@ -16,9 +16,13 @@ How text is found in one frame:
    detectable) and large ones reduced (:func:`detection_scale`);
 3. the detector's probability map is cut into text lines (:func:`_lines`): connected regions
    above a threshold, each kept when it is shaped like text (height within bounds), and a
-   region too big for a line (the detector marks smooth anatomy as one big blob at low
-   probability) is cut again at higher thresholds, so text inside such a blob is not lost;
-4. each line is read by the recognizer (once upright, once turned over for vertical labels).
+   region too big for a line (the detector marks smooth anatomy as one big "text block") is
+   cut again at higher thresholds, so text inside such a blob is not lost;
+4. each line is straightened and read by the recognizer (vertical lines turned both ways), in
+   batches; a line counts as text when it reads as letters or digits with some confidence and
+   the reading fits its length (:func:`is_text`): what the detector marks in anatomy reads as
+   nothing, or as one or two characters without confidence;
+5. the reading decides the line's :class:`TextKind` (:class:`Policy`).
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ _MIN_LINE_PX = 5
 _MAX_LINE_FRACTION = 0.12
 """A line taller than this fraction of the frame's shorter side (and than 64 px) is a blob."""
 _MIN_SCORE = 0.45
-DEBUG = False
 """Mean probability a line must reach to count as text."""
 _UNCLIP = 0.5
 """Lines are grown by this fraction of their height on each side (the DB map is tight)."""
@@ -196,11 +199,7 @@ def _lines(prob: np.ndarray) -> list[tuple[np.ndarray, float]]:
             points = (np.argwhere(component)[:, ::-1] + np.array([x, y])).astype(np.int32)
             (cx, cy), (rw, rh), angle = cv2.minAreaRect(points)
             short = min(rw, rh)
-            inside = prob[y:y + h, x:x + w][component]
-            score = float(inside.mean())
-            if DEBUG:
-                print("  comp", level, (x, y, w, h), round(short, 1), round(score, 3),
-                      round(float(inside.max()), 3), round(float(np.percentile(inside, 90)), 3))
+            score = float(prob[y:y + h, x:x + w][component].mean())
             if short > max_height:
                 if level + 1 < len(_THRESHOLDS):  # a blob: cut it again, higher
                     inner = np.zeros_like(mask)
