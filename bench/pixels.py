@@ -302,7 +302,8 @@ class Score:
     planted: int = 0
     hidden: int = 0
     held: int = 0
-    """Planted strings in images the tool held back (not released, so not leaked)."""
+    """Planted strings in images the tool held back (not released, so not leaked); a tool
+    that fails on an image neither hides nor holds its strings (see ``failed``)."""
     leaked: list[str] = field(default_factory=list)
     clean: int = 0
     clean_changed: list[str] = field(default_factory=list)
@@ -354,18 +355,19 @@ def score(cases: list[Any], paths: dict[str, Path], run: Run) -> Score:
         s.cases[case.name] = entry
         if fate != "written":
             entry["reason"] = detail
-            if fate == "failed":
-                s.failed.append(case.name)
-            else:
+            held = fate == "quarantined"
+            if held:
                 s.quarantined += 1
-            if case.expect is Expect.HIDDEN:
+            else:
+                s.failed.append(case.name)
+            if case.expect is Expect.HIDDEN and held:
                 s.held += len(planted)
             elif case.expect is Expect.CLEAN:
-                s.clean_changed.append(f"{case.name} (held)")
+                s.clean_changed.append(f"{case.name} ({fate})")
             elif case.expect is Expect.KEPT:
-                s.markers_changed.append(f"{case.name} (held)")
-            else:
-                s.form_held = True
+                s.markers_changed.append(f"{case.name} ({fate})")
+            elif case.expect is Expect.QUARANTINE:
+                s.form_held = held
             continue
         out = dcmread(detail)
         same_bytes = (out.file_meta.TransferSyntaxUID == case.transfer_syntax
@@ -468,8 +470,9 @@ def report_lines(scores: dict[str, Score], notes: dict[str, str], oracle: dict[s
                       f"frames/s {ratio(mine.frames_per_s, base.frames_per_s)}, 512 frames/s "
                       f"{ratio(mine.frames_per_s_512, base.frames_per_s_512)}"]
     lines += ["", "recall = hidden / planted identifying strings of the HIDDEN cases (held: in "
-                  "images held back); clean FP = clean images changed or held; marker FP = "
-                  "marker-only images changed or held; frames/s includes start-up"]
+                  "images held back; a failed image's strings are neither); clean FP = clean "
+                  "images changed, held or failed; marker FP = the same for marker-only images; "
+                  "frames/s includes start-up"]
     return lines
 
 
