@@ -54,7 +54,15 @@ Method
 Goal: synthnode >= 1.0x Orthanc and >= 1.5x dicognito (full profile with options, writing files,
 2 workers).
 
+Text in pixels
+    ``--detect-text true|false`` sets synthnode's ``[deid] detect_text`` (detection and removal
+    of burned-in text) in the generated config and in the API run's settings, so the rate can be
+    read with it on and off; a node without that key runs with its defaults, and the report says
+    so. Without the option, the node's default. (This corpus has no text in its pixels: the
+    figure is the cost of looking; bench/pixels.py measures what is found.)
+
 Usage (as root): .venv/bin/python bench/deid.py [--count N] [--tools a,b] [--out F]
+                 [--detect-text true|false]
 """
 
 from __future__ import annotations
@@ -94,6 +102,9 @@ from common import tail as _tail
 from node.localorthanc import OrthancProcess
 
 KEY_ENV = "SYNTHNODE__DEID__KEY"
+DETECT_TEXT_ENV = "SYNTHNODE_BENCH_DETECT_TEXT"
+"""The API run's ``[deid] detect_text`` ("true"/"false"), from ``--detect-text``; unset: the
+node's default."""
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-deid"
 BENCH_REQUIREMENTS = Path(__file__).resolve().parent / "requirements-deid.txt"
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "deid.json"
@@ -492,8 +503,20 @@ def finish(result: Result, done: Done, out_dir: Path, expected: int) -> Result:
     return result
 
 
+def node_has_detect_text(env: dict[str, str]) -> bool:
+    """Whether the node the children import has ``[deid] detect_text``."""
+    done = probe([sys.executable, "-c", "from node.config import DeidSettings; "
+                  "print('detect_text' in DeidSettings.model_fields)"], env, Path("/"))
+    return done.stdout.strip() == "True"
+
+
+def detect_text_line(detect_text: str | None) -> str:
+    """``[deid]`` TOML for ``--detect-text`` ("" for the node's default)."""
+    return "" if detect_text is None else f"detect_text = {detect_text}\n"
+
+
 def run_synthnode(corpus: Corpus, work: Path, env: dict[str, str],
-                  config_file: Path | None) -> Result:
+                  config_file: Path | None, detect_text: str | None = None) -> Result:
     result = Result("synthnode")
     helped = probe([node_exe(), "deidentify", "--help"], env, work)
     if helped.returncode != 0:
@@ -503,6 +526,7 @@ def run_synthnode(corpus: Corpus, work: Path, env: dict[str, str],
         config.write_text(
             "[deid]\n"
             f"options = {json.dumps(OPTIONS)}\n"
+            + detect_text_line(detect_text) +
             "[output]\n"
             f'quarantine_dir = "{work / "quarantine"}"\n'
         )
@@ -667,7 +691,11 @@ def _api_init() -> None:
     from node.config import DeidSettings, OutputSettings
     from node.deid import Deidentifier
 
-    settings = DeidSettings(key=os.environ[KEY_ENV], options=OPTIONS)  # type: ignore[arg-type]
+    extra: dict[str, Any] = {}
+    if DETECT_TEXT_ENV in os.environ and "detect_text" in DeidSettings.model_fields:
+        extra["detect_text"] = os.environ[DETECT_TEXT_ENV] == "true"
+    settings = DeidSettings(key=os.environ[KEY_ENV], options=OPTIONS,  # type: ignore[arg-type]
+                            **extra)
     _DEIDENTIFIER = Deidentifier(settings, OutputSettings())
 
 
@@ -821,6 +849,7 @@ def write_json(path: Path, args: argparse.Namespace, corpus: Corpus, results: di
                      "patients": args.patients, "synthnode_workers": WORKERS,
                      "synthnode_options": OPTIONS, "orthanc_parallel": args.orthanc_parallel,
                      "node_rev": args.node_rev, "settle_s": args.settle,
+                     "detect_text": getattr(args, "detect_text_applied", "node default"),
                      "tools": args.tools},
         "environment": environment(bench),
         "corpus": asdict(corpus) | {"folder": None, "templates": list(TEMPLATES)},
@@ -857,6 +886,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=120.0, metavar="S",
                    help=f"before each tool, wait up to S seconds for the machine to be under "
                         f"{100 * SETTLE_BUSY:.0f}%% busy (120)")
+    p.add_argument("--detect-text", choices=("true", "false"), default=None,
+                   help="synthnode's [deid] detect_text (burned-in text detection); default: "
+                        "the node's")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
     p.add_argument("--api-run", nargs=2, type=Path, metavar=("CORPUS", "OUT"),
@@ -886,8 +918,20 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
         env["PYTHONPATH"] = str(node_snapshot(args.node_rev, root / "node-src"))
     print(f"synthnode: node from {node_origin(env)}"
           + (f" (git {args.node_rev})" if args.node_rev else " (working tree)"), flush=True)
+    detect_text = args.detect_text
+    if detect_text is not None:
+        if node_has_detect_text(env):
+            env[DETECT_TEXT_ENV] = detect_text
+            args.detect_text_applied = detect_text
+            print(f"synthnode: [deid] detect_text = {detect_text}", flush=True)
+        else:
+            detect_text = None
+            args.detect_text_applied = "n/a: this node has no [deid] detect_text"
+            print("synthnode: --detect-text ignored: this node has no [deid] detect_text",
+                  flush=True)
     runners: dict[str, Callable[[], Result]] = {
-        "synthnode": lambda: run_synthnode(corpus, root, env, args.synthnode_config),
+        "synthnode": lambda: run_synthnode(corpus, root, env, args.synthnode_config,
+                                           detect_text),
         "synthnode-api": lambda: run_synthnode_api(corpus, root, env),
         "deid": lambda: run_deid(corpus, root, env),
         "dicognito": lambda: run_dicognito(corpus, root, env),
