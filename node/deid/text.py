@@ -293,8 +293,9 @@ _CLAHE = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8))
 
 def views(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """One frame in display space for the detector, (rows, columns, 3) uint8: the VOI window
-    (or a 1-99 percentile stretch), a min-max stretch, and a local-contrast stretch;
-    MONOCHROME1 inverted so that every view shows what a reader sees."""
+    (or a 1-99 percentile stretch), a min-max stretch with the extreme values set apart, and a
+    local-contrast stretch; MONOCHROME1 inverted so that every view shows what a reader
+    sees."""
     values = _luminance(frame, ds, photometric)
     window = None if frame.ndim == 3 or photometric == "PALETTE COLOR" else _window(ds)
     lo, hi = float(values.min()), float(values.max())
@@ -302,7 +303,11 @@ def views(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
         p1, p99 = np.percentile(values, (1, 99))
         window = (float(p1), float(p99)) if p99 > p1 else (lo, hi)
     windowed = _stretch(values, *window)
-    full = _stretch(values, lo, hi)
+    # the whole range, with the extremes set apart: devices burn text at the highest (or
+    # lowest) value, which may differ from bright anatomy around it by a few values only
+    full = (_stretch(values, lo, hi) * (160 / 255) + 48).astype(np.uint8)
+    full[values >= hi] = 255
+    full[values <= lo] = 0
     if photometric == "MONOCHROME1":
         windowed, full = 255 - windowed, 255 - full
     local = _CLAHE.apply(windowed)
@@ -407,11 +412,11 @@ def find_text(frames: np.ndarray, indices: Iterable[int], ds: Dataset, photometr
     return found
 
 
-READ_MIN_SCORE = 0.5
+READ_MIN_SCORE = 0.6
 """A detected line whose reading is less sure than this is not taken for text, unless the
 detector is sure of it (:data:`LINE_MIN_SCORE`), it is shaped like a line and it reads as
 several characters with some confidence (:data:`UNSURE_READ_MIN_SCORE`)."""
-SHORT_READ_MIN_SCORE = 0.75
+SHORT_READ_MIN_SCORE = 0.85
 """Readings of one or two characters (blobs of anatomy read as "2") need more confidence."""
 UNSURE_READ_MIN_SCORE = 0.3
 LINE_MIN_SCORE = 0.9
