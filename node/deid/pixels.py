@@ -347,8 +347,11 @@ def _detect_and_hide(
             text_lines += len(to_hide)
         if not settings.verify_text:
             break
+        # verification: frames searched whole already are searched again around what
+        # changed (the rest of them is as it was); the others whole
+        around = covered if len(searched) == count else None
         searched = list(range(count))
-        found = find_text(frames, searched, ds, photometric, finder, policy)
+        found = find_text(frames, searched, ds, photometric, finder, policy, around=around)
     verified = len(searched) == count and not any(
         f.kind is not TextKind.ALLOWED for f in found)
     changed = bool(hidden) or text_lines > 0

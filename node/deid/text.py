@@ -382,21 +382,32 @@ def aspect(box: np.ndarray) -> float:
     return width / max(height, 1.0)
 
 
+AROUND_MARGIN = 96
+"""A search limited to what changed (:func:`find_text`'s ``around``) looks this far (detection
+pixels) beyond it: the detector's view of a pixel depends on its neighbourhood, and what lies
+further away is unchanged since the last search of the whole frame."""
+
+
 def find_text(frames: np.ndarray, indices: Iterable[int], ds: Dataset, photometric: str,
-              finder: TextFinder, policy: Policy) -> list[Found]:
+              finder: TextFinder, policy: Policy, around: np.ndarray | None = None
+              ) -> list[Found]:
     """Every text line in the frames ``indices`` of ``frames`` (as decoded: (n, rows,
-    columns[, 3])), with what it is."""
+    columns[, 3])), with what it is. With ``around`` (a (rows, columns) bool mask of pixels
+    changed since these frames were last searched whole), only the rectangles around the
+    changes, grown by :data:`AROUND_MARGIN`, are searched again."""
     rows, columns = frames.shape[1], frames.shape[2]
     scale = detection_scale(rows, columns)
     size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    windows = None if around is None else _windows(around, scale, size)
     found: list[Found] = []
     for index in indices:
         stacked = views(frames[index], ds, photometric)
         if scale != 1.0:
             stacked = cv2.resize(stacked, size, interpolation=cv2.INTER_AREA if scale < 1
                                  else cv2.INTER_CUBIC)
+        detected = _search(finder, stacked, windows)
         lines = []
-        for box, line_score in finder.lines(stacked):
+        for box, line_score in detected:
             region = region_of(box, scale, rows, columns)
             crop = _crop(_clearest(stacked, box), box)
             if region is not None and crop is not None:
@@ -416,7 +427,7 @@ READ_MIN_SCORE = 0.6
 """A detected line whose reading is less sure than this is not taken for text, unless the
 detector is sure of it (:data:`LINE_MIN_SCORE`), it is shaped like a line and it reads as
 several characters with some confidence (:data:`UNSURE_READ_MIN_SCORE`)."""
-SHORT_READ_MIN_SCORE = 0.85
+SHORT_READ_MIN_SCORE = 0.9
 """Readings of one or two characters (blobs of anatomy read as "2") need more confidence."""
 UNSURE_READ_MIN_SCORE = 0.3
 LINE_MIN_SCORE = 0.9
@@ -436,6 +447,35 @@ def is_text(text: str, score: float, line_score: float, shape: float) -> bool:
     # unreadable with confidence, but a confident line that reads as several characters
     return (len(read) >= 3 and score >= UNSURE_READ_MIN_SCORE and line_score >= LINE_MIN_SCORE
             and shape >= LINE_MIN_ASPECT)
+
+
+def _windows(around: np.ndarray, scale: float, size: tuple[int, int]
+             ) -> list[tuple[int, int, int, int]]:
+    """Rectangles (x0, y0, x1, y1, detection pixels) that cover the changed pixels ``around``
+    with :data:`AROUND_MARGIN` to spare: one per group of nearby changes."""
+    changed = cv2.resize(around.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    side = 2 * AROUND_MARGIN + 1
+    grown = cv2.dilate(changed, cv2.getStructuringElement(cv2.MORPH_RECT, (side, side)))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+    width, height = size
+    out = []
+    for x, y, w, h, _area in stats[1:count]:
+        out.append((max(0, int(x) - 2), max(0, int(y) - 2), min(width, int(x + w) + 2),
+                    min(height, int(y + h) + 2)))
+    return out
+
+
+def _search(finder: TextFinder, stacked: np.ndarray,
+            windows: list[tuple[int, int, int, int]] | None) -> list[tuple[np.ndarray, float]]:
+    """The finder's lines in ``stacked``, or in its ``windows`` (x0, y0, x1, y1) only."""
+    if windows is None:
+        return finder.lines(stacked)
+    found = []
+    for x0, y0, x1, y1 in windows:
+        shift = np.array([x0, y0], np.float32)
+        window = np.ascontiguousarray(stacked[y0:y1, x0:x1])
+        found += [(box + shift, score) for box, score in finder.lines(window)]
+    return found
 
 
 def _clearest(stacked: np.ndarray, box: np.ndarray) -> np.ndarray:
