@@ -282,17 +282,6 @@ def _stroke_contrast(frame: Any, mask: Any, ring: Any) -> float:
     return float(abs(frame[mask].astype(float).mean() - frame[ring].astype(float).mean()))
 
 
-def ring(mask: Any, width: int = 3) -> Any:
-    """Pixels within ``width`` (4-connected steps) of the strokes, not on them."""
-    grown = mask.copy()
-    for _ in range(width):
-        g = grown.copy()
-        g[1:] |= grown[:-1]
-        g[:-1] |= grown[1:]
-        g[:, 1:] |= grown[:, :-1]
-        g[:, :-1] |= grown[:, 1:]
-        grown = g
-    return grown & ~mask
 
 
 @dataclass
@@ -336,7 +325,7 @@ def score(cases: list[Any], paths: dict[str, Path], run: Run) -> Score:
     from pydicom import dcmread
 
     from tests import ocr
-    from tests.text_corpus import Expect
+    from tests.text_corpus import Expect, ring
 
     s = Score(seconds=run.seconds)
     for case in cases:

@@ -19,7 +19,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from tests.text_corpus import Case, Expect, build_corpus, write_corpus
+from tests.text_corpus import Case, Expect, build_corpus, ring, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +45,6 @@ def grey(ds: Dataset) -> np.ndarray:
     return -arr if ds.PhotometricInterpretation == "MONOCHROME1" else arr
 
 
-def ring(mask: np.ndarray, width: int = 3) -> np.ndarray:
-    """Pixels within ``width`` of the strokes but not on them."""
-    grown = mask.copy()
-    for _ in range(width):
-        g = grown.copy()
-        g[1:] |= grown[:-1]
-        g[:-1] |= grown[1:]
-        g[:, 1:] |= grown[:, :-1]
-        g[:, :-1] |= grown[:, 1:]
-        grown = g
-    return grown & ~mask
 
 
 def test_the_corpus_has_every_kind_of_case(corpus: list[Case]) -> None:

@@ -246,6 +246,20 @@ def text_mask(shape: tuple[int, int], text: str, font: str, size: int,
     return mask
 
 
+def ring(mask: np.ndarray, width: int = 3) -> np.ndarray:
+    """Pixels within ``width`` (4-connected steps) of the strokes, not on them: what the
+    strokes stand out against."""
+    grown = mask.copy()
+    for _ in range(width):
+        g = grown.copy()
+        g[1:] |= grown[:-1]
+        g[:-1] |= grown[1:]
+        g[:, 1:] |= grown[:, :-1]
+        g[:, :-1] |= grown[:, 1:]
+        grown = g
+    return grown & ~mask
+
+
 def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
