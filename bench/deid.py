@@ -130,7 +130,8 @@ GOAL_TEXT = ("goal: synthnode >= 1.0x Orthanc and >= 1.5x dicognito "
 TEMPLATES = ("CT_small.dcm", "MR_small.dcm")  # one series of each per study, in turn
 PRIVATE_CREATOR = "BENCH PHI 1.0"
 PRIVATE_GROUP = 0x0011
-PLANTED = {  # kind -> token prefix; every token is prefix + 8 hex digits (<= 16 chars: fits SH)
+PLANTED = {  # kind -> token prefix; every token is prefix + 8 hex digits (<= 16 chars: fits SH),
+    # but the study description's, 8 decimal digits (see token)
     "PatientName": "PHI-PN-",
     "PatientID": "PHI-ID-",
     "AccessionNumber": "PHI-AN-",
@@ -326,6 +327,10 @@ class Corpus:
 
 
 def token(kind: str) -> str:
+    if kind == "StudyDescription":
+        # an order number inside the description: what Clean Descriptors removes while it
+        # keeps the wording ("CT CHEST"); a random word would rightly be kept
+        return f"{secrets.randbelow(10**8):08d}"
     return f"{PLANTED[kind]}{secrets.token_hex(4)}"
 
 
@@ -361,7 +366,7 @@ def make_corpus(root: Path, count: int, study_size: int, patients: int) -> Corpu
             ds.StudyInstanceUID = study_uid
             ds.StudyID = str(study + 1)
             ds.AccessionNumber = per_study["AccessionNumber"]
-            ds.StudyDescription = per_study["StudyDescription"]
+            ds.StudyDescription = f"CT CHEST {per_study['StudyDescription']}"
             ds.OperatorsName = per_study["OperatorsName"]
             ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(
                 0x10, "LO", per_study["private"])

@@ -44,11 +44,11 @@ from pydicom.pixels import apply_color_lut
 from node.deid.identifiers import Identifiers
 from node.pixeldata import Region
 
-DETECT_MIN_SIDE = 512
+DETECT_MIN_SIDE = 384
 """Frames whose shorter side is below this are enlarged to it (at most :data:`MAX_UPSCALE`)."""
 DETECT_MAX_SIDE = 1024
 """Frames whose longer side is above this are reduced to it."""
-MAX_UPSCALE = 4.0
+MAX_UPSCALE = 2.0
 
 _THRESHOLDS = (0.3, 0.5, 0.7, 0.85)
 """Probability levels at which the detector's map is cut into lines, lowest first."""
