@@ -262,9 +262,9 @@ DEFAULT_TEXT_ALLOWLIST = (
     "CC", "MLO", "ML", "LM", "XCCL", "SUPINE", "PRONE", "ERECT", "UPRIGHT", "STANDING",
     "SITTING", "DECUB", "DECUBITUS", "PORTABLE", "PORT", "SEMI", "SEMIERECT", "INSP", "EXP",
     "FLEX", "EXT", "WB", "AXIAL", "AX", "SAG", "COR", "CORONAL", "SAGITTAL", "TRANSVERSE",
-    "TRV", "LONG", "SUP", "INF", "ANT", "POST", "MED", "H", "F", "A", "P",
-    # ruler and scale labels: units and short numbers
-    "CM", "MM", "M", "IN", r"\d{1,3}", r"\d{1,3}[.,]\d{1,2}", r"\d{1,3}(CM|MM)",
+    "TRV", "LONG", "SUP", "INF", "ANT", "POST", "MED", "H", "A", "P",
+    # ruler and scale labels: units and short numbers (never three numbers in one line)
+    "CM", "MM", r"\d{1,3}", r"\d{1,3}(CM|MM)",
 )
 """Tokens (regular expressions over whole tokens, case-insensitive) that burned-in text may
 keep: laterality, view and positioning words, ruler and scale labels. None identifies anyone;

@@ -14,10 +14,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.config import DeidSettings, OutputSettings, PixelRule
+from node.config import DEFAULT_TEXT_ALLOWLIST, DeidSettings, OutputSettings, PixelRule
 from node.deid import Deidentifier, Quarantined
 from node.deid.pixels import SAMPLED_FRAMES, PixelVerdict, clean_pixels
-from node.deid.text import TextFinder
+from node.deid.text import Policy, TextFinder, TextKind, is_text
 from node.pixeldata import decode_frames, store_frames
 from tests import ocr
 from tests.text_corpus import Case, Expect, build_corpus, text_mask
@@ -224,3 +224,46 @@ def test_detection_can_be_turned_off_per_modality(corpus: list[Case]) -> None:
     source = _file(ct.dataset)
     out = deid.deidentify(_file(ct.dataset))
     assert out.PixelData != source.PixelData and out.BurnedInAnnotation == "NO"
+
+
+def test_text_of_any_script_is_hidden(corpus: list[Case]) -> None:
+    """A name in Cyrillic letters is text like any other: hidden."""
+    (case,) = [c for c in corpus if c.name == "clean_ct"]
+    ds = _file(case.dataset)
+    frames, photometric = decode_frames(ds)
+    mask = text_mask(frames.shape[1:3], "ИВАНОВ ИВАН", "sans", 16, "tl")
+    frames[:, mask] = frames.max()
+    store_frames(ds, frames, photometric)
+    out = Deidentifier(DeidSettings(key=KEY), OutputSettings()).deidentify(_file(ds))
+    assert _changed(frames, _frames(out), mask) >= CHANGED
+    assert out.BurnedInAnnotation == "NO"
+
+
+def test_without_verification_burned_in_annotation_is_never_no(corpus: list[Case]) -> None:
+    case = next(c for c in corpus if c.name == "ct_corner_name")
+    settings = DeidSettings(key=KEY, verify_text=False)
+    ds = _file(case.dataset)
+    identifiers = Deidentifier(settings, OutputSettings()).identifiers(ds)
+    result = clean_pixels(ds, settings, identifiers=identifiers)
+    assert result.verdict is PixelVerdict.CLEANED and not result.verified
+    assert ds.BurnedInAnnotation == "YES" and "not verified" in result.reason
+
+
+@pytest.mark.parametrize(("text", "shape", "kind"), [
+    ("L", 1.2, TextKind.ALLOWED),             # a laterality marker
+    ("2 cm", 2.5, TextKind.ALLOWED),          # a ruler label
+    ("AP SUPINE", 5.0, TextKind.ALLOWED),
+    ("L", 10.0, TextKind.OTHER),              # a long line read as "L": not what is there
+    ("45 F", 2.5, TextKind.OTHER),            # age and sex
+    ("12 03 80", 4.0, TextKind.OTHER),        # a date with spaces
+    ("12,03,1980", 5.0, TextKind.OTHER),
+    ("L 张三", 3.0, TextKind.OTHER),           # a marker beside a name in another script
+    ("LONG", 3.0, TextKind.IDENTIFYING),      # allowlisted, but the patient's name
+])
+def test_what_read_text_is(text: str, shape: float, kind: TextKind) -> None:
+    source = Dataset()
+    source.PatientName = "LONG^ANNA"
+    identifiers = Deidentifier(DeidSettings(key=KEY), OutputSettings()).identifiers(source)
+    policy = Policy(DEFAULT_TEXT_ALLOWLIST, identifiers)
+    assert is_text(text, 0.97, 0.95, shape)  # read with confidence: text, whatever its shape
+    assert policy.kind(text, 0.97, shape) is kind

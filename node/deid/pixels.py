@@ -20,12 +20,14 @@ names, never patient data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
@@ -34,6 +36,7 @@ from node.config import DeidSettings, PixelFill, PixelRule
 from node.deid.identifiers import Identifiers
 from node.deid.text import (
     Found,
+    Levels,
     Policy,
     TextFinder,
     TextKind,
@@ -41,6 +44,7 @@ from node.deid.text import (
     outline_mask,
     shared_finder,
     views,
+    words,
 )
 from node.pixeldata import PixelDataError, Region, decode_frames, store_frames
 
@@ -315,10 +319,9 @@ def _detect_and_hide(
     # 3. search, hide, verify
     count = frames.shape[0]
     searched = _sample(count)
-    found = find_text(frames, searched, ds, photometric, finder, policy)
-    # what the image showed that may stay (a later search can read the edge of a blanked box
-    # as "1" or "L": that is not text the image carries)
-    kept = [f for f in found if f.kind is TextKind.ALLOWED]
+    levels: dict[int, Levels] = {}  # each frame rendered as first searched, every time
+    found = find_text(frames, searched, ds, photometric, finder, policy, levels=levels)
+    kept = [f for f in found if f.kind is TextKind.ALLOWED]  # what the image carries that stays
     covered = np.zeros((rows, columns), bool)
     text_lines = 0
     for attempt in range(3):
@@ -351,7 +354,9 @@ def _detect_and_hide(
         # changed (the rest of them is as it was); the others whole
         around = covered if len(searched) == count else None
         searched = list(range(count))
-        found = find_text(frames, searched, ds, photometric, finder, policy, around=around)
+        found = find_text(frames, searched, ds, photometric, finder, policy, around=around,
+                          levels=levels)
+        found = _recheck(found, covered, kept)
     verified = len(searched) == count and not any(
         f.kind is not TextKind.ALLOWED for f in found)
     changed = bool(hidden) or text_lines > 0
@@ -380,6 +385,28 @@ def _hide(frames: np.ndarray, regions: list[Region], black: int, fill: PixelFill
     if fill is PixelFill.INPAINT and inpainter is not None and regions:
         frames = _inpaint(inpainter, frames, regions, ds, name)
     return frames
+
+
+def _recheck(found: list[Found], covered: np.ndarray, kept: list[Found]) -> list[Found]:
+    """A verification's findings, judged: a line read as nothing that lies mostly on what was
+    blanked is the blank box itself; an allowlisted reading where text was just hidden ("1"
+    or "L" at the edge of a box, or what is left of a line) is hidden too, never a reason to
+    keep; allowlisted text elsewhere (in a frame the sample did not search) joins ``kept``."""
+    near = cv2.dilate(covered.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    judged = []
+    for f in found:
+        if not words(f.text):
+            outline = outline_mask([f], *covered.shape)
+            if (outline & near).sum() > 0.5 * outline.sum():
+                continue  # the blanked box itself, marked as a line and read as nothing
+        if f.kind is TextKind.ALLOWED:
+            x, y, width, height = f.region
+            if near[y:y + height, x:x + width].any():
+                f = dataclasses.replace(f, kind=TextKind.OTHER)
+            elif not any(k.frame == f.frame and k.region == f.region for k in kept):
+                kept.append(f)
+        judged.append(f)
+    return judged
 
 
 def _hide_mask(frames: np.ndarray, mask: np.ndarray, regions: list[Region], black: int,
@@ -456,12 +483,18 @@ def _inpaint(
     inpainter: Inpainter, frames: np.ndarray, regions: list[Region], ds: Dataset, name: str,
 ) -> np.ndarray:
     shape, dtype = frames.shape, frames.dtype
+    outside = np.ones(shape[1:3], bool)
+    for x, y, width, height in regions:
+        outside[y : y + height, x : x + width] = False
+    before = frames[:, outside].copy()
     out = np.asarray(inpainter(frames, list(regions), ds))
     if out.shape != shape or out.dtype != dtype:
         raise ValueError(
             f'{name}: the inpainter returned {out.dtype} {out.shape}, '
             f"expected {dtype} {shape}"
         )
+    if not np.array_equal(out[:, outside], before):  # what is verified assumes it
+        raise ValueError(f"{name}: the inpainter changed pixels outside its regions")
     low, high = _stored_range(ds)
     if out.size and (int(out.min()) < low or int(out.max()) > high):
         raise ValueError(

@@ -291,18 +291,38 @@ def _window(ds: Dataset) -> tuple[float, float] | None:
 _CLAHE = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8))
 
 
-def views(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Levels:
+    """How a frame's values map to display values: its whole range and its window."""
+
+    low: float
+    high: float
+    window: tuple[float, float]
+
+
+def levels_of(values: np.ndarray, ds: Dataset, photometric: str, colour: bool) -> Levels:
+    """The levels of one frame's values (:func:`_luminance`): the header's VOI window, else a
+    1-99 percentile stretch."""
+    window = None if colour or photometric == "PALETTE COLOR" else _window(ds)
+    low, high = float(values.min()), float(values.max())
+    if window is None:
+        p1, p99 = np.percentile(values, (1, 99))
+        window = (float(p1), float(p99)) if p99 > p1 else (low, high)
+    return Levels(low, high, window)
+
+
+def views(frame: np.ndarray, ds: Dataset, photometric: str, levels: Levels | None = None
+          ) -> np.ndarray:
     """One frame in display space for the detector, (rows, columns, 3) uint8: the VOI window
     (or a 1-99 percentile stretch), a min-max stretch with the extreme values set apart, and a
     local-contrast stretch; MONOCHROME1 inverted so that every view shows what a reader
-    sees."""
+    sees. ``levels`` (:func:`levels_of`) fixes the mapping: a frame searched again after
+    text was blanked in it is rendered as it was the first time."""
     values = _luminance(frame, ds, photometric)
-    window = None if frame.ndim == 3 or photometric == "PALETTE COLOR" else _window(ds)
-    lo, hi = float(values.min()), float(values.max())
-    if window is None:
-        p1, p99 = np.percentile(values, (1, 99))
-        window = (float(p1), float(p99)) if p99 > p1 else (lo, hi)
-    windowed = _stretch(values, *window)
+    if levels is None:
+        levels = levels_of(values, ds, photometric, frame.ndim == 3)
+    lo, hi = levels.low, levels.high
+    windowed = _stretch(values, *levels.window)
     # the whole range, with the extremes set apart: devices burn text at the highest (or
     # lowest) value, which may differ from bright anatomy around it by a few values only
     full = (_stretch(values, lo, hi) * (160 / 255) + 48).astype(np.uint8)
@@ -316,20 +336,23 @@ def views(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
 
 # -- what the text is --------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"[A-Za-z0-9]+")
-_DATE_OR_TIME = re.compile(r"\d{1,4}\s*[/.-]\s*\d{1,2}\s*[/.-]\s*\d{1,4}|\d{1,2}\s*:\s*\d{2}")
-"""Short numbers are allowlisted (ruler labels), but not as a date or a time of day."""
+_WORD = re.compile(r"[^\W_]+")
+_DATE_OR_TIME = re.compile(
+    r"\d{1,4}\s*[/.,-]\s*\d{1,2}\s*[/.,-]\s*\d{1,4}|\d{1,2}\s*:\s*\d{2}")
+"""Short numbers are allowlisted (ruler labels), but not as a date or a time of day; a line of
+three numbers or more (``12 03 80``) is not allowlisted either."""
 
 
 def words(text: str) -> list[str]:
-    """Upper-case alphanumeric runs of ``text`` (what the allowlist's patterns match)."""
-    return [t.upper() for t in _TOKEN.findall(text)]
+    """Upper-case runs of letters and digits of ``text``, in any script (what the allowlist's
+    patterns match)."""
+    return [t.upper() for t in _WORD.findall(text)]
 
 
 class Policy:
     """Decides the :class:`TextKind` of read text: the source's identifying values first
-    (matched as the leak scan matches them: whole values, token runs, name components), then
-    the allowlist (regular expressions over whole tokens)."""
+    (:meth:`Identifiers.found_in`, the leak scan's matching), then the allowlist (regular
+    expressions over whole words of the reading)."""
 
     def __init__(self, allowlist: Iterable[str], identifiers: Identifiers | None = None,
                  min_allowed_score: float = 0.8) -> None:
@@ -343,7 +366,8 @@ class Policy:
         if self.identifiers.found_in(text):
             return TextKind.IDENTIFYING
         parts = words(text)
-        if not parts or score < self.min_allowed_score or _DATE_OR_TIME.search(text):
+        if not parts or score < self.min_allowed_score or _DATE_OR_TIME.search(text) or sum(
+                p.isdigit() for p in parts) >= 3:
             return TextKind.OTHER
         if box_aspect > 2.0 * (len(text.strip()) + 1):
             return TextKind.OTHER
@@ -385,23 +409,30 @@ def aspect(box: np.ndarray) -> float:
 AROUND_MARGIN = 96
 """A search limited to what changed (:func:`find_text`'s ``around``) looks this far (detection
 pixels) beyond it: the detector's view of a pixel depends on its neighbourhood, and what lies
-further away is unchanged since the last search of the whole frame."""
+further away is unchanged since the last search of the whole frame (rendered with the same
+levels, it is the same input to the detector)."""
 
 
 def find_text(frames: np.ndarray, indices: Iterable[int], ds: Dataset, photometric: str,
-              finder: TextFinder, policy: Policy, around: np.ndarray | None = None
-              ) -> list[Found]:
+              finder: TextFinder, policy: Policy, around: np.ndarray | None = None,
+              levels: dict[int, Levels] | None = None) -> list[Found]:
     """Every text line in the frames ``indices`` of ``frames`` (as decoded: (n, rows,
     columns[, 3])), with what it is. With ``around`` (a (rows, columns) bool mask of pixels
     changed since these frames were last searched whole), only the rectangles around the
-    changes, grown by :data:`AROUND_MARGIN`, are searched again."""
+    changes, grown by :data:`AROUND_MARGIN`, are searched again. ``levels`` keeps each
+    frame's display mapping from its first search (filled in here), so that a search again
+    renders every unchanged pixel exactly as before."""
     rows, columns = frames.shape[1], frames.shape[2]
     scale = detection_scale(rows, columns)
     size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
     windows = None if around is None else _windows(around, scale, size)
     found: list[Found] = []
     for index in indices:
-        stacked = views(frames[index], ds, photometric)
+        frame = frames[index]
+        if levels is not None and index not in levels:
+            levels[index] = levels_of(_luminance(frame, ds, photometric), ds, photometric,
+                                      frame.ndim == 3)
+        stacked = views(frame, ds, photometric, None if levels is None else levels[index])
         if scale != 1.0:
             stacked = cv2.resize(stacked, size, interpolation=cv2.INTER_AREA if scale < 1
                                  else cv2.INTER_CUBIC)
@@ -425,28 +456,28 @@ def find_text(frames: np.ndarray, indices: Iterable[int], ds: Dataset, photometr
 
 READ_MIN_SCORE = 0.6
 """A detected line whose reading is less sure than this is not taken for text, unless the
-detector is sure of it (:data:`LINE_MIN_SCORE`), it is shaped like a line and it reads as
-several characters with some confidence (:data:`UNSURE_READ_MIN_SCORE`)."""
-SHORT_READ_MIN_SCORE = 0.9
+detector is sure of it (:data:`LINE_MIN_SCORE`) and it is shaped like a line
+(:data:`LINE_MIN_ASPECT`)."""
+SHORT_READ_MIN_SCORE = 0.97
 """Readings of one or two characters (blobs of anatomy read as "2") need more confidence."""
-UNSURE_READ_MIN_SCORE = 0.3
 LINE_MIN_SCORE = 0.9
 LINE_MIN_ASPECT = 2.5
 
 
 def is_text(text: str, score: float, line_score: float, shape: float) -> bool:
-    """Whether a detected line is text: read as letters or digits with some confidence and a
-    reading that fits the line's length, or a confident line-shaped detection that reads as
-    several characters even unsurely (hidden all the same: hard to read is not clean). The
-    detector alone also marks edges and blobs of anatomy; what it marks there reads as
-    nothing, as no letter or digit, or as one or two characters without confidence."""
+    """Whether a detected line is text: read as letters or digits (of any script) with some
+    confidence, or a confident line-shaped detection whatever it reads as (hidden all the
+    same: unreadable is not clean). The detector alone also marks edges and blobs of anatomy;
+    what it marks there is not line-shaped, or not confidently, and reads as nothing, as no
+    letter or digit, or as one or two characters without confidence."""
     read = "".join(words(text))
+    if len(read) <= 2 and read.isdigit():
+        read = ""  # a lone "5" or "10" is noise in anatomy, or a ruler label: nobody's name
     if read and score >= (SHORT_READ_MIN_SCORE if len(read) <= 2 else READ_MIN_SCORE):
-        # a reading far too short or too long for the line's shape is not what is there
-        return shape <= 2.0 * len(text.strip()) + 3 and shape >= 0.2 * len(read)
-    # unreadable with confidence, but a confident line that reads as several characters
-    return (len(read) >= 3 and score >= UNSURE_READ_MIN_SCORE and line_score >= LINE_MIN_SCORE
-            and shape >= LINE_MIN_ASPECT)
+        return True  # a reading that does not fit the line's length is hidden (Policy.kind)
+    # unreadable (another script, a font the recognizer does not know), but a confident,
+    # line-shaped detection: hidden all the same
+    return line_score >= LINE_MIN_SCORE and shape >= LINE_MIN_ASPECT
 
 
 def _windows(around: np.ndarray, scale: float, size: tuple[int, int]

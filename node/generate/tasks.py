@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.config import DeidSettings, OutputSettings, Settings
+from node.config import DeidOption, DeidSettings, OutputSettings, Settings
 from node.deid import Deidentifier, Quarantined
 from node.deid.identifiers import Identifiers
+from node.deid.profile import CODE
 from node.dicom import (
     NewIdentity,
     Pixels,
@@ -361,9 +362,14 @@ def synthesize(
         if source is None:
             continue
         carried = request.task.uses_source_pixels  # burned-in text or a face may be kept
+        # Clean Pixel Data (113101) holds for the output as it held for its source
+        clean = CODE[DeidOption.CLEAN_PIXEL_DATA].value
+        source_clean = any(str(item.get("CodeValue", "")) == clean for item in
+                           source.get("DeidentificationMethodCodeSequence", []))
         record = deid.record(
             burned_in=carried and source.get("BurnedInAnnotation") == "YES",
             recognizable=carried and source.get("RecognizableVisualFeatures") == "YES",
+            pixels_clean=not carried or source_clean,
         )
         try:
             for out in outputs:
