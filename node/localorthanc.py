@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 HOST = "127.0.0.1"
 ISOLATED_ENV = "SYNTHNODE_ISOLATED"
@@ -128,10 +128,20 @@ class OrthancProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    started: ClassVar[set[OrthancProcess]] = set()
+    """Every instance started in this process and not yet stopped (see :meth:`stop_all`)."""
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Kill every Orthanc this process started and has not stopped (a test's cleanup)."""
+        for proc in list(cls.started):
+            proc.stop(kill=True)
+
     def start(self, timeout_s: float = 30.0) -> None:
         """Start Orthanc and wait until ``/system`` answers; RuntimeError with its log if not."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("Orthanc is already running")
+        OrthancProcess.started.add(self)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
         self.config_path.write_text(json.dumps(self.config, indent=2))
@@ -158,6 +168,7 @@ class OrthancProcess:
         ``kill``, SIGKILL at once (a crash). The exit status (None if killed or not running).
         Storage and index are kept."""
         proc, self.proc = self.proc, None
+        OrthancProcess.started.discard(self)
         if proc is None:
             return None
         status: int | None = proc.poll()

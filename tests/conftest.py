@@ -29,6 +29,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TCP_NODELAY"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def _no_orthanc_left_behind():
+    """Orthancs that helpers start (with the plugin, a clinical one) end with their test."""
+    yield
+    OrthancProcess.stop_all()
+
+
 @pytest.fixture
 def node_factory(tmp_path: Path):
     """Start ``synthnode serve`` subprocesses with a private config; all are stopped after."""
