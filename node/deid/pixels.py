@@ -48,8 +48,6 @@ from node.deid.text import (
 )
 from node.pixeldata import PixelDataError, Region, decode_frames, store_frames
 
-"""A rectangle: x (first column), y (first row), width (columns), height (rows)."""
-
 Inpainter = Callable[[np.ndarray, list[Region], Dataset], np.ndarray]
 """The generation stage's hook for rules with fill "inpaint": (frames, regions, source) -> frames
 of the same shape and dtype with the regions regenerated.
