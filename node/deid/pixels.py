@@ -290,17 +290,7 @@ def _detect_and_hide(
 ) -> PixelResult:
     # 1. everything that can fail on configuration, before any change
     fill = settings.text_fill
-    if rule is not None:
-        check_rules([rule])
-    if inpainter is None and (fill is PixelFill.INPAINT or (
-            rule is not None and rule.fill is PixelFill.INPAINT)):
-        name = f'pixel rule "{rule.name}"' if rule is not None and (
-            rule.fill is PixelFill.INPAINT) else "[deid] text_fill"
-        raise ValueError(f'{name} is "inpaint" but no inpainter was given: inpainting needs '
-                         'the generation stage (or use fill "black")')
-    rows, columns = ds.get("Rows"), ds.get("Columns")
-    if not rows or not columns:
-        raise PixelDataError("Pixel Data without Rows and Columns cannot be cleaned")
+    rows, columns = _preflight(ds, rule, inpainter, fill)
     policy = Policy(settings.text_allowlist, identifiers)
 
     # 2. decode; the rule's regions
@@ -438,17 +428,32 @@ def _document(frame: np.ndarray, ds: Dataset, photometric: str, text: np.ndarray
             "forms and reports are quarantined: handwriting is not read)")
 
 
-def _apply_rule(ds: Dataset, rule: PixelRule, inpainter: Inpainter | None) -> PixelResult:
-    # 1. everything that can fail on configuration, before any change
-    check_rules([rule])
-    if rule.fill is PixelFill.INPAINT and inpainter is None:
-        raise ValueError(
-            f'pixel rule "{rule.name}" has fill "inpaint" but no inpainter was given: '
-            "inpainting needs the generation stage (or use fill \"black\")"
-        )
+def _preflight(ds: Dataset, rule: PixelRule | None, inpainter: Inpainter | None,
+               text_fill: PixelFill | None = None) -> tuple[int, int]:
+    """Rows and Columns, after checking what can fail on configuration before any change:
+    the rule itself, and an inpainting fill (the rule's or ``text_fill``) with no
+    inpainter."""
+    if rule is not None:
+        check_rules([rule])
+    if inpainter is None:
+        if rule is not None and rule.fill is PixelFill.INPAINT:
+            what = f'pixel rule "{rule.name}" has fill'
+        elif text_fill is PixelFill.INPAINT:
+            what = "[deid] text_fill is"
+        else:
+            what = ""
+        if what:
+            raise ValueError(f'{what} "inpaint" but no inpainter was given: inpainting '
+                             'needs the generation stage (or use fill "black")')
     rows, columns = ds.get("Rows"), ds.get("Columns")
     if not rows or not columns:
         raise PixelDataError("Pixel Data without Rows and Columns cannot be cleaned")
+    return int(rows), int(columns)
+
+
+def _apply_rule(ds: Dataset, rule: PixelRule, inpainter: Inpainter | None) -> PixelResult:
+    # 1. everything that can fail on configuration, before any change
+    rows, columns = _preflight(ds, rule, inpainter)
     regions = [r for r in (_clip(r, rows, columns) for r in rule.regions) if r is not None]
 
     # 2. decode, blank, regenerate
