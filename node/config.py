@@ -299,8 +299,8 @@ class DeidSettings(_Section):
     )
     burned_in_modalities: list[str] = Field(
         default_factory=lambda: ["US", "SC", "XC", "ES"],
-        description="modalities that burn text into pixels: without a matching pixel rule, "
-                    "their images are quarantined",
+        description="where text detection is off: modalities that burn text into pixels, "
+                    "whose images are quarantined without a matching pixel rule",
     )
     quarantine_unmatched_burned_in: bool = Field(
         True, description="false: pass such images on, marked Burned In Annotation YES"

@@ -7,7 +7,6 @@ that cannot be cleaned quarantined."""
 from __future__ import annotations
 
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +65,18 @@ def _changed(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
     if diff.ndim == 4:
         diff = diff.any(axis=-1)
     return float(diff[:, mask].mean())
+
+
+def _burned_into_clean_ct(corpus: list[Case], text: str, font: str, size: int, at: str
+                          ) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """The clean CT with ``text`` burned in white: (data set, its frames, the strokes)."""
+    (case,) = [c for c in corpus if c.name == "clean_ct"]
+    ds = _file(case.dataset)
+    frames, photometric = decode_frames(ds)
+    mask = text_mask(frames.shape[1:3], text, font, size, at)
+    frames[:, mask] = frames.max()
+    store_frames(ds, frames, photometric)
+    return ds, frames, mask
 
 
 def _cases(corpus: list[Case], expect: Expect) -> list[Case]:
@@ -146,12 +157,7 @@ def test_text_that_cannot_be_hidden_is_quarantined(corpus: list[Case],
 def test_identifying_text_is_hidden_even_when_allowlisted(corpus: list[Case]) -> None:
     """"LONG" is an allowlisted view word; burned into the image of a patient named LONG it
     is the patient's name, and the header wins."""
-    (case,) = [c for c in corpus if c.name == "clean_ct"]
-    ds = _file(case.dataset)
-    frames, photometric = decode_frames(ds)
-    mask = text_mask(frames.shape[1:3], "LONG", "bold", 18, "tr")
-    frames[:, mask] = frames.max()
-    store_frames(ds, frames, photometric)
+    ds, frames, mask = _burned_into_clean_ct(corpus, "LONG", "bold", 18, "tr")
     ds.PatientName = "MILLER^ANNA"
     kept = Deidentifier(DeidSettings(key=KEY), OutputSettings()).deidentify(_file(ds))
     assert _changed(frames, _frames(kept), mask) == 0 and kept.BurnedInAnnotation == "YES"
@@ -161,7 +167,7 @@ def test_identifying_text_is_hidden_even_when_allowlisted(corpus: list[Case]) ->
     assert hidden.BurnedInAnnotation == "NO"
 
 
-def test_detection_off_leaves_pixels_to_the_rules(corpus: list[Case], tmp_path: Path) -> None:
+def test_detection_off_leaves_pixels_to_the_rules(corpus: list[Case]) -> None:
     case = _cases(corpus, Expect.HIDDEN)[0]
     settings = DeidSettings(key=KEY, detect_text=False, burned_in_modalities=[])
     source = _file(case.dataset)
@@ -228,12 +234,7 @@ def test_detection_can_be_turned_off_per_modality(corpus: list[Case]) -> None:
 
 def test_text_of_any_script_is_hidden(corpus: list[Case]) -> None:
     """A name in Cyrillic letters is text like any other: hidden."""
-    (case,) = [c for c in corpus if c.name == "clean_ct"]
-    ds = _file(case.dataset)
-    frames, photometric = decode_frames(ds)
-    mask = text_mask(frames.shape[1:3], "ИВАНОВ ИВАН", "sans", 16, "tl")
-    frames[:, mask] = frames.max()
-    store_frames(ds, frames, photometric)
+    ds, frames, mask = _burned_into_clean_ct(corpus, "ИВАНОВ ИВАН", "sans", 16, "tl")
     out = Deidentifier(DeidSettings(key=KEY), OutputSettings()).deidentify(_file(ds))
     assert _changed(frames, _frames(out), mask) >= CHANGED
     assert out.BurnedInAnnotation == "NO"
