@@ -150,6 +150,15 @@ class SpoolSettings(_Section):
         3600.0, ge=0, description="a study's files stay this long after all its jobs are done "
                                   "(or no rule matched it), then are removed"
     )
+    reserve_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="free space kept on the spool's, work folder's and quarantine's file "
+                    "systems: below it new instances are refused (0xA700) and jobs wait",
+    )
+    reserve_percent: float = Field(
+        1.0, ge=0, le=50, description="the same reserve as a share of the file system's size; "
+                                      "the larger of the two applies",
+    )
 
 
 class OrthancSettings(_Section):
