@@ -19,7 +19,8 @@ import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, NamedTuple, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -707,25 +708,107 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe(error: dict[str, Any], source: str, model: type[BaseModel]) -> str:
-    loc = [str(p) for p in error["loc"]]
-    section, key = (loc[0], ".".join(loc[1:])) if len(loc) > 1 else ("", loc[0] if loc else "")
-    where = f"[{section}] {key}" if section else key
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _table_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The model a field holds as a table, or lists as an array of tables (then True)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is list and args:
+        inner, _ = _table_of(args[0])
+        return inner, inner is not None
+    if get_origin(annotation) in (UnionType, Union) and len(args) == 1:
+        return _table_of(args[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    return None, False
+
+
+def _entry(item: Any, index: int) -> str:
+    """An entry of an array of tables as a user finds it in the file: by its name (rules,
+    destinations, pixel rules) or task, and its 1-based place."""
+    place = _ordinal(index + 1)
+    if isinstance(item, dict) and isinstance(item.get("name"), str):
+        return f'"{item["name"]}" ({place})'
+    if isinstance(item, dict) and isinstance(item.get("task"), str):
+        return f"({place}, {item['task']})"
+    return f"({place})"
+
+
+class _Place(NamedTuple):
+    text: str  # '[[rules]] "ct-deid" (3rd) match.modalty'
+    owner: type[BaseModel] | None  # the table the last key belongs to (its allowed keys)
+    field: Any  # the last key's FieldInfo; None where unknown
+    is_table: bool  # the place is a whole table (its input: every key in it)
+
+
+def _locate(loc: tuple[Any, ...], data: Any, model: type[BaseModel]) -> _Place:
+    """Where a validation error is, in the file's own terms: ``[deid] key``, ``[[rules]]
+    "ct-deid" (3rd) match.modalty``, ``[[rules]] "r" (1st) tasks (2nd, img2img).strength``
+    (entries by name and 1-based place, not pydantic's ``rules.2``)."""
+    keys: list[str] = []  # dotted path, entries appended to their list's key
+    header = 0  # how many leading keys are tables named in a [header] / [[header]]
+    first_entry = ""
+    table: type[BaseModel] | None = model  # the table the next key is in
+    listed: type[BaseModel] | None = None  # the entries' model when the next part is an index
+    owner: type[BaseModel] | None = model
+    field: Any = None
+    node = data
+    for part in loc:
+        if isinstance(part, int) and listed is not None:
+            item = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            if not first_entry and header == len(keys):
+                first_entry = _entry(item, part)
+            else:
+                keys[-1] += f" {_entry(item, part)}"
+            table, listed, node = listed, None, item
+            continue
+        owner, listed = table, None
+        field = table.model_fields.get(str(part)) if table is not None else None
+        keys.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+        table, is_list = _table_of(field.annotation) if field is not None else (None, False)
+        if is_list:
+            table, listed = None, table
+        if (table is not None or listed is not None) and header == len(keys) - 1 and (
+                not first_entry):
+            header += 1
+    if first_entry:
+        text = f"[[{'.'.join(keys[:header])}]] {first_entry}"
+        rest = keys[header:]
+    elif keys and (table is not None or len(keys) > 1):
+        text, rest = f"[{keys[0]}]", keys[1:]
+    elif len(keys) == 1 and listed is not None:
+        text, rest = f"[[{keys[0]}]]", []
+    else:
+        text, rest = ".".join(keys), []
+    if rest:
+        text += " " + ".".join(rest)
+    return _Place(text, owner, field, table is not None)
+
+
+def _describe(error: dict[str, Any], source: str, model: type[BaseModel], data: Any) -> str:
+    loc = tuple(error["loc"])
+    where, owner, field, is_table = _locate(loc, data, model)
+    message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        known = model.model_fields.get(section)
-        allowed = ""
-        if known is not None and isinstance(known.annotation, type) and issubclass(
-            known.annotation, BaseModel
-        ):
-            allowed = ", ".join(known.annotation.model_fields)
-        elif not section:
+        if len(loc) == 1:
             allowed = ", ".join(f"[{s}]" for s in model.model_fields)
-            return f"{source}: [{key}]: unknown section (allowed: {allowed})"
+            return f"{source}: [{loc[0]}]: unknown section (allowed: {allowed})"
+        allowed = ", ".join(owner.model_fields) if owner is not None else ""
         return f"{source}: {where}: unknown key (allowed: {allowed})"
     if not loc:  # a check across sections: its input is the whole file (secrets included)
-        return f"{source}: {error['msg']}"
+        return f"{source}: {message}"
+    if error["type"] == "missing":
+        return f"{source}: {where}: required key missing"
     value = error.get("input")
-    return f"{source}: {where} = {value!r}: {error['msg']}"
+    if is_table:  # a check across a table's keys: its input is the whole table
+        return f"{source}: {where}: {message}"
+    if field is not None and str(field.description or "").startswith("secret"):
+        return f"{source}: {where} (a secret, not shown): {message}"
+    return f"{source}: {where} = {value!r}: {message}"
 
 
 def _local_model(spec: str, base_dir: Path) -> str:
@@ -765,7 +848,8 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e, source, Settings) for e in exc.errors()]  # type: ignore[arg-type]
+        lines = [_describe(e, source, Settings, data)  # type: ignore[arg-type]
+                 for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
     def resolve(path: Path) -> Path:
         return path if path.is_absolute() else base_dir / path

@@ -140,3 +140,46 @@ def test_the_readme_mirror_config_is_valid(tmp_path: Path) -> None:
     assert research.orthanc_settings(settings.orthanc, {"RESEARCH_ORTHANC_PASSWORD": "pw"}
                                      ).password == "pw"
     assert not settings.destination("clinical-pacs").is_orthanc
+
+
+def test_errors_in_arrays_of_tables_name_the_entry_and_its_allowed_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        '[deid]\nkey = "a-secret-that-must-not-show"\n'
+        '[[deid.pixel_rules]]\nname = "us"\nregoins = []\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+        "colour = 1\n"
+        '[[rules]]\nname = "a"\ntasks = [{task = "deidentify"}]\n'
+        '[[rules]]\nname = "ct-deid"\n'
+        'match = {modalty = ["CT"], study_description = "("}\n'
+        'tasks = [{task = "deidentify", sede = 3}, {task = "img2img", strength = 3}]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    lines = [line.removeprefix(f"{cfg}: ") for line in str(info.value).splitlines()]
+    assert ('[[rules]] "ct-deid" (2nd) match.modalty: unknown key (allowed: modality, '
+            "body_part, sop_class,") in "\n".join(lines)
+    assert ('[[rules]] "ct-deid" (2nd) match.study_description = \'(\': "(" is not a regular '
+            "expression") in "\n".join(lines)
+    assert any(line.startswith('[[rules]] "ct-deid" (2nd) tasks (1st, deidentify).sede: '
+                               "unknown key (allowed: task, destinations, prompt,")
+               for line in lines), lines
+    assert ('[[rules]] "ct-deid" (2nd) tasks (2nd, img2img).strength = 3: Input should be less '
+            "than or equal to 1") in lines
+    assert any(line.startswith('[[destinations]] "pacs" (1st) colour: unknown key (allowed: '
+                               "name, ae_title, host, port,") for line in lines), lines
+    assert any(line.startswith('[[deid.pixel_rules]] "us" (1st) regoins: unknown key (allowed: '
+                               "name, manufacturer,") for line in lines), lines
+    assert '[[deid.pixel_rules]] "us" (1st) regions: required key missing' in lines
+    text = "\n".join(lines)
+    assert "Value error" not in text and "(allowed: )" not in text
+    assert "a-secret-that-must-not-show" not in text
+    assert " 0." not in text and " 1." not in text  # no 0-based pydantic indices
+
+
+def test_secret_values_are_never_echoed_in_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"SYNTHNODE__ORTHANC__PASSWORD": "[1, 2]"})
+    assert "[orthanc] password (a secret, not shown): Input should be a valid string" in str(
+        info.value)
+    assert "[1, 2]" not in str(info.value)

@@ -293,12 +293,11 @@ def test_cli_rules_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 @pytest.mark.parametrize(("match", "message"), [
-    ('study_description = "chest("', '[rules] 0.match.study_description = \'chest(\': Value '
-                                     'error, "chest(" is not a regular expression'),
-    ('tags = {NotAKeyword = "x"}', '[rules] 0.match.tags = {\'NotAKeyword\': \'x\'}: Value '
-                                   'error, "NotAKeyword" is not a DICOM keyword'),
-    ('tags = {Manufacturer = "[acme"}', 'Value error, Manufacturer: "[acme" is not a regular '
-                                        "expression"),
+    ('study_description = "chest("', '[[rules]] "r" (1st) match.study_description = '
+                                     '\'chest(\': "chest(" is not a regular expression'),
+    ('tags = {NotAKeyword = "x"}', '[[rules]] "r" (1st) match.tags = {\'NotAKeyword\': \'x\'}: '
+                                   '"NotAKeyword" is not a DICOM keyword'),
+    ('tags = {Manufacturer = "[acme"}', ': Manufacturer: "[acme" is not a regular expression'),
 ])
 def test_bad_match_criteria_are_config_errors(tmp_path: Path, match: str, message: str) -> None:
     cfg = tmp_path / "node.toml"
