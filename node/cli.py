@@ -272,12 +272,46 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: a 128-byte preamble, then "DICM"."""
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def send_files(paths: Sequence[Path]) -> tuple[list[Path], int]:
+    """The files to send: files named as they are (an unreadable one fails on its own line),
+    folders walked recursively for DICOM files in a stable order, as dcmtk's ``storescu +sd``
+    does; with how many non-DICOM files in folders were skipped."""
+    files: list[Path] = []
+    skipped = 0
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        for found in sorted(p for p in path.rglob("*") if p.is_file()):
+            if _is_dicom_file(found):
+                files.append(found)
+            else:
+                skipped += 1
+    return files, skipped
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from node.config import Destination
     from node.dispatch import send_to, send_to_peer
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    args.files, skipped = send_files(args.files)
+    if skipped:
+        print(f"skipped {skipped} non-DICOM file{'s' if skipped != 1 else ''} in folders",
+              file=sys.stderr)
+    if not args.files:
+        print("synthnode send: no DICOM file found", file=sys.stderr)
+        return 2
     try:
         if "@" in args.to:
             ae_title, host, port = parse_peer(args.to)
@@ -558,10 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mirror", help="mirror a clinical archive, de-identified, into a "
                        "research archive: backfill and status")
     mirror_sub = p.add_subparsers(dest="mirror_command", required=True, metavar="SUBCOMMAND")
-    q = mirror_sub.add_parser("backfill", help="route the studies an Orthanc already holds")
+    q = mirror_sub.add_parser("backfill", help="route the studies an archive (an Orthanc, or a "
+                              "PACS by C-FIND/C-GET) already holds")
     q.add_argument("--from", dest="source", required=True, metavar="NAME",
-                   help='the clinical Orthanc: a [[destinations]] name with a url, or '
-                        '"orthanc" ([orthanc])')
+                   help='the clinical archive: "orthanc" ([orthanc]), or a [[destinations]] '
+                        "name: an Orthanc (url, REST) or a DICOM peer (ae_title, host, port: "
+                        "C-FIND, then C-GET)")
     q.add_argument("--since", type=_date, required=True, metavar="YYYY-MM-DD",
                    help="first Study Date")
     q.add_argument("--until", type=_date, default=None, metavar="YYYY-MM-DD",
@@ -593,8 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_echo)
 
-    p = sub.add_parser("send", help="send DICOM files to Orthanc or a DICOM peer, with retries")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM files")
+    p = sub.add_parser("send", help="send DICOM files and folders to Orthanc or a DICOM peer, "
+                                    "with retries")
+    p.add_argument("files", nargs="+", type=Path, metavar="PATH",
+                   help="DICOM files, or folders (searched recursively; non-DICOM files in "
+                        "them are skipped and counted)")
     p.add_argument(
         "--to", required=True, metavar="TARGET",
         help='"orthanc" (the [orthanc] REST API), AE@HOST:PORT (C-STORE), or the name of a '
@@ -664,10 +703,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
     except ConfigError as exc:
         print(f"synthnode: configuration error:\n{exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a socket or a child's pipe, not our output: a real error
+        # The reader went away (`synthnode status | head`): end quietly, like a command killed
+        # by SIGPIPE. stdout is pointed at /dev/null so that the interpreter's final flush of
+        # what is still buffered cannot raise again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # 141, as a shell reports a command ended by SIGPIPE
