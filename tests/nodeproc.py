@@ -48,6 +48,7 @@ class NodeProcess:
         self.sections = sections
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.wrap: list[str] = []  # a command the node runs under (strace ... --)
 
     @property
     def port(self) -> int:
@@ -68,7 +69,7 @@ class NodeProcess:
         offset = len(self.log())
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*SYNTHNODE, "--config", str(self.config), "serve"],
+                [*self.wrap, *SYNTHNODE, "--config", str(self.config), "serve"],
                 stdout=out, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout_s
