@@ -134,13 +134,18 @@ def test_stable_state_survives_kill9_neither_lost_nor_handed_twice(
 
     node.start()
     _wait_for(lambda: _handed(node.log(), uid_b) == 1)
-    time.sleep(1.0)  # several monitor passes
+    # A sentinel study received after the restart: once it is handed on, the monitor has made
+    # every pass of its stable_after_s since B (a fixed sleep would not say so on a loaded box).
+    sentinel = make_study(tmp_path / "s", per_series=1)
+    uid_s = str(dcmread(sentinel[0]).StudyInstanceUID)
+    assert _store(node.port, sentinel) == [0]
+    _wait_for(lambda: _handed(node.log(), uid_s) == 1)
     log = node.log()
     assert _handed(log, uid_a) == 1, "a study handed before the crash was handed again"
     assert _handed(log, uid_b) == 1
     states = {s["study_uid"]: (s["state"], s["generation"]) for s in node.status()["studies"]}
     # rules = []: handed on, nothing made of them, and status says so.
-    assert states == {uid_a: ("unrouted", 1), uid_b: ("unrouted", 1)}
+    assert states == {uid_a: ("unrouted", 1), uid_b: ("unrouted", 1), uid_s: ("unrouted", 1)}
     notes = {s["note"] for s in node.status()["studies"]}
     assert notes == {"no rule matched: nothing made of this study"}
 
