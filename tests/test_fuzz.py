@@ -19,7 +19,7 @@ TARGETS = ("walker", "deid", "config")
 
 # Seconds of fuzzing per target (the CI budget is 75 s for all three), the longest one input
 # may take, and the memory a run may hold.
-BUDGET_S = {"walker": 15, "deid": 30, "config": 15}
+BUDGET_S = {"walker": 10, "deid": 25, "config": 10}
 INPUT_TIMEOUT_S = {"walker": 10, "deid": 20, "config": 10}
 RSS_LIMIT_MB = 3072
 
