@@ -687,7 +687,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             continue
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):
             value = raw
         node = tree
         for part in path[:-1]:
@@ -814,8 +814,12 @@ def _describe(error: dict[str, Any], source: str, model: type[BaseModel], data: 
 def _local_model(spec: str, base_dir: Path) -> str:
     """A model given as a folder relative to the config file becomes absolute; "tiny", hub ids
     and absolute paths stay as they are."""
-    if spec and spec != "tiny" and not Path(spec).is_absolute() and (base_dir / spec).is_dir():
-        return str(base_dir / spec)
+    if spec and spec != "tiny" and not Path(spec).is_absolute():
+        try:
+            if (base_dir / spec).is_dir():
+                return str(base_dir / spec)
+        except OSError:  # a name the file system cannot hold (too long): not a folder here
+            pass
     return spec
 
 
@@ -840,6 +844,12 @@ def load_settings(
             raise ConfigError(f"{file}: cannot be read ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: not valid TOML ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start} is not valid UTF-8): "
+                              "save it as UTF-8") from None
+        except RecursionError:  # tomllib recurses into nested arrays and inline tables
+            raise ConfigError(f"{file}: not valid TOML (arrays or tables nested too "
+                              "deeply)") from None
         base_dir = file.resolve().parent
     overrides = _env_overrides(environ)
     if overrides:

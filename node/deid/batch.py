@@ -124,13 +124,23 @@ def as_secondary_capture(deid: Deidentifier, ds: Dataset) -> Dataset:
             "SC output needs unsigned pixel data (Pixel Representation 0): use "
             '[deid] output = "source" for this image'
         )
-    frames = np.asarray(ds.pixel_array)
+    if "PixelData" not in ds:
+        raise Quarantined("not an image (no Pixel Data): a Secondary Capture cannot be made "
+                          'from it (use [deid] output = "source" to pass such objects on)')
+    try:
+        frames = np.asarray(ds.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many kinds
+        raise Quarantined(f"pixel data cannot be decoded for a Secondary Capture "
+                          f"({type(exc).__name__})") from None
     color = int(ds.get("SamplesPerPixel", 1)) == 3
     if int(ds.get("NumberOfFrames", 1) or 1) == 1:
         frames = frames[None]
     photometric = "RGB" if color else str(ds.PhotometricInterpretation)
-    pixels = Pixels(frames, photometric, bits_stored=None if color else int(ds.BitsStored),
-                    pixel_spacing=carried_spacing(ds))
+    try:
+        pixels = Pixels(frames, photometric, bits_stored=None if color else int(ds.BitsStored),
+                        pixel_spacing=carried_spacing(ds))
+    except ValueError as exc:  # the SC writer's: it names the property that does not fit
+        raise Quarantined(f"cannot be written as a Secondary Capture: {exc}") from None
     identity = NewIdentity(
         patient_name=str(ds.PatientName), patient_id=str(ds.PatientID),
         study_instance_uid=str(ds.StudyInstanceUID), study_id=str(ds.get("StudyID", "") or ""),

@@ -42,6 +42,7 @@ import copy
 import datetime
 import hashlib
 import hmac
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -284,7 +285,12 @@ class Deidentifier:
         Whole values and whole tokens match, never a substring inside a token
         (:mod:`node.deid.identifiers`)."""
         buffer = BytesIO()
-        output.save_as(buffer, enforce_file_format=True)
+        try:
+            output.save_as(buffer, enforce_file_format=True)
+        except (ValueError, TypeError, OverflowError, struct.error) as exc:
+            # pydicom's: a value that its VR cannot encode; never passed on half-written
+            raise Quarantined(f"the de-identified data set cannot be encoded "
+                              f"({type(exc).__name__})") from None
         data = buffer.getvalue()
         leaked = sorted(identifiers.leaks(dcmread(BytesIO(data))))
         if leaked:
@@ -301,8 +307,10 @@ class Deidentifier:
         for key in list(ds.keys()):
             tag = int(key)
             group, element = tag >> 16, tag & 0xFFFF
-            if element == 0x0000:
-                del ds[tag]  # group lengths: recomputed on write, or absent
+            if element == 0x0000 or group == 0x0000:
+                # group lengths: recomputed on write, or absent; command elements (0000,eeee)
+                # belong to a DIMSE message, never to a data set (no file may hold them)
+                del ds[tag]
                 continue
             if group % 2 == 1:
                 if 0x0010 <= element <= 0x00FF:

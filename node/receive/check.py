@@ -81,9 +81,15 @@ _NAMES = {
 }
 
 
+MAX_DEPTH = 64
+"""Deepest nesting of sequence (and encapsulated pixel data) items accepted: real objects nest
+a few levels; each level is a recursion here and in pydicom's reader."""
+
+
 class _Walker:
     def __init__(self, data: bytes | memoryview, implicit: bool, little: bool) -> None:
         self.found: dict[str, bytes] = {}
+        self.depth = 0
         self.buf = memoryview(data)
         self.end = len(self.buf)
         self.implicit = implicit
@@ -124,12 +130,16 @@ class _Walker:
         return pos
 
     def items(self, pos: int) -> int:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Truncated(f"sequences are nested more than {MAX_DEPTH} deep")
         while True:
             self._need(pos, 8)
             tag = self.tag.unpack_from(self.buf, pos)
             length = self.u32.unpack_from(self.buf, pos + 4)[0]
             pos += 8
             if tag == _SEQ_END:
+                self.depth -= 1
                 return pos
             if tag != _ITEM:
                 raise _Truncated(f"expected an item tag, found ({tag[0]:04X},{tag[1]:04X})")
