@@ -9,7 +9,9 @@ What it does to a data set (a copy; the input is untouched):
    removed whole, Clean Graphics or not, as are group lengths;
 3. Patient ID and Name become keyed HMAC pseudonyms; every UID with action U becomes a UID
    derived from an HMAC of the original, so the same source UID maps to the same new UID on
-   every run and every machine sharing the key, and references stay coherent;
+   every run and every machine sharing the key, and references stay coherent; but for Study
+   and Frame of Reference UIDs, shared by every variant of a study, the new UID also derives
+   from the configuration's variant (:func:`variant_of`): other options make other objects;
 4. with Retain Longitudinal Temporal Information with Modified Dates, dates move back by a
    per-patient number of days (1..``date_shift_max_days``), the same in all of that patient's
    studies;
