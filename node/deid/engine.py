@@ -9,7 +9,9 @@ What it does to a data set (a copy; the input is untouched):
    removed whole, Clean Graphics or not, as are group lengths;
 3. Patient ID and Name become keyed HMAC pseudonyms; every UID with action U becomes a UID
    derived from an HMAC of the original, so the same source UID maps to the same new UID on
-   every run and every machine sharing the key, and references stay coherent;
+   every run and every machine sharing the key, and references stay coherent; but for Study
+   and Frame of Reference UIDs, shared by every variant of a study, the new UID also derives
+   from the configuration's variant (:func:`variant_of`): other options make other objects;
 4. with Retain Longitudinal Temporal Information with Modified Dates, dates move back by a
    per-patient number of days (1..``date_shift_max_days``), the same in all of that patient's
    studies;
@@ -42,6 +44,7 @@ import copy
 import datetime
 import hashlib
 import hmac
+import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +75,22 @@ from node.uids import derive_uid
 PATIENT_NAME = 0x00100010
 PATIENT_ID = 0x00100020
 SOP_INSTANCE_UID = 0x00080018
+
+# UIDs every variant of a study shares (PS3.3: the study, and the patient's geometry in it):
+# remapped from the original alone, whatever the options. Every other UID (series, instances,
+# references to them) also depends on the variant, so that two rules de-identifying the same
+# image differently make two objects, not one UID for two contents.
+_SHARED_UIDS = frozenset({
+    0x0020000D,  # Study Instance UID
+    0x00200052,  # Frame of Reference UID
+    0x30060024,  # Referenced Frame of Reference UID
+    0x300600C2,  # Related Frame of Reference UID
+})
+_REFERENCED_STUDY_SEQUENCE = 0x00081110
+_REFERENCED_SOP_INSTANCE_UID = 0x00081155
+
+# Settings that do not change what an output holds: left out of its variant.
+_NOT_IN_VARIANT = {"key", "honest_broker_file"}
 
 TypeOf = Callable[[str, int, int | None], str | None]
 """(SOP Class UID, tag, enclosing sequence tag or None) -> the attribute's Type there ("1",
@@ -167,6 +186,7 @@ class Deidentifier:
             raise DeidentificationError(f"[[deid.pixel_rules]]: {exc}") from None
         self._key = settings.key.encode("utf-8")
         self._safe_private = {_private_spec(s) for s in settings.safe_private}
+        self.variant = variant_of(settings, output)
 
     # -- keyed derivations -----------------------------------------------------------------
 
@@ -182,9 +202,14 @@ class Deidentifier:
         n = int.from_bytes(self._mac("date-shift", subject)[:8], "big")
         return 1 + n % self.settings.date_shift_max_days
 
-    def new_uid(self, uid: str) -> str:
-        """The UID that stands for ``uid``."""
-        return derive_uid(self.output.uid_root, "deid-uid", self._mac("uid", uid).hex())
+    def new_uid(self, uid: str, shared: bool = False) -> str:
+        """The UID that stands for ``uid``: for a ``shared`` one (a Study or Frame of
+        Reference UID) the same under every configuration with this key; else one of this
+        configuration's :attr:`variant` (other options, another object)."""
+        mac = self._mac("uid", uid).hex()
+        if shared:
+            return derive_uid(self.output.uid_root, "deid-uid", mac)
+        return derive_uid(self.output.uid_root, "deid-uid", mac, self.variant)
 
     @property
     def temporal(self) -> TemporalInformation:
@@ -334,7 +359,8 @@ class Deidentifier:
                 if self._is_sequence(ds, tag):
                     self._descend(ds[tag], work, tag)
                 continue
-            self._apply(ds, tag, self._resolve(action, work.sop_class, tag, parent), work)
+            self._apply(ds, tag, self._resolve(action, work.sop_class, tag, parent), work,
+                        parent)
         for tag in private_creators:
             if (tag >> 16, tag & 0xFF) not in kept_blocks:
                 del ds[tag]
@@ -386,7 +412,8 @@ class Deidentifier:
             for item in elem.value:
                 self._clean(item, work, parent=tag)
 
-    def _apply(self, ds: Dataset, tag: int, action: str, work: _Pass) -> None:
+    def _apply(self, ds: Dataset, tag: int, action: str, work: _Pass,
+               parent: int | None = None) -> None:
         elem = ds[tag]
         vr = elem.VR
         if action == "K":
@@ -399,13 +426,13 @@ class Deidentifier:
             if vr == "SQ":
                 self._descend(elem, work, tag)
             elif vr == "UI":
-                self._remap(elem)
+                self._remap(elem, parent)
             else:
                 elem.value = _DUMMY.get(vr)
         elif action == "C":
             self._clean_value(elem, work, tag)
         elif action == "U":
-            self._remap(elem)
+            self._remap(elem, parent)
         else:
             raise DeidentificationError(f"unknown action {action!r} for ({tag >> 16:04X},"
                                         f"{tag & 0xFFFF:04X})")
@@ -444,13 +471,27 @@ class Deidentifier:
         else:
             elem.value = replacement
 
-    def _remap(self, elem: DataElement) -> None:
+    def _remap(self, elem: DataElement, parent: int | None = None) -> None:
         if elem.value in (None, ""):
             return
+        shared = elem.tag in _SHARED_UIDS or (
+            elem.tag == _REFERENCED_SOP_INSTANCE_UID and parent == _REFERENCED_STUDY_SEQUENCE)
         if elem.VM > 1:
-            elem.value = [self.new_uid(str(v)) for v in elem.value]
+            elem.value = [self.new_uid(str(v), shared) for v in elem.value]
         else:
-            elem.value = self.new_uid(str(elem.value))
+            elem.value = self.new_uid(str(elem.value), shared)
+
+
+def variant_of(settings: DeidSettings, output: OutputSettings) -> str:
+    """What makes this configuration's outputs differ from another's (options, pixel rules,
+    text handling, output IOD, manufacturer...), as a short hash: part of every output UID
+    but the shared ones. Neither the key (it keys the UIDs anyway) nor where the honest broker
+    writes is part of it."""
+    values = settings.model_dump(mode="json", exclude=_NOT_IN_VARIANT)
+    values["options"] = sorted(values["options"])
+    values["manufacturer"] = output.manufacturer
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _private_spec(spec: str) -> tuple[str, int, int]:

@@ -9,7 +9,15 @@ from node.dicom.provenance import (
     TemporalInformation,
 )
 from node.dicom.validate import Saved, Validation, quarantine, save_checked, validate_file
-from node.dicom.writer import Pixels, build_sc, carried_spacing, mark_deidentified, output_uids
+from node.dicom.writer import (
+    Pixels,
+    build_sc,
+    carried_spacing,
+    mark_deidentified,
+    output_uids,
+    own_output,
+    stamp_own,
+)
 
 __all__ = [
     "Deidentification",
@@ -25,7 +33,9 @@ __all__ = [
     "carried_spacing",
     "mark_deidentified",
     "output_uids",
+    "own_output",
     "quarantine",
     "save_checked",
+    "stamp_own",
     "validate_file",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime
 import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,8 @@ def output_uids(
     source_series = sorted({str(s.SeriesInstanceUID) for s in sources})
     source_instances = [str(s.SOPInstanceUID) for s in sources]
     series_uid = derive_uid(
-        root, "series", kind, study_uid, source_series, provenance.series_key(), series.number
+        root, "series", kind, study_uid, source_series, provenance.series_key(), series.number,
+        series.description,
     )
     sop_uid = derive_uid(
         root, "instance", kind, series_uid, source_instances, provenance.instance_key(), index
@@ -265,7 +267,40 @@ def build_sc(
         # General Series, Type 2C: without a body part nobody can tell whether it is paired,
         # so the attribute is present and empty (unknown).
         sc.Laterality = ""
+    stamp_own(sc, settings.manufacturer)
     return sc
+
+
+def own_mark(manufacturer: str, sop_instance_uid: str) -> str:
+    """The Device Serial Number of the node's Contributing Equipment items in an output: bound
+    to the manufacturer and to the object's own SOP Instance UID, so that no other object
+    (a clinical image, or an image someone derived from an output) carries it by accident."""
+    text = f"synthnode-output\0{manufacturer}\0{sop_instance_uid}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def stamp_own(ds: Dataset, manufacturer: str) -> None:
+    """Mark ``ds`` as one of the node's outputs: each Contributing Equipment item of
+    ``manufacturer`` gets :func:`own_mark` of ``ds``'s (final) SOP Instance UID."""
+    mark = own_mark(manufacturer, str(ds.SOPInstanceUID))
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if str(item.get("Manufacturer", "")) == manufacturer:
+            item.DeviceSerialNumber = mark
+
+
+def own_output(ds: Dataset, manufacturer: str) -> bool:
+    """Whether ``ds`` is one of the node's outputs (:func:`stamp_own`), as it comes back from
+    Orthanc or any archive that keeps objects as they are. Needs only the header."""
+    sop = str(ds.get("SOPInstanceUID", "") or "")
+    if not sop:
+        return False
+    mark = own_mark(manufacturer, sop)
+    try:
+        items = ds.get("ContributingEquipmentSequence", []) or []
+        return any(str(item.get("Manufacturer", "")) == manufacturer
+                   and str(item.get("DeviceSerialNumber", "")) == mark for item in items)
+    except Exception:  # noqa: BLE001 - a malformed sequence is simply not our mark
+        return False
 
 
 def _contributing_equipment(
@@ -390,10 +425,14 @@ def mark_deidentified(
     ds.RecognizableVisualFeatures = "YES" if deid.recognizable_visual_features else "NO"
     ds.SyntheticData = "YES" if synthetic else "NO"
     items = list(ds.get("ContributingEquipmentSequence", []))
-    if not any(i.PurposeOfReferenceCodeSequence[0].CodeValue == "109104" for i in items
-               if "PurposeOfReferenceCodeSequence" in i):
+    # Ours, not any De-identifying Equipment: a source de-identified elsewhere has one too.
+    if not any(i.PurposeOfReferenceCodeSequence[0].CodeValue == "109104"
+               and str(i.get("Manufacturer", "")) == settings.manufacturer for i in items
+               if i.get("PurposeOfReferenceCodeSequence")):
         items.append(fresh(_deidentifying_equipment(settings.manufacturer)))
         ds.ContributingEquipmentSequence = items
+    if "SOPInstanceUID" in ds:
+        stamp_own(ds, settings.manufacturer)
 
 
 _STAMPED = (

@@ -3,23 +3,31 @@
 Each instance gets two user metadata (``[orthanc] job_metadata``, ``task_metadata``; Orthanc must
 declare them in its ``UserMetadata``), and on Orthanc 1.12+ the job id and task as labels too.
 Uploading an instance Orthanc already holds answers ``"Status": "AlreadyStored"`` and changes
-nothing: that counts as sent, so retries and re-sends are harmless.
+nothing. That counts as sent only when what Orthanc holds is what was sent (the MD5 of the
+stored file, else the same attributes and pixels but for the time stamps a re-made output gets
+anew, and but for generated pixels, which a model need not reproduce bit for bit while the
+header records every parameter): retries and re-sends are harmless, and different content under
+one SOP Instance UID is a permanent error, never a silent loss.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import threading
 from collections.abc import Sequence
 from http import HTTPStatus
+from io import BytesIO
 from types import TracebackType
 from typing import Any
 
 import requests
 from orthanc_api_client import OrthancApiClient
 from orthanc_api_client import exceptions as orthanc_errors
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
 from node.config import DispatchSettings, OrthancSettings, Settings
@@ -143,6 +151,16 @@ class OrthancDispatcher:
         try:
             answer = self._call("post", "instances", step, data=data).json()
             instance_id, status = str(answer["ID"]), answer.get("Status")
+            if status == "AlreadyStored":
+                conflict = self._check_stored(instance_id, data)
+                if conflict:
+                    return permanent(
+                        f"Orthanc at {self.settings.url} already holds another object with SOP "
+                        f"Instance UID {item.sop_instance_uid} ({conflict} differs; Orthanc id "
+                        f"{instance_id}): this output would be lost. If the stored one is stale "
+                        "(made before a settings change), delete it from Orthanc and retry the "
+                        "job; if two rules make it, give them different settings or "
+                        "destinations")
             for name, value in ((self.settings.job_metadata, job_id),
                                 (self.settings.task_metadata, task)):
                 step = f"PUT metadata {name}"
@@ -162,6 +180,19 @@ class OrthancDispatcher:
         except (ValueError, KeyError, TypeError):  # not the JSON Orthanc answers
             return transient(f"unexpected answer from Orthanc to {step}")
         return sent("already stored" if status == "AlreadyStored" else "")
+
+    def _check_stored(self, instance_id: str, data: bytes) -> str:
+        """What differs between the object Orthanc holds under this id and ``data`` ("" when
+        nothing that matters); raises as :meth:`_call` does."""
+        md5 = self._call("get", f"instances/{instance_id}/attachments/dicom/md5",
+                         "GET stored MD5").text.strip()
+        if md5 == hashlib.md5(data, usedforsecurity=False).hexdigest():
+            return ""
+        stored = self._call("get", f"instances/{instance_id}/file", "GET stored file").content
+        try:
+            return difference(dcmread(BytesIO(stored)), dcmread(BytesIO(data)))
+        except Exception:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
+            return "the stored file (not readable as DICOM)"
 
     def _call(self, method: str, endpoint: str, step: str, **kwargs: Any) -> requests.Response:
         try:
@@ -187,6 +218,47 @@ class OrthancDispatcher:
         else:
             log.warning("%s: %s not sent (job %s): %s", self.name, item.sop_instance_uid,
                         job_id, outcome.reason)
+
+
+# Stamped with the time an output is made, so a re-made output differs there only.
+_STAMPS = frozenset({
+    0x00080012, 0x00080013,  # Instance Creation Date, Time
+    0x00080023, 0x00080033,  # Content Date, Time
+    0x00181012, 0x00181014,  # Date, Time of Secondary Capture
+    0x0018A002,  # Contribution DateTime (in Contributing Equipment items)
+})
+_PIXEL_DATA = 0x7FE00010
+
+
+def difference(stored: Dataset, sent: Dataset) -> str:
+    """The first attribute (keyword, or tag) in which ``sent`` differs from ``stored``, ""
+    when none does: the time stamps of :data:`_STAMPS` aside, and Pixel Data aside where both
+    are generated (Synthetic Data YES, Conversion Type SYN), whose Derivation Description
+    records the model, weights, seed and every parameter."""
+    generated = all(str(d.get("SyntheticData", "")).upper() == "YES"
+                    and str(d.get("ConversionType", "")).upper() == "SYN" for d in (stored, sent))
+    return _first_difference(stored, sent, skip_pixels=generated)
+
+
+def _first_difference(a: Dataset, b: Dataset, skip_pixels: bool) -> str:
+    tags = sorted(set(a.keys()) | set(b.keys()))
+    for tag in tags:
+        if tag in _STAMPS or (skip_pixels and tag == _PIXEL_DATA) or tag.element == 0:
+            continue
+        name = (a[tag] if tag in a else b[tag]).keyword or str(tag)
+        if tag not in a or tag not in b:
+            return name
+        x, y = a[tag], b[tag]
+        if x.VR == "SQ" and y.VR == "SQ":
+            if len(x.value) != len(y.value):
+                return name
+            for p, q in zip(x.value, y.value, strict=True):
+                inner = _first_difference(p, q, skip_pixels)
+                if inner:
+                    return f"{name} > {inner}"
+        elif x.value != y.value:
+            return name
+    return ""
 
 
 def has_labels(version: str) -> bool:

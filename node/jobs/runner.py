@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import Identity, Mapping, deidentify_to_bytes, record_mappings
-from node.dicom import SeriesSpec, SynthesisTask, save_checked
+from node.dicom import SeriesSpec, SynthesisTask, own_output, save_checked
 from node.dispatch import Outgoing, orthanc_client, send_to
 from node.dispatch.outgoing import load
 from node.dispatch.qr import Peer, QueryError
@@ -297,6 +297,8 @@ class Runner:
             source = _read(path)
             original = Identity.of(source)  # before de-identification changes it in place
             sop = original.sop_instance_uid
+            if self._own(job, source, made):
+                continue
             try:
                 output, data = deidentify_to_bytes(deid, source, self.settings.deid.output)
             except Quarantined as exc:
@@ -314,6 +316,17 @@ class Runner:
         if broker is not None and mappings:
             record_mappings(broker, mappings)
         return made
+
+    def _own(self, job: Job, source: Dataset, made: Made) -> bool:
+        """Whether ``source`` is one of the node's outputs (routing on C-FIND answers, as for a
+        PACS, cannot see it): noted, never processed again."""
+        if not own_output(source, self.settings.output.manufacturer):
+            return False
+        sop = str(source.SOPInstanceUID)
+        made.notes.append(f"{sop}: the node's own output, not processed again")
+        log.info("job %s: instance %s is synthnode's own output: not processed again", job.id,
+                 sop)
+        return True
 
     def _synthesize(self, job: Job, sources: list[Path], work: Path) -> Made:
         from node.generate.tasks import Request, synthesize
@@ -343,7 +356,10 @@ class Runner:
         deid = self.deidentifier(task) if task.deidentified_source else None
         made = Made()
         for start in range(0, len(sources), GENERATION_CHUNK):
-            batch = [_read(path) for path in sources[start:start + GENERATION_CHUNK]]
+            batch = [ds for ds in (_read(path) for path in sources[start:start + GENERATION_CHUNK])
+                     if not self._own(job, ds, made)]
+            if not batch:
+                continue
             sops = [str(ds.SOPInstanceUID) for ds in batch]  # before de-identification
             try:
                 results = synthesize(self.generation(), [(request, ds) for ds in batch], deid)

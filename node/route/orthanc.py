@@ -8,8 +8,9 @@ still arriving (Orthanc keeps stability in memory), so :meth:`OrthancStudies.rec
 ORTHANC_STARTED, routes every study still marked seen.
 
 The node's own outputs come back to Orthanc and fire the same events: a series whose first
-instance carries the node's metadata (``[orthanc] job_metadata``) or a Contributing Equipment
-item by the node (``[output] manufacturer``) is never routed: no feedback loop.
+instance carries the node's metadata (``[orthanc] job_metadata``) or the node's mark (a
+Contributing Equipment item by ``[output] manufacturer`` whose Device Serial Number is bound to
+the instance's UID, :func:`node.dicom.own_output`) is never routed: no feedback loop.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 from pydicom import dcmread
 
 from node.config import RuleTask, Settings
+from node.dicom import own_output
 from node.jobs import Job, Queues
 from node.route.router import Routed, Router, make_job
 from node.route.rules import SeriesFacts
@@ -154,8 +156,7 @@ class OrthancStudies:
     def _ours(self, metadata: dict[str, Any], header: Any) -> bool:
         if self.settings.orthanc.job_metadata in metadata:
             return True
-        return any(str(item.get("Manufacturer", "")) == self.settings.output.manufacturer
-                   for item in header.get("ContributingEquipmentSequence", []))
+        return own_output(header, self.settings.output.manufacturer)
 
     # -- by hand (REST) ------------------------------------------------------------------
 

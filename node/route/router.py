@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from node.config import RuleTask, Settings
+from node.dicom import own_output
 from node.jobs import Job, Queues, job_id
 from node.route.rules import SeriesFacts, facts_of, route
 
@@ -81,6 +82,17 @@ class Router:
         ``[rules.match] source``)."""
         if source:
             series = [dataclasses.replace(s, source=source) for s in series]
+        manufacturer = self.settings.output.manufacturer
+        own = [s for s in series if own_output(s.header, manufacturer)]
+        if own:
+            # The node's outputs sent back to it (an auto-forward, a C-MOVE to it): never made
+            # into anything again, or a synthetic of a synthetic follows, in a loop.
+            series = [s for s in series if s not in own]
+            log.info("study %s: %d series are synthnode's own outputs (Contributing Equipment "
+                     'by "%s" with the node\'s mark): not routed again', study_uid, len(own),
+                     manufacturer)
+            if not series:
+                return Routed((), f"own outputs ({len(own)} series): not routed again")
         jobs: list[Job] = []
         rules_used: list[str] = []
         for routing in route(self.settings.rules, self.settings.route.mode, series):
