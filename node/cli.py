@@ -311,7 +311,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ae.add_requested_context(VERIFICATION)
     started = time.monotonic()
     assoc, why = open_association(ae, destination, tls)
-    if not assoc.is_established:
+    if assoc is None or not assoc.is_established:
         print(f"C-ECHO {args.peer}: {why}", file=sys.stderr)
         return 1
     try:

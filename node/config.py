@@ -219,12 +219,14 @@ class NodeSettings(_Section):
                                  "allowed_calling_aets, so it could never call: add it there")
         return value
 
-    @model_validator(mode="after")
-    def _ports(self) -> NodeSettings:
-        if self.tls is not None and self.tls.plain and self.tls.port == self.port:
-            raise ValueError(f"[node.tls] port {self.port} is also [node] port: give TLS its "
-                             "own port (2762 is usual), or set [node.tls] plain = false")
-        return self
+    @field_validator("tls")
+    @classmethod
+    def _own_port(cls, value: NodeTLS | None, info: ValidationInfo) -> NodeTLS | None:
+        port = info.data.get("port")
+        if value is not None and value.plain and value.port == port:
+            raise ValueError(f"[node.tls] port {port} is also [node] port: give TLS its own "
+                             "port (2762 is usual), or set [node.tls] plain = false")
+        return value
 
     @property
     def listens_plain(self) -> bool:

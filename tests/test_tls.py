@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
-from node.config import NodeTLS, Settings
+from node.config import ConfigError, Destination, NodeTLS, Settings, load_settings
+from node.dispatch import send_to_peer
 from node.localorthanc import free_port
 from node.tls import TLSError, server_context, tls_problems
 from tests.nodeproc import SYNTHNODE, NodeProcess, dcmtk, echo, make_study, storescu, write_config
@@ -331,6 +332,16 @@ def test_echo_and_send_to_a_closed_port_say_connection_refused(tmp_path: Path) -
                          env=dict(os.environ, SYNTHNODE__DISPATCH__MAX_ATTEMPTS="1"))
     assert res.returncode == 1
     assert f"connection refused at 127.0.0.1:{port}" in res.stdout, res.stdout + res.stderr
+    # A host name that does not resolve: a clear reason, not an exception.
+    settings = Settings.model_validate({"dispatch": {"max_attempts": 1}})
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    try:
+        (result,) = send_to_peer([path], Destination(
+            name="x", ae_title="X", host="nowhere.invalid", port=104), settings)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+    assert not result.ok
+    assert "cannot resolve host nowhere.invalid" in result.reason
 
 
 def test_echo_to_a_host_that_does_not_answer_gives_up_in_time() -> None:
@@ -357,3 +368,39 @@ def test_echo_to_a_host_that_does_not_answer_gives_up_in_time() -> None:
     assert res.returncode == 1
     assert f"127.0.0.1:{port}" in res.stderr and "within 2 s" in res.stderr, res.stderr
     assert elapsed < 45  # bounded: the OS's own connect timeout is minutes
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_tls_and_peer_settings_are_checked_and_paths_resolved(tmp_path: Path) -> None:
+    def problems(text: str) -> str:
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_settings(cfg, environ={})
+        return str(info.value)
+
+    tls = '[node.tls]\nport = 2762\ncertificate = "a.crt"\nprivate_key = "a.key"\n'
+    assert "verify_client = true needs ca_file" in problems(tls)
+    assert "[node.tls] port 2762 is also [node] port" in problems(
+        '[node]\nport = 2762\n' + tls + 'verify_client = false\n')
+    assert "B is bound to addresses but not in allowed_calling_aets" in problems(
+        '[node]\nallowed_calling_aets = ["A"]\n[node.peers]\nB = ["10.0.0.1"]\n')
+    assert 'the network is "10.1.0.0/24"' in problems('[node.peers]\nB = ["10.1.0.5/24"]\n')
+    assert "host names are not accepted" in problems('[node.peers]\nB = ["pacs.example"]\n')
+    peer = '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\n'
+    assert "tls_ca given but tls = false" in problems(peer + 'tls_ca = "ca.crt"\n')
+    assert "give tls_certificate and tls_key together" in problems(
+        peer + 'tls = true\ntls_certificate = "c.crt"\n')
+    assert "an Orthanc is reached over TLS by an https:// url" in problems(
+        '[[destinations]]\nname = "o"\nurl = "http://x"\ntls = true\n')
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(tls + 'ca_file = "ca.crt"\n[node.peers]\nCT1 = ["10.0.0.5", "10.1.0.0/24"]\n'
+                   + peer + 'tls = true\ntls_ca = "/etc/ca.crt"\n')
+    settings = load_settings(cfg, environ={})
+    assert settings.node.tls is not None
+    assert settings.node.tls.certificate == tmp_path / "a.crt"
+    assert settings.node.tls.ca_file == tmp_path / "ca.crt"
+    assert settings.destinations[0].tls_ca == Path("/etc/ca.crt")
+    assert settings.node.peers == {"CT1": ["10.0.0.5/32", "10.1.0.0/24"]}

@@ -82,15 +82,19 @@ def tls_args(destination: Destination, node: NodeSettings) -> TLSArgs | None:
 
 def open_association(ae: AE, destination: Destination, tls: TLSArgs | None,
                      evt_handlers: list[Any] | None = None, **kwargs: Any
-                     ) -> tuple[Association, str]:
+                     ) -> tuple[Association | None, str]:
     """``ae.associate`` with ``destination`` (over TLS when ``tls``), and, when no association
-    results, why in one line naming the peer and what to check ("" when established)."""
+    results, why in one line naming the peer and what to check ("" when established). The
+    association is None when the host name does not resolve."""
     opened: list[bool] = []
     handlers = [*(evt_handlers or []), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))]
     started = time.monotonic()
     assert destination.ae_title is not None and destination.port is not None
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         tls_args=tls, evt_handlers=handlers, **kwargs)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=tls, evt_handlers=handlers, **kwargs)
+    except socket.gaierror as exc:
+        return None, f"cannot resolve host {destination.host} ({exc.strerror}): check the name"
     if assoc.is_established:
         return assoc, ""
     return assoc, _why_not(assoc, ae, destination, tls, bool(opened),
@@ -115,7 +119,8 @@ def _why_not(assoc: Association, ae: AE, d: Destination, tls: TLSArgs | None, op
     timeout = float(ae.connection_timeout or ae.acse_timeout or 30)
     if opened:
         if elapsed >= float(ae.acse_timeout or 30) * 0.95:
-            return f"no association answer from {peer} within {ae.acse_timeout:.0f} s"
+            return (f"no association answer from {peer} within {ae.acse_timeout:.0f} s: is "
+                    f"{d.port} a DICOM port, and is the peer overloaded?")
         if tls:
             return (f"{peer} ended the TLS connection without answering the association: it "
                     "may refuse our client certificate (tls_certificate) or not be a DICOM "
@@ -203,7 +208,7 @@ class PeerDispatcher:
         return deliver(self.name, objects, make_round, self.dispatch, stop,
                        what=f"C-STORE to {self.name} as {self.calling_aet}")
 
-    def _associate(self, contexts: list[Context]) -> tuple[Association, str]:
+    def _associate(self, contexts: list[Context]) -> tuple[Association | None, str]:
         ae = AE(ae_title=self.calling_aet)
         ae.connection_timeout = self.node.acse_timeout_s
         ae.acse_timeout = self.node.acse_timeout_s
@@ -224,7 +229,7 @@ class PeerDispatcher:
         except TLSError as exc:
             log.error("C-STORE to %s: %s", self.name, exc)
             return dict.fromkeys(indices, permanent(str(exc)))
-        if not assoc.is_established:
+        if assoc is None or not assoc.is_established:
             return self._not_established(assoc, why, indices, items)
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
@@ -258,13 +263,13 @@ class PeerDispatcher:
             return transient("no C-STORE response (DIMSE timeout or association aborted)")
         return status_outcome(int(status.Status))
 
-    def _not_established(self, assoc: Association, why: str, indices: list[int],
+    def _not_established(self, assoc: Association | None, why: str, indices: list[int],
                          items: list[Outgoing | None]) -> dict[int, Outcome]:
-        if assoc.is_rejected:
+        if assoc is not None and assoc.is_rejected:
             result = getattr(assoc.acceptor.primitive, "result", None)
             log.warning("%s", why)
             return dict.fromkeys(indices, transient(why) if result == 0x02 else permanent(why))
-        if assoc.rejected_contexts and not assoc.accepted_contexts:
+        if assoc is not None and assoc.rejected_contexts and not assoc.accepted_contexts:
             # pynetdicom aborts when the peer accepts none of the proposed contexts.
             return {i: permanent(_refused_context(items[i])) for i in indices}
         why = f"cannot associate with {self.name} as {self.calling_aet}: {why}"

@@ -70,7 +70,7 @@ class Peer:
                    evt_handlers: list[Any] | None = None) -> Association:
         assoc, why = open_association(ae, self.destination, self._tls, ext_neg=ext_neg,
                                       evt_handlers=evt_handlers)
-        if not assoc.is_established:
+        if assoc is None or not assoc.is_established:
             raise QueryError(f"association with {self.name} failed: {why}")
         return assoc
 
