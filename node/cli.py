@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node import __version__
-from node.config import ENV_CONFIG, ConfigError, Settings, load_settings
+from node.config import ENV_CONFIG, ConfigError, Destination, Settings, load_settings
 
 log = logging.getLogger("node")
 
@@ -34,6 +34,22 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # A logger's filters see only its own records, not its children's: on the one that logs.
+    logging.getLogger("pynetdicom.transport").addFilter(_no_tls_traceback)
+
+
+_CONNECT_FAILED = ("Association request failed: unable to connect", "TCP Initialisation Error")
+
+
+def _no_tls_traceback(record: logging.LogRecord) -> bool:
+    """pynetdicom logs a failed connection in two lines and a TLS one with a traceback too; the
+    node says why in one line of its own (node.dispatch.dimse.open_association, its only
+    requestor), so those go."""
+    import ssl
+
+    if record.exc_info and isinstance(record.exc_info[1], ssl.SSLError):
+        return False
+    return not str(record.msg).startswith(_CONNECT_FAILED)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -66,6 +82,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"synthnode serve: rules {', '.join(rules)} de-identify, but [deid] key is empty: "
               "set SYNTHNODE__DEID__KEY (a long random secret, the same on every machine that "
               "must give the same pseudonyms)", file=sys.stderr)
+        return 2
+    from node.tls import tls_problems
+
+    problems = tls_problems(settings)
+    if problems:
+        for problem in problems:
+            print(f"synthnode serve: {problem}", file=sys.stderr)
         return 2
     return Server(settings, _config_path(args)).run()
 
@@ -238,26 +261,58 @@ def parse_peer(text: str) -> tuple[str, str, int]:
     return m["ae"], m["host"], int(m["port"])
 
 
+def _peer_destination(text: str, settings: Settings, args: argparse.Namespace
+                      ) -> Destination:
+    """``AE@HOST:PORT`` (TLS as the ``--tls*`` options say) or a ``[[destinations]]`` DICOM
+    peer's name (TLS as it is configured); ValueError or KeyError naming the problem."""
+    from node.config import Destination
+
+    if "@" not in text:
+        destination = settings.destination(text)
+        if destination.is_orthanc:
+            raise ValueError(f'"{text}" is an Orthanc (url), not a DICOM peer')
+        return destination
+    from pydantic import ValidationError
+
+    ae_title, host, port = parse_peer(text)
+    files = {"tls_ca": args.tls_ca, "tls_certificate": args.tls_certificate,
+             "tls_key": args.tls_key}
+    try:
+        return Destination(
+            name="command-line", ae_title=ae_title, host=host, port=port,
+            tls=args.tls or any(files.values()),
+            tls_verify_hostname=not args.tls_no_verify_hostname,
+            **{k: v.resolve() if v else None for k, v in files.items()},
+        )
+    except ValidationError as exc:
+        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise ValueError(msg.replace("tls_certificate and tls_key",
+                                     "--tls-certificate and --tls-key")) from None
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
 
+    from node.dispatch.dimse import open_association, tls_args
     from node.receive.contexts import VERIFICATION
+    from node.tls import TLSError
 
     settings = _settings(args)
     configure_logging(settings.log.level)
     try:
-        ae_title, host, port = parse_peer(args.peer)
-    except ValueError as exc:
-        print(f"synthnode echo: {exc}", file=sys.stderr)
+        destination = _peer_destination(args.peer, settings, args)
+        tls = tls_args(destination, settings.node)
+    except (KeyError, ValueError, TLSError) as exc:
+        print(f"synthnode echo: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     ae = AE(ae_title=args.calling_aet or settings.node.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = args.timeout
+    ae.network_timeout = args.timeout
     ae.add_requested_context(VERIFICATION)
     started = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=ae_title)
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        print(f"C-ECHO {args.peer}: association {why}", file=sys.stderr)
+    assoc, why = open_association(ae, destination, tls)
+    if assoc is None or not assoc.is_established:
+        print(f"C-ECHO {args.peer}: {why}", file=sys.stderr)
         return 1
     try:
         status = assoc.send_c_echo()
@@ -268,7 +323,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
     if code != 0:
         print(f"C-ECHO {args.peer}: status {code:#06x}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.peer}: success in {elapsed_ms:.0f} ms")
+    print(f"C-ECHO {args.peer}: success in {elapsed_ms:.0f} ms"
+          + (" over TLS" if tls else ""))
     return 0
 
 
@@ -300,7 +356,6 @@ def send_files(paths: Sequence[Path]) -> tuple[list[Path], int]:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from node.config import Destination
     from node.dispatch import send_to, send_to_peer
 
     settings = _settings(args)
@@ -314,9 +369,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 2
     try:
         if "@" in args.to:
-            ae_title, host, port = parse_peer(args.to)
-            destination = Destination(name="command-line", ae_title=ae_title, host=host,
-                                      port=port)
+            destination = _peer_destination(args.to, settings, args)
             results = send_to_peer(args.files, destination, settings, args.calling_aet)
         else:
             results = send_to(args.files, args.to, settings, args.job, args.task,
@@ -558,6 +611,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DICOM TLS, for AE@HOST:PORT (a [[destinations]] name brings its "
+                             "own tls settings)")
+    g.add_argument("--tls", action="store_true", help="associate over TLS")
+    g.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                   help="CA certificates to trust (default: [node.tls] ca_file, else the "
+                        "system's)")
+    g.add_argument("--tls-certificate", type=Path, default=None, metavar="PEM",
+                   help="our client certificate (default: [node.tls] certificate)")
+    g.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
+                   help="its private key (default: [node.tls] private_key)")
+    g.add_argument("--tls-no-verify-hostname", action="store_true",
+                   help="accept a certificate signed by the CA whatever name it carries")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synthnode",
@@ -624,9 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
-    p.add_argument("peer", help="AE@HOST:PORT")
+    p.add_argument("peer", help="AE@HOST:PORT, or a [[destinations]] DICOM peer's name")
     p.add_argument("--calling-aet", default=None, help="our AE title (default: [node] ae_title)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    _tls_options(p)
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("send", help="send DICOM files and folders to Orthanc or a DICOM peer, "
@@ -643,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="send", help='task name marked in Orthanc (default "send")')
     p.add_argument("--calling-aet", default=None,
                    help="our AE title for C-STORE (default: [node] ae_title)")
+    _tls_options(p)
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser(

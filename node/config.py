@@ -14,6 +14,7 @@ current directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -28,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -49,6 +51,26 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+def _check_network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=True))
+    except ValueError:
+        pass
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f'"{value}" is not an IP address or network (e.g. "10.0.0.5", '
+                         '"10.1.0.0/24", "fd00::/64"); host names are not accepted') from None
+    fixed = ipaddress.ip_network(value.strip(), strict=False)
+    raise ValueError(f'"{value}" has host bits set: the network is "{fixed}"')
+
+
+Network = Annotated[str, AfterValidator(_check_network)]
+"""An IP address or a network in CIDR notation, kept normalised ("10.0.0.5/32")."""
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$|^$"
 
 
 class DuplicatePolicy(StrEnum):
@@ -116,6 +138,46 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TLSVersion(StrEnum):
+    """The oldest TLS version a connection may use (BCP 195, which PS3.15 Annex B follows)."""
+
+    V1_2 = "1.2"
+    """TLS 1.2 and later."""
+
+    V1_3 = "1.3"
+    """TLS 1.3 only."""
+
+
+class NodeTLS(_Section):
+    """``[node.tls]``: DICOM TLS (PS3.15 Annex B secure transport) on its own port; the
+    certificate and key are also what the node shows as a TLS client to peers that ask."""
+
+    port: int = Field(ge=1, le=65535, description="TLS listener; 2762 is IANA's dicom-tls")
+    plain: bool = Field(
+        True, description="also listen without TLS on [node] port; false = TLS only"
+    )
+    certificate: Path = Field(description="PEM: the node's certificate (and chain)")
+    private_key: Path = Field(description="PEM: its private key")
+    key_password_env: str = Field(
+        "", pattern=_ENV_NAME,
+        description="the environment variable holding the key's password (never the file)",
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM: the CA certificates client certificates must chain to"
+    )
+    verify_client: bool = Field(
+        True, description="require a client certificate signed by ca_file (mutual TLS)"
+    )
+    min_version: TLSVersion = TLSVersion.V1_2
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> NodeTLS:
+        if self.verify_client and self.ca_file is None:
+            raise ValueError("verify_client = true needs ca_file (the CA that signs client "
+                             "certificates); or set verify_client = false")
+        return self
+
+
 class NodeSettings(_Section):
     """``[node]``: the DICOM application entity."""
 
@@ -123,6 +185,12 @@ class NodeSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    peers: dict[AETitle, list[Network]] = Field(
+        default_factory=dict,
+        description="calling AE title -> the addresses and networks it may call from; "
+                    "titles not listed may call from anywhere",
+    )
+    tls: NodeTLS | None = None
     max_associations: int = Field(16, ge=1, le=1024)
     max_pdu_bytes: int = Field(
         0, ge=0, description="largest PDU we accept; 0 = no limit (peers send big PDUs, faster)"
@@ -137,6 +205,33 @@ class NodeSettings(_Section):
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="how long SIGTERM waits for in-flight associations"
     )
+
+    @field_validator("peers")
+    @classmethod
+    def _peers_allowed(cls, value: dict[str, list[str]], info: ValidationInfo
+                       ) -> dict[str, list[str]]:
+        allowed = info.data.get("allowed_calling_aets") or []
+        for title, networks in value.items():
+            if not networks:
+                raise ValueError(f"{title}: give at least one address or network")
+            if allowed and title not in allowed:
+                raise ValueError(f"{title} is bound to addresses but not in "
+                                 "allowed_calling_aets, so it could never call: add it there")
+        return value
+
+    @field_validator("tls")
+    @classmethod
+    def _own_port(cls, value: NodeTLS | None, info: ValidationInfo) -> NodeTLS | None:
+        port = info.data.get("port")
+        if value is not None and value.plain and value.port == port:
+            raise ValueError(f"[node.tls] port {port} is also [node] port: give TLS its own "
+                             "port (2762 is usual), or set [node.tls] plain = false")
+        return value
+
+    @property
+    def listens_plain(self) -> bool:
+        """Whether the node listens without TLS on ``port``."""
+        return self.tls is None or self.tls.plain
 
 
 class SpoolSettings(_Section):
@@ -214,8 +309,27 @@ class Destination(_Section):
     url: str = Field("", pattern=r"^(https?://.+)?$", description="an Orthanc's REST API")
     username: str = ""
     password_env: str = Field(
-        "", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$|^$",
+        "", pattern=_ENV_NAME,
         description="the environment variable that holds the REST password (never the file)",
+    )
+    tls: bool = Field(False, description="a DICOM peer: associate over TLS (PS3.15 Annex B)")
+    tls_ca: Path | None = Field(
+        None, description="PEM: CA certificates to trust for the peer's certificate; "
+                          "None = [node.tls] ca_file, else the system's trust store"
+    )
+    tls_certificate: Path | None = Field(
+        None, description="PEM: our client certificate; None = [node.tls] certificate"
+    )
+    tls_key: Path | None = Field(None, description="PEM: its key; None = [node.tls] private_key")
+    tls_key_password_env: str = Field(
+        "", pattern=_ENV_NAME, description="the environment variable holding tls_key's password"
+    )
+    tls_server_name: str = Field(
+        "", description='the name the peer\'s certificate must carry; "" = host'
+    )
+    tls_verify_hostname: bool = Field(
+        True, description="false: trust any name in a certificate signed by tls_ca (for peers "
+                          "reached by an address their certificate does not name)",
     )
 
     @model_validator(mode="after")
@@ -227,6 +341,17 @@ class Destination(_Section):
         if not self.url and not all(peer):
             raise ValueError(f'destination "{self.name}": give url (an Orthanc), or ae_title, '
                              "host and port (a DICOM peer)")
+        tls_keys = [k for k in ("tls_ca", "tls_certificate", "tls_key", "tls_key_password_env",
+                                "tls_server_name") if getattr(self, k)]
+        if self.url and (self.tls or tls_keys):
+            raise ValueError(f'destination "{self.name}": tls settings are for DICOM peers; '
+                             "an Orthanc is reached over TLS by an https:// url")
+        if tls_keys and not self.tls:
+            raise ValueError(f'destination "{self.name}": {", ".join(tls_keys)} given but '
+                             "tls = false: set tls = true")
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError(f'destination "{self.name}": give tls_certificate and tls_key '
+                             "together")
         return self
 
     @property
@@ -864,9 +989,24 @@ def load_settings(
     def resolve(path: Path) -> Path:
         return path if path.is_absolute() else base_dir / path
 
+    def resolve_opt(path: Path | None) -> Path | None:
+        return None if path is None else resolve(path)
+
+    tls = settings.node.tls
+    if tls is not None:
+        tls = tls.model_copy(update={
+            "certificate": resolve(tls.certificate), "private_key": resolve(tls.private_key),
+            "ca_file": resolve_opt(tls.ca_file),
+        })
+    destinations = [d.model_copy(update={
+        "tls_ca": resolve_opt(d.tls_ca), "tls_certificate": resolve_opt(d.tls_certificate),
+        "tls_key": resolve_opt(d.tls_key),
+    }) for d in settings.destinations]
     broker = settings.deid.honest_broker_file
     return settings.model_copy(
         update={
+            "node": settings.node.model_copy(update={"tls": tls}),
+            "destinations": destinations,
             "spool": settings.spool.model_copy(update={"dir": resolve(settings.spool.dir)}),
             "output": settings.output.model_copy(
                 update={"quarantine_dir": resolve(settings.output.quarantine_dir)}

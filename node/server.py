@@ -23,7 +23,7 @@ from typing import Any
 from node import __version__
 from node.config import Settings
 from node.jobs import Queues, Reaper, WorkerPool
-from node.receive.scp import ReceiveCounters, peer_name, start_scp
+from node.receive.scp import NodeServer, ReceiveCounters, peer_name, start_listeners
 from node.route import Router
 from node.spool import Retention, Spool, StabilityMonitor
 
@@ -63,30 +63,32 @@ class Server:
             )
             monitor.start()
             node = self.settings.node
-            server = start_scp(node, spool, self.counters)
-            host, port = server.server_address[:2]
+            servers = start_listeners(node, spool, self.counters)
+            ports = ", ".join(f"{s.server_address[0]}:{s.server_address[1]}"
+                              + (" (TLS)" if s.is_tls else "") for s in servers)
             log.info(
-                "synthnode %s listening as %s on %s:%d, spool %s, %d rules, queues on %s",
-                __version__, node.ae_title, host, port, spool.dir, len(self.settings.rules),
+                "synthnode %s listening as %s on %s, spool %s, %d rules, queues on %s",
+                __version__, node.ae_title, ports, spool.dir, len(self.settings.rules),
                 self.settings.jobs.backend.value,
             )
             try:
                 while not self.should_exit.wait(0.5):
                     pool.check()
             finally:
-                self._shutdown(server, monitor, spool, pool)
+                self._shutdown(servers, monitor, spool, pool)
         finally:
             self._restore_signals()
         return 0
 
-    def _shutdown(self, server: Any, monitor: StabilityMonitor, spool: Spool,
+    def _shutdown(self, servers: list[NodeServer], monitor: StabilityMonitor, spool: Spool,
                   pool: WorkerPool) -> None:
         log.info("shutting down: no new associations")
-        server.shutdown()  # closes the listening socket; accepted associations continue
+        for server in servers:
+            server.shutdown()  # closes the listening socket; accepted associations continue
         deadline = time.monotonic() + self.settings.node.shutdown_timeout_s
-        while server.active_associations and time.monotonic() < deadline:
+        while any(s.active_associations for s in servers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = server.active_associations
+        left = [assoc for s in servers for assoc in s.active_associations]
         for assoc in left:
             log.warning("aborting association from %s at shutdown timeout", peer_name(assoc))
             assoc.abort()

@@ -28,7 +28,7 @@ def test_example_documents_every_key_with_the_defaults() -> None:
         for name, field in annotation.model_fields.items():
             key = field.alias or name
             documented = (key in data[section] or f"# {key} =" in text
-                          or f"# [[{section}.{key}]]" in text)
+                          or f"# [[{section}.{key}]]" in text or f"# [{section}.{key}]" in text)
             assert documented, f"[{section}] {key} is not in the example"
         assert set(data[section]) <= {f.alias or n for n, f in annotation.model_fields.items()}
     loaded = load_settings(EXAMPLE, environ={})

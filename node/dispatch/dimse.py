@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
@@ -30,6 +33,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from node.config import Destination, DispatchSettings, NodeSettings, Settings
 from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
 from node.dispatch.retry import Outcome, RoundFn, permanent, sent, transient
+from node.tls import TLSError, client_context, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,96 @@ def _no_delay(event: evt.Event) -> None:
         log.debug("TCP_NODELAY not set: %s", exc)
 
 
+TLSArgs = tuple[ssl.SSLContext, str]  # (context, server_hostname), as pynetdicom takes them
+
+
+def tls_args(destination: Destination, node: NodeSettings) -> TLSArgs | None:
+    """What ``AE.associate`` needs to reach ``destination`` over TLS; None without TLS.
+    :class:`node.tls.TLSError` naming the file when a certificate or key cannot be used."""
+    return client_context(destination, node) if destination.tls else None
+
+
+def open_association(ae: AE, destination: Destination, tls: TLSArgs | None,
+                     evt_handlers: list[Any] | None = None, **kwargs: Any
+                     ) -> tuple[Association | None, str]:
+    """``ae.associate`` with ``destination`` (over TLS when ``tls``), and, when no association
+    results, why in one line naming the peer and what to check ("" when established). The
+    association is None when the host name does not resolve."""
+    opened: list[bool] = []
+    handlers = [*(evt_handlers or []), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True))]
+    started = time.monotonic()
+    assert destination.ae_title is not None and destination.port is not None
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=tls, evt_handlers=handlers, **kwargs)
+    except socket.gaierror as exc:
+        return None, f"cannot resolve host {destination.host} ({exc.strerror}): check the name"
+    if assoc.is_established:
+        return assoc, ""
+    return assoc, _why_not(assoc, ae, destination, tls, bool(opened),
+                           time.monotonic() - started)
+
+
+def _why_not(assoc: Association, ae: AE, d: Destination, tls: TLSArgs | None, opened: bool,
+             elapsed: float) -> str:
+    where = f"{d.host}:{d.port}"
+    peer = f"{d.ae_title}@{where}"
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        reason = str(getattr(rsp, "reason_str", "?"))
+        why = (f"association rejected by {peer} ({getattr(rsp, 'result_str', '?')}: "
+               f"{reason})")
+        if "Calling AE" in reason:
+            why += (f": does {d.ae_title} know our AE title {ae.ae_title} (and, if it binds "
+                    "titles to addresses, this host's address)?")
+        elif "Called AE" in reason:
+            why += f": is {d.ae_title} the peer's AE title?"
+        return why
+    timeout = float(ae.connection_timeout or ae.acse_timeout or 30)
+    if opened:
+        if elapsed >= float(ae.acse_timeout or 30) * 0.95:
+            return (f"no association answer from {peer} within {ae.acse_timeout:.0f} s: is "
+                    f"{d.port} a DICOM port, and is the peer overloaded?")
+        if tls:
+            return (f"{peer} ended the TLS connection without answering the association: it "
+                    "may refuse our client certificate (tls_certificate) or not be a DICOM "
+                    "TLS port; see the peer's log")
+        return (f"{peer} accepted the connection but ended it without answering the "
+                "association: is it a TLS port (then set tls = true)? See the peer's log")
+    if elapsed >= timeout * 0.95:
+        return (f"no answer from {where} within {timeout:.0f} s: is the host up and the "
+                f"address right, and does a firewall let port {d.port} through?")
+    return _probe(d, tls, timeout)
+
+
+def _probe(d: Destination, tls: TLSArgs | None, timeout: float) -> str:
+    """Connect again, ourselves, to name what failed (pynetdicom keeps the reason to itself)."""
+    where = f"{d.host}:{d.port}"
+    assert d.port is not None
+    try:
+        sock = socket.create_connection((d.host, d.port), timeout=min(timeout, 10.0))
+    except ConnectionRefusedError:
+        return (f"connection refused at {where}: nothing listens there. Is the peer running, "
+                f"and is {d.port} its DICOM{' TLS' if tls else ''} port?")
+    except socket.gaierror as exc:
+        return f"cannot resolve host {d.host} ({exc.strerror}): check the host name"
+    except TimeoutError:
+        return (f"no answer from {where} within {min(timeout, 10.0):.0f} s: is the host up "
+                f"and the address right, and does a firewall let port {d.port} through?")
+    except OSError as exc:
+        return f"cannot connect to {where} ({exc.strerror or type(exc).__name__})"
+    with sock:
+        if tls is None:
+            return f"connection to {where} failed once, then opened: a transient failure"
+        context, hostname = tls
+        try:
+            with context.wrap_socket(sock, server_hostname=hostname):
+                pass
+        except (OSError, ValueError) as exc:
+            return f"TLS handshake with {where} failed: {describe_failure(exc)}"
+    return f"TLS connection to {where} failed once, then opened: a transient failure"
+
+
 class PeerDispatcher:
     """Sends objects to one DICOM peer as ``calling_aet``, retrying as ``[dispatch]`` says;
     timeouts are the node's (``[node] acse_timeout_s``, ``dimse_timeout_s``,
@@ -84,6 +178,7 @@ class PeerDispatcher:
         if not 0 < len(self.calling_aet) <= 16:
             raise ValueError(f'calling AE title "{self.calling_aet}" is not 1 to 16 characters')
         self.name = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        self._tls: TLSArgs | None = None
 
     def send(self, objects: Sequence[ObjectLike],
              stop: threading.Event | None = None) -> list[DispatchResult]:
@@ -113,7 +208,7 @@ class PeerDispatcher:
         return deliver(self.name, objects, make_round, self.dispatch, stop,
                        what=f"C-STORE to {self.name} as {self.calling_aet}")
 
-    def _associate(self, contexts: list[Context]) -> Association:
+    def _associate(self, contexts: list[Context]) -> tuple[Association | None, str]:
         ae = AE(ae_title=self.calling_aet)
         ae.connection_timeout = self.node.acse_timeout_s
         ae.acse_timeout = self.node.acse_timeout_s
@@ -121,16 +216,21 @@ class PeerDispatcher:
         ae.network_timeout = self.node.network_timeout_s
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, [syntax])
-        d = self.destination
-        return ae.associate(d.host, self.port, ae_title=self.ae_title,
-                            evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+        if self.destination.tls and self._tls is None:
+            self._tls = tls_args(self.destination, self.node)
+        return open_association(ae, self.destination, self._tls,
+                                evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
 
     def _association(self, contexts: list[Context], indices: list[int],
                      items: list[Outgoing | None]) -> dict[int, Outcome]:
         """One association: C-STORE the objects at ``indices``."""
-        assoc = self._associate(contexts)
-        if not assoc.is_established:
-            return self._not_established(assoc, indices, items)
+        try:
+            assoc, why = self._associate(contexts)
+        except TLSError as exc:
+            log.error("C-STORE to %s: %s", self.name, exc)
+            return dict.fromkeys(indices, permanent(str(exc)))
+        if assoc is None or not assoc.is_established:
+            return self._not_established(assoc, why, indices, items)
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
         outcomes: dict[int, Outcome] = {}
@@ -163,20 +263,16 @@ class PeerDispatcher:
             return transient("no C-STORE response (DIMSE timeout or association aborted)")
         return status_outcome(int(status.Status))
 
-    def _not_established(self, assoc: Association, indices: list[int],
+    def _not_established(self, assoc: Association | None, why: str, indices: list[int],
                          items: list[Outgoing | None]) -> dict[int, Outcome]:
-        if assoc.is_rejected:
-            rsp = assoc.acceptor.primitive
-            result = getattr(rsp, "result", None)
-            why = (f"association rejected by {self.name} "
-                   f"({getattr(rsp, 'result_str', '?')}: {getattr(rsp, 'reason_str', '?')})")
+        if assoc is not None and assoc.is_rejected:
+            result = getattr(assoc.acceptor.primitive, "result", None)
             log.warning("%s", why)
             return dict.fromkeys(indices, transient(why) if result == 0x02 else permanent(why))
-        if assoc.rejected_contexts and not assoc.accepted_contexts:
+        if assoc is not None and assoc.rejected_contexts and not assoc.accepted_contexts:
             # pynetdicom aborts when the peer accepts none of the proposed contexts.
             return {i: permanent(_refused_context(items[i])) for i in indices}
-        why = (f"cannot associate with {self.name} as {self.calling_aet} "
-               "(connection refused, aborted or timed out)")
+        why = f"cannot associate with {self.name} as {self.calling_aet}: {why}"
         log.warning("%s", why)
         return dict.fromkeys(indices, transient(why))
 

@@ -29,6 +29,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node.config import Destination, NodeSettings
+from node.dispatch.dimse import TLSArgs, open_association, tls_args
+from node.tls import TLSError
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,17 @@ class Peer:
             raise QueryError(f'"{destination.name}" is not a DICOM peer')
         self.ae_title, self.host, self.port = destination.ae_title, destination.host, (
             destination.port)
+        self.destination = destination
         self.node = node
         self.name = f"{self.ae_title}@{self.host}:{self.port}"
+        try:
+            self._tls: TLSArgs | None = tls_args(destination, node)
+        except TLSError as exc:
+            raise QueryError(str(exc)) from None
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.node.ae_title)
+        ae.connection_timeout = self.node.acse_timeout_s
         ae.acse_timeout = self.node.acse_timeout_s
         ae.dimse_timeout = self.node.dimse_timeout_s
         ae.network_timeout = self.node.network_timeout_s
@@ -60,12 +68,10 @@ class Peer:
 
     def _associate(self, ae: AE, ext_neg: list[Any] | None = None,
                    evt_handlers: list[Any] | None = None) -> Association:
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, ext_neg=ext_neg,
-                             evt_handlers=evt_handlers)
-        if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else (
-                "failed (unreachable?)")
-            raise QueryError(f"association with {self.name} {why}")
+        assoc, why = open_association(ae, self.destination, self._tls, ext_neg=ext_neg,
+                                      evt_handlers=evt_handlers)
+        if assoc is None or not assoc.is_established:
+            raise QueryError(f"association with {self.name} failed: {why}")
         return assoc
 
     # -- C-FIND --------------------------------------------------------------------------

@@ -6,17 +6,25 @@ Handlers get their dependencies as extra arguments, return named DIMSE statuses 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
+import ssl
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from threading import Lock
-from typing import cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import NodeSettings
 from node.receive.check import (
@@ -28,6 +36,7 @@ from node.receive.check import (
 from node.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
 from node.receive.tuning import tune_pynetdicom
 from node.spool import InstanceRow, Spool, SpoolError, StoreOutcome
+from node.tls import describe_failure, server_context
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +135,70 @@ def handle_accepted(event: Event, counters: ReceiveCounters) -> None:
     log.debug("association accepted from %s", peer_name(event.assoc))
 
 
-def handle_rejected(event: Event, allowed: list[str]) -> None:
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class CallingPolicy:
+    """Who may associate: ``[node] allowed_calling_aets`` (titles; empty = any) and
+    ``[node] peers`` (a title bound to the addresses and networks it may call from)."""
+
+    allowed: tuple[str, ...] = ()
+    peers: Mapping[str, tuple[IPNetwork, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, settings: NodeSettings) -> CallingPolicy:
+        return cls(tuple(settings.allowed_calling_aets), {
+            title: tuple(ipaddress.ip_network(n) for n in networks)
+            for title, networks in settings.peers.items()})
+
+    def wrong_address(self, title: str, address: str) -> str | None:
+        """Why ``title`` may not call from ``address`` under ``[node] peers``; None if it may."""
+        networks = self.peers.get(title.strip())
+        if networks is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip is not None and any(ip in n for n in networks if n.version == ip.version):
+            return None
+        return (f"calling AE title {title.strip()} is bound in [node] peers to "
+                f"{', '.join(map(str, networks))}, not {address}")
+
+
+class _PeerCheckingACSE(ACSE):
+    """The acceptor's ACSE, refusing a calling AE title bound ([node] peers) to other
+    addresses with A-ASSOCIATE-RJ (rejected permanent, service user, calling AE title not
+    recognised), before anything else is negotiated."""
+
+    def __init__(self, assoc: Association, policy: CallingPolicy) -> None:
+        super().__init__(assoc)
+        self._policy = policy
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = cast(A_ASSOCIATE, self.requestor.primitive)
+        if self._policy.wrong_address(str(rq.calling_ae_title), self.requestor.address):
+            self.requestor.ae_title = rq.calling_ae_title
+            self.send_reject(0x01, 0x01, 0x03)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+def handle_rejected(event: Event, policy: CallingPolicy) -> None:
     assoc = event.assoc
     called = assoc.acceptor.ae_title
+    calling = assoc.requestor.ae_title
     why = "association rejected"
-    if allowed and assoc.requestor.ae_title not in allowed:
+    wrong_address = policy.wrong_address(calling, assoc.requestor.address)
+    if policy.allowed and calling not in policy.allowed:
         why = "calling AE title not in allowed_calling_aets"
+    elif wrong_address:
+        why = wrong_address
     elif assoc.requestor.primitive and assoc.requestor.primitive.called_ae_title != called:
         why = f"called AE title is not {called}"
     log.warning("association from %s rejected: %s", peer_name(assoc), why)
@@ -158,22 +225,112 @@ def build_ae(settings: NodeSettings) -> AE:
     return ae
 
 
-def start_scp(
+class _RequestHandler(RequestHandler):
+    server: NodeServer
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        if self.server.policy.peers:
+            assoc.acse = _PeerCheckingACSE(assoc, self.server.policy)
+        return assoc
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the checks of ``[node] peers`` and, on a TLS port,
+    the TLS handshake done in the connection's own thread (pynetdicom does it in the accepting
+    thread, where one silent client would stall every other): bounded by ``acse_timeout_s``,
+    a failure is one log line naming the peer's address and the reason."""
+
+    def __init__(self, *args: Any, policy: CallingPolicy, handshake_timeout_s: float,
+                 **kwargs: Any) -> None:
+        self.policy = policy
+        self.handshake_timeout_s = handshake_timeout_s
+        kwargs["request_handler"] = _RequestHandler
+        super().__init__(*args, **kwargs)
+
+    @property
+    def is_tls(self) -> bool:
+        return self.ssl_context is not None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, address: tuple[str, int]) -> bool:
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self.handshake_timeout_s)
+            sock.do_handshake()
+            sock.settimeout(previous)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s:%d failed: %s", address[0], address[1],
+                        describe_failure(exc))
+            return False
+        return True
+
+
+def _serve(ae: AE, settings: NodeSettings, port: int, handlers: list[Any],
+           tls: ssl.SSLContext | None) -> NodeServer:
+    server = cast(NodeServer, ae.make_server(
+        (settings.host, port), ssl_context=tls, evt_handlers=handlers,
+        server_class=NodeServer, policy=CallingPolicy.of(settings),
+        handshake_timeout_s=settings.acse_timeout_s,
+    ))
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
+    return server
+
+
+def start_listeners(
     settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None
-) -> ThreadedAssociationServer:
-    """Start listening (non-blocking) and return the server."""
+) -> list[NodeServer]:
+    """Start listening (non-blocking): on ``port`` without TLS unless ``[node.tls] plain =
+    false``, and on ``[node.tls] port`` with TLS. The TLS files are loaded before any port
+    opens (:class:`node.tls.TLSError` naming the file otherwise)."""
+    tls = server_context(settings.tls) if settings.tls is not None else None
     counters = counters or ReceiveCounters()
     tune_pynetdicom(settings.poll_interval_s)
     ae = build_ae(settings)
+    policy = CallingPolicy.of(settings)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, counters]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_accepted, [counters]),
-        (evt.EVT_REJECTED, handle_rejected, [list(settings.allowed_calling_aets)]),
+        (evt.EVT_REJECTED, handle_rejected, [policy]),
         (evt.EVT_ABORTED, handle_aborted),
     ]
-    server = ae.start_server(
-        (settings.host, settings.port), block=False, evt_handlers=handlers  # type: ignore[arg-type]
-    )
-    assert server is not None
-    return server
+    servers = []
+    try:
+        if settings.listens_plain:
+            servers.append(_serve(ae, settings, settings.port, handlers, None))
+        if settings.tls is not None:
+            servers.append(_serve(ae, settings, settings.tls.port, handlers, tls))
+    except BaseException:
+        for server in servers:
+            server.shutdown()
+        raise
+    return servers
+
+
+def start_scp(
+    settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None
+) -> ThreadedAssociationServer:
+    """Start the node's one listener (non-blocking) and return it; with ``[node.tls]`` beside
+    a plain port there are two: use :func:`start_listeners`."""
+    if settings.tls is not None and settings.listens_plain:
+        raise ValueError("[node.tls] with plain = true gives two listeners: "
+                         "use start_listeners")
+    return start_listeners(settings, spool, counters)[0]
