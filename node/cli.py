@@ -63,41 +63,88 @@ def _config_path(args: argparse.Namespace) -> Path | None:
     return Path(env).resolve() if env else None
 
 
-def needs_deid_key(settings: Settings) -> list[str]:
-    """The rules whose tasks de-identify (and so need ``[deid] key``)."""
-    from node.config import TaskKind
-
-    return [r.name for r in settings.rules
-            if any(t.task is TaskKind.DEIDENTIFY or (
-                t.task is not TaskKind.FORWARD and t.deidentified_source) for t in r.tasks)]
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.server import Server
 
     settings = _settings(args)
     configure_logging(settings.log.level)
-    rules = needs_deid_key(settings)
-    if rules and not settings.deid.key:
-        print(f"synthnode serve: rules {', '.join(rules)} de-identify, but [deid] key is empty: "
-              "set SYNTHNODE__DEID__KEY (a long random secret, the same on every machine that "
-              "must give the same pseudonyms)", file=sys.stderr)
-        return 2
-    from node.tls import tls_problems
-
-    problems = tls_problems(settings)
-    if problems:
-        for problem in problems:
-            print(f"synthnode serve: {problem}", file=sys.stderr)
-        return 2
     return Server(settings, _config_path(args)).run()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from node.preflight import preflight
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"FATAL    config: {line}")
+        print("the configuration does not load: fix it first (other checks need it)")
+        return 2
+    where = _config_path(args)
+    print(f"ok       config: {where or 'built-in defaults'} loads")
+    report = preflight(settings)
+    for finding in report.findings:
+        print(finding)
+    print(f"{report.summary()}: " + ("synthnode serve would refuse to start"
+                                     if report.fatal else "synthnode serve can start"))
+    return report.exit_status
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from node.keys import KeyRecord, key_fingerprint, key_problem
+
+    settings = _settings(args)
+    key = settings.deid.key
+    problem = key_problem(key)
+    record = KeyRecord(settings.spool.dir)
+    try:
+        recorded = record.recorded()
+    except ValueError as exc:
+        if args.key_command != "rotate":
+            print(f"synthnode key: {exc}", file=sys.stderr)
+            return 2
+        recorded = None
+    if args.key_command == "fingerprint":
+        if not key:
+            print(f"synthnode key fingerprint: {problem}", file=sys.stderr)
+            return 2
+        current = key_fingerprint(key)
+        print(f"[deid] key fingerprint: {current}" + (f" (WEAK: {problem})" if problem else ""))
+        if recorded is None:
+            print(f"recorded: none yet in {record.path} (the first synthnode serve records it)")
+        elif recorded == current:
+            print(f"recorded: {recorded} in {record.path}: the same key")
+        else:
+            print(f"recorded: {recorded} in {record.path}: a DIFFERENT key; synthnode serve "
+                  "refuses to start until the key is restored or synthnode key rotate is run")
+            return 1
+        return 0
+    # rotate
+    if problem:
+        print(f"synthnode key rotate: {problem}", file=sys.stderr)
+        return 2
+    current = key_fingerprint(key)
+    if recorded == current:
+        print(f"[deid] key fingerprint {current} is already the recorded one: nothing changed")
+        return 0
+    record.record(key)
+    print(f"recorded [deid] key fingerprint {current} in {record.path}"
+          + (f" (was {recorded})" if recorded else "") + ". From now on every patient gets "
+          "the pseudonyms and UIDs of this key: studies de-identified with the previous key "
+          "will not link to new ones, and studies sent again are stored again under new UIDs.")
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from node.jobs import run_worker
+    from node.keys import key_problem
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    if settings.deid.key and (problem := key_problem(settings.deid.key)):
+        print(f"synthnode worker: {problem}", file=sys.stderr)
+        return 2
     return run_worker(settings, args.queue, args.workers, args.nice)
 
 
@@ -641,6 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="receive studies (DICOM SCP), route them into jobs and run "
                                      "the workers ([jobs] cpu_workers, gpu_workers)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="preflight: what serve would meet (config, secrets, key, "
+                       "ports, disk, queues, destinations, dciodvfy, model); exit 0 when "
+                       "nothing is fatal, 1 when something is, 2 when the config does not load")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("key", help="the [deid] key's fingerprint, kept in the spool folder")
+    key_sub = p.add_subparsers(dest="key_command", required=True, metavar="SUBCOMMAND")
+    q = key_sub.add_parser("fingerprint", help="the key's fingerprint and the recorded one")
+    q.set_defaults(func=cmd_key)
+    q = key_sub.add_parser("rotate", help="record the current key's fingerprint: accept a new "
+                           "key (every patient then gets new pseudonyms and UIDs)")
+    q.set_defaults(func=cmd_key)
 
     p = sub.add_parser("demo", help="the whole product on the embedded default: a private "
                        "Orthanc, the node, sample studies in, what arrived out")

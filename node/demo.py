@@ -82,6 +82,19 @@ def _report(orthanc: OrthancProcess) -> list[str]:
     return lines
 
 
+def _demo_key(work: Path) -> str:
+    """The demo's [deid] key: random, kept in ``work`` (mode 0600) so that a second run in the
+    same folder gives the same pseudonyms and meets the fingerprint the first one recorded."""
+    path = work / "deid.key"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    return key
+
+
 def run_demo(workdir: Path | None = None, timeout_s: float = 300.0) -> int:
     """Run the demonstration; 0 when every output arrived, 1 otherwise."""
     try:
@@ -111,8 +124,7 @@ def run_demo(workdir: Path | None = None, timeout_s: float = 300.0) -> int:
             f'cache_dir = "{models}"\nsteps = 10\n[jobs]\nheartbeat_timeout_s = 10.0\n'
         )
         env = dict(os.environ, SYNTHNODE__ORTHANC__PASSWORD=orthanc.password,
-                   # A key for this run only: its pseudonyms mean nothing after it.
-                   SYNTHNODE__DEID__KEY=secrets.token_hex(32))
+                   SYNTHNODE__DEID__KEY=_demo_key(work))
         settings = load_settings(config, environ=env)
         _say(f"2. starting synthnode serve on port {port} with the tiny UNTRAINED model "
              f"and the default rules: {', '.join(r.name for r in settings.rules)}")

@@ -1,8 +1,9 @@
 """``synthnode serve``: start-up, main loop and graceful shutdown (the uvicorn Server shape).
 
-Start-up: recover the spool (before any port opens), start the worker processes
-(``[jobs] cpu_workers``, ``gpu_workers``), the job scheduler and the stability monitor (stable
-studies -> rules -> jobs), listen.
+Start-up: the preflight (:mod:`node.preflight`; a fatal problem stops the start here), recover
+the spool (before any port opens), start the worker processes (``[jobs] cpu_workers``,
+``gpu_workers``), the job scheduler and the stability monitor (stable studies -> rules -> jobs),
+listen.
 Shutdown on SIGTERM/SIGINT: stop accepting associations, let in-flight ones finish (up to
 ``shutdown_timeout_s``, then abort them: nothing unacknowledged is lost, the peer resends),
 stop the monitor and the scheduler, let workers finish the job in hand (up to
@@ -23,6 +24,7 @@ from typing import Any
 from node import __version__
 from node.config import Settings
 from node.jobs import Queues, Reaper, WorkerPool
+from node.preflight import startup_check
 from node.receive.scp import NodeServer, ReceiveCounters, peer_name, start_listeners
 from node.route import Router
 from node.spool import Retention, Spool, StabilityMonitor
@@ -43,7 +45,10 @@ class Server:
         self._saved: dict[int, Any] = {}
 
     def run(self) -> int:
-        """Serve until a signal asks us to stop; return the process exit status."""
+        """Serve until a signal asks us to stop; return the process exit status (2 when the
+        preflight finds a fatal problem: nothing started)."""
+        if not startup_check(self.settings):
+            return 2
         self._capture_signals()
         try:
             spool = Spool(self.settings.spool)

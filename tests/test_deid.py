@@ -16,7 +16,8 @@ from node.deid import DeidentificationError, Deidentifier
 from node.dicom import validate_file
 from tests.nodeproc import make_study
 
-KEY = "test-key-" + "0" * 32
+KEY = "test-key-Vq7Rk2LmZ9xW4pTn8sYc3bHf6jGd1aEu"
+OTHER_KEY = "other-key-Ms4Nq8Wz2Lr6Tx0Pb5Kv9Hc3Jy7Fd1Ag"
 MODIFIED = [DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES]
 
 
@@ -56,7 +57,7 @@ def test_runs_repeat_uids_and_pseudonyms_and_keys_differ(tmp_path: Path) -> None
     files = linked_study(tmp_path / "in")
     a = [dcmread(p) for p in deidentify_files(files, tmp_path / "a", engine())]
     b = [dcmread(p) for p in deidentify_files(files, tmp_path / "b", engine())]
-    c = [dcmread(p) for p in deidentify_files(files, tmp_path / "c", engine(key="other" * 8))]
+    c = [dcmread(p) for p in deidentify_files(files, tmp_path / "c", engine(key=OTHER_KEY))]
     for x, y, z in zip(a, b, c, strict=True):
         assert (x.SOPInstanceUID, x.StudyInstanceUID, x.PatientID, x.PatientName) == (
             y.SOPInstanceUID, y.StudyInstanceUID, y.PatientID, y.PatientName)

@@ -15,7 +15,7 @@ from node.dicom import validate_file
 from tests.nodeproc import SYNTHNODE, make_study, sample_file, write_config
 from tests.phi_corpus import make_planted_sr, make_planted_study
 
-KEY = "k" * 40
+KEY = "cli-key-Rw3Jt8Zq1Mv6Xp0Ln5Hb9Ks2Gd7Fy4Ce"
 
 
 def deidentify(

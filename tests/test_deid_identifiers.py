@@ -18,7 +18,7 @@ from node.config import DeidOption, DeidOutput, DeidSettings, OutputSettings
 from node.deid import Deidentifier, Quarantined
 from node.deid.batch import deidentify_to_bytes
 
-KEY = "text-key-" + "0" * 32
+KEY = "text-key-Pd5Wq1Zr8Ln3Xv7Jb0Ks4Hm9Gt2Fy6Ce"
 
 
 def engine(*options: DeidOption) -> Deidentifier:

@@ -32,7 +32,7 @@ from node.deid.pixels import (
 from node.dicom import validate_file
 from tests.nodeproc import frames_of, sample_file
 
-KEY = "k" * 32
+KEY = "pixel-key-Hn4Vb8Zq2Lr6Tx1Pm5Kw9Jc3Gy7Fd0Ae"
 BOX = (10, 20, 30, 15)  # x (column), y (row), width, height
 
 

@@ -47,6 +47,7 @@ SPECIAL = {0x00100010, 0x00100020}  # Patient Name and ID: pseudonyms, checked e
 # A sequence that is not in the table: its items are cleaned but it is kept.
 CARRIER = 0x00540220  # View Code Sequence
 SAFE_CREATOR = "SAFE PRIVATE 1.0"
+KEY = "table-key-Zx5Qw1Lr8Mn3Vb7Jk0Tp4Hs9Gd2Fy6Ce"
 # The group-pattern rows, as one concrete attribute each (tag, VR).
 PATTERNS = {
     "50xxxxxx": (0x50003000, "OB"),  # Curve Data
@@ -169,7 +170,7 @@ OPTION_SETS = {
 
 
 def engine_for(options: set[DeidOption]) -> Deidentifier:
-    return Deidentifier(DeidSettings(key="x" * 32, options=sorted(options),
+    return Deidentifier(DeidSettings(key=KEY, options=sorted(options),
                                      safe_private=[f"{SAFE_CREATOR}:0009,10"]), OutputSettings())
 
 

@@ -21,7 +21,7 @@ from node.pixeldata import decode_frames, store_frames
 from tests import ocr
 from tests.text_corpus import Case, Expect, build_corpus, text_mask
 
-KEY = "k" * 32
+KEY = "text-key-Bq6Wm2Zr9Ln4Xv8Jt1Ks5Hp0Gd3Fy7Ce"
 CHANGED = 0.98
 """Share of a planted string's stroke pixels that must differ in the output."""
 

@@ -21,6 +21,8 @@ from node.generate.pixels import display_frames, to_output
 from node.generate.tasks import Generation, Request, deid_inpainter, prompt_for, synthesize
 from tests.nodeproc import SYNTHNODE, sample_file, write_config
 
+KEY = "generate-key-Wt3Qz8Lm1Rv6Xn0Pb5Kj9Hc2Gs7Fy4De"
+
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
@@ -154,7 +156,7 @@ def test_prompt_templates_and_bad_requests() -> None:
 def test_deidentification_inpaints_burned_in_text(generation: Generation) -> None:
     us = source("US1_UNCR.dcm")
     rule = PixelRule(name="test us", regions=[(0, 0, 120, 40)], fill="inpaint")
-    deid = Deidentifier(DeidSettings(key="k" * 32, pixel_rules=[rule], detect_text=False),
+    deid = Deidentifier(DeidSettings(key=KEY, pixel_rules=[rule], detect_text=False),
                         OutputSettings(), inpainter=deid_inpainter(generation))
     out = deid.deidentify(us)
     before, after = us.pixel_array, out.pixel_array
@@ -231,7 +233,7 @@ def test_cli_polygon_and_deidentify_with_inpainting(settings: Settings, tmp_path
         [*SYNTHNODE, "--config", str(cfg), "deidentify", str(us), "--out",
          str(tmp_path / "deid"), "--workers", "1", "--quiet"],
         capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, SYNTHNODE__DEID__KEY="k" * 32),
+        env=dict(os.environ, SYNTHNODE__DEID__KEY=KEY),
     )
     assert res.returncode == 0, res.stdout + res.stderr
     (written,) = (tmp_path / "deid").rglob("*.dcm")
@@ -269,7 +271,6 @@ TASK_ARGS = {
     "img2img": ["--strength", "0.5"], "inpaint": ["--region", "20,30,40,24"],
     "outpaint": ["--margin", "8"], "text2img": [],
 }
-KEY = "test-only-generate-key-0123456789"
 
 
 def planted_source(path: Path) -> list[str]:

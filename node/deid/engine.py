@@ -70,6 +70,7 @@ from node.deid.pixels import (
 from node.deid.profile import CODE, Profile, iod_type
 from node.deid.text import shared_finder
 from node.dicom import Deidentification, TemporalInformation, mark_deidentified
+from node.keys import key_problem
 from node.uids import derive_uid
 
 PATIENT_NAME = 0x00100010
@@ -168,11 +169,9 @@ class Deidentifier:
         self, settings: DeidSettings, output: OutputSettings, type_of: TypeOf = iod_type,
         inpainter: Inpainter | None = None,
     ) -> None:
-        if not settings.key:
-            raise DeidentificationError(
-                "[deid] key is empty: set SYNTHNODE__DEID__KEY (a long random secret, the same "
-                "on every machine that must produce the same pseudonyms)"
-            )
+        problem = key_problem(settings.key)
+        if problem:
+            raise DeidentificationError(problem)
         self.settings = settings
         self.output = output
         self.options = frozenset(settings.options)
