@@ -281,3 +281,58 @@ def test_backfill_from_a_pacs_by_cfind_and_cget(
         assert "0 queued, 2 done before" in again.stdout and research.count_instances() == 4
     finally:
         clinical.stop(kill=True)
+
+
+def test_backfill_from_a_pacs_skips_the_nodes_own_outputs(
+    node_factory, tmp_path: Path, research: OrthancProcess
+) -> None:
+    """C-FIND answers cannot show the node's mark, so a PACS holding the node's outputs gets a
+    job queued for them; the worker recognises every instance as the node's own output, notes
+    it and delivers nothing, while the clinical study beside it is mirrored."""
+    clinical = OrthancProcess(tmp_path / "pacs", aet="PACS", password=research.password)
+    day = datetime.date(2022, 6, 9)
+    source = dated(make_study(tmp_path / "clinical", series=1, per_series=2,
+                              patient_id="MRN-78"), day)
+    peer = (f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+            f"port = {clinical.dicom_port}\n")
+    rules = mirror_rules(research).replace('[rules.match]\nsource = ["orthanc", "backfill"]\n',
+                                           "")
+    node = jobs_node(node_factory, tmp_path, None, rules=peer + rules)
+    # The node's own outputs, made from another study; dates kept (shifted) so that the
+    # backfill's date-range C-FIND finds them.
+    other = dated(make_study(tmp_path / "other", series=1, per_series=2, patient_id="MRN-79"),
+                  day)
+    made = subprocess.run([*SYNTHNODE, "--config", str(node.config), "deidentify", *map(str, other),
+                           "--out", str(tmp_path / "own"), "--workers", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env={
+                              **os.environ, "SYNTHNODE__DEID__OPTIONS": OPTIONS})
+    assert made.returncode == 0, made.stdout + made.stderr
+    own = sorted((tmp_path / "own").rglob("*.dcm"))
+    assert len(own) == 2
+    clinical.config["DicomModalities"] = {"synthnode": {
+        "AET": "SYNTHNODE", "Host": "127.0.0.1", "Port": node.port, "AllowFind": True,
+        "AllowGet": True}}
+    clinical.start()
+    try:
+        upload(clinical, source)
+        upload(clinical, own)
+        backfill = [*SYNTHNODE, "--config", str(node.config), "mirror", "backfill", "--from",
+                    "pacs", "--since", "2020-01-01", "--quiet"]  # shifted dates included
+        done = subprocess.run(backfill, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "2 studies from pacs: 2 queued" in done.stdout
+        wait_for(all_done(node, 2), what="both backfilled studies' jobs done")
+        jobs = {j.study_uid: j for j in records(node)}
+        own_study = str(dcmread(own[0], stop_before_pixels=True).StudyInstanceUID)
+        skipped = jobs[own_study]
+        assert skipped.outputs == 0
+        assert [n for n in skipped.notes if "own output, not processed again" in n] != []
+        assert len([n for n in skipped.notes if "own output" in n]) == 2
+        mirrored = jobs[str(dcmread(source[0], stop_before_pixels=True).StudyInstanceUID)]
+        assert mirrored.outputs == 2 and not mirrored.notes
+        # Only the clinical study's two outputs reach the research archive.
+        assert research.count_instances() == 2
+        sent = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in own}
+        assert not sent & {t["SOPInstanceUID"] for t in research_tags(research)}
+    finally:
+        clinical.stop(kill=True)
