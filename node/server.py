@@ -1,8 +1,10 @@
 """``synthnode serve``: start-up, main loop and graceful shutdown (the uvicorn Server shape).
 
-Start-up: recover the spool (before any port opens), start the worker processes
-(``[jobs] cpu_workers``, ``gpu_workers``), the job scheduler and the stability monitor (stable
-studies -> rules -> jobs), listen.
+Start-up: lock the spool (one node per spool; a second ``serve`` stops at once), kill workers a
+previous run left alive, recover the spool (before any port opens), listen (a port in use stops
+the start here, before any worker exists), then start the worker processes (``[jobs]
+cpu_workers``, ``gpu_workers``), the job scheduler and the stability monitor (stable studies ->
+rules -> jobs). Fatal start problems print one line naming the fix and return 2.
 Shutdown on SIGTERM/SIGINT: stop accepting associations, let in-flight ones finish (up to
 ``shutdown_timeout_s``, then abort them: nothing unacknowledged is lost, the peer resends),
 stop the monitor and the scheduler, let workers finish the job in hand (up to
@@ -12,8 +14,10 @@ index, return 0.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,15 +25,34 @@ from types import FrameType
 from typing import Any
 
 from node import __version__
-from node.config import Settings
+from node.config import NodeSettings, Settings
 from node.jobs import Queues, Reaper, WorkerPool
+from node.jobs.worker import WORKERS_NAME, kill_leftovers
 from node.receive.scp import ReceiveCounters, peer_name, start_scp
 from node.route import Router
-from node.spool import Retention, Spool, StabilityMonitor
+from node.spool import Retention, Spool, SpoolInUse, SpoolLock, StabilityMonitor
 
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StartError(Exception):
+    """A problem that stops ``serve`` before it starts; the message names the fix."""
+
+
+def _listen_error(node: NodeSettings, exc: OSError) -> StartError | None:
+    where = f"port {node.port} on {node.host}"
+    if exc.errno == errno.EADDRINUSE:
+        return StartError(f"{where} is in use (another DICOM server?): stop it or set "
+                          "[node] port")
+    if exc.errno == errno.EACCES:
+        return StartError(f"{where}: permission denied (ports below 1024 need root or "
+                          "CAP_NET_BIND_SERVICE): set [node] port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartError(f"{where}: {node.host} is not an address of this machine: set "
+                          "[node] host")
+    return None
 
 
 class Server:
@@ -45,38 +68,63 @@ class Server:
     def run(self) -> int:
         """Serve until a signal asks us to stop; return the process exit status."""
         self._capture_signals()
+        lock = SpoolLock(self.settings.spool.dir)
         try:
-            spool = Spool(self.settings.spool)
-            removed, added = spool.recover()
-            if removed or added:
-                log.info(
-                    "spool recovered: %d partial files removed, %d instances re-indexed",
-                    removed, added,
-                )
-            queues = Queues(self.settings.jobs)
-            pool = WorkerPool(self.settings, self.config)
-            pool.start()
-            monitor = StabilityMonitor(
-                spool, Router(self.settings, queues).on_stable,
-                also=(Reaper(self.settings.jobs, queues).tick,
-                      Retention(spool, queues.store).tick),
+            return self._run(lock)
+        except StartError as exc:
+            print(f"synthnode serve: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            lock.release()
+            self._restore_signals()
+
+    def _run(self, lock: SpoolLock) -> int:
+        # 1. One node per spool, and nothing of a previous run left taking jobs.
+        try:
+            lock.acquire()
+        except SpoolInUse as exc:
+            raise StartError(str(exc)) from None
+        record = lock.dir / WORKERS_NAME
+        kill_leftovers(record, self.config)
+        # 2. Recover the spool before any port opens.
+        spool = Spool(self.settings.spool)
+        removed, added = spool.recover()
+        if removed or added:
+            log.info(
+                "spool recovered: %d partial files removed, %d instances re-indexed",
+                removed, added,
             )
-            monitor.start()
-            node = self.settings.node
+        # 3. Listen before any worker starts: a port in use stops the start here.
+        node = self.settings.node
+        try:
             server = start_scp(node, spool, self.counters)
+        except OSError as exc:
+            spool.close()
+            error = _listen_error(node, exc)
+            if error is None:
+                raise
+            raise error from None
+        # 4. Workers, scheduler and the stability monitor.
+        queues = Queues(self.settings.jobs)
+        pool = WorkerPool(self.settings, self.config, record)
+        monitor = StabilityMonitor(
+            spool, Router(self.settings, queues).on_stable,
+            also=(Reaper(self.settings.jobs, queues).tick,
+                  Retention(spool, queues.store).tick),
+        )
+        try:
+            pool.start()
+            monitor.start()
             host, port = server.server_address[:2]
             log.info(
                 "synthnode %s listening as %s on %s:%d, spool %s, %d rules, queues on %s",
                 __version__, node.ae_title, host, port, spool.dir, len(self.settings.rules),
                 self.settings.jobs.backend.value,
             )
-            try:
-                while not self.should_exit.wait(0.5):
-                    pool.check()
-            finally:
-                self._shutdown(server, monitor, spool, pool)
+            while not self.should_exit.wait(0.5):
+                pool.check()
         finally:
-            self._restore_signals()
+            self._shutdown(server, monitor, spool, pool)
         return 0
 
     def _shutdown(self, server: Any, monitor: StabilityMonitor, spool: Spool,
