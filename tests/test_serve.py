@@ -91,6 +91,8 @@ def test_kill9_of_serve_ends_its_workers_and_the_job_in_hand_is_retried(
     assert job.attempts == 2 and job.outputs == len(files)
     assert "stopped (no heartbeat" in node.log()
     assert orthanc.count_instances() == len(files)  # deterministic UIDs: nothing twice
+    node.stop()
+    assert "Fatal Python error" not in node.log() and "Traceback" not in node.log()
 
 
 def test_parent_death_signal_alone_ends_a_worker(tmp_path: Path) -> None:

@@ -55,8 +55,10 @@ def _die_with_parent(parent: int) -> bool:
         return False
 
     def watch() -> None:
+        # The bare descriptor, not sys.stdin: a thread blocked in a buffered read holds its
+        # lock, and the interpreter's shutdown (a normal stop) would abort on it.
         try:
-            while sys.stdin.buffer.read(65536):
+            while os.read(0, 65536):
                 pass
         except OSError:
             pass
