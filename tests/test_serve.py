@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from node.jobs import JobState
 from node.jobs.worker import PARENT_GONE, WORKERS_NAME, process_start
 from node.localorthanc import OrthancProcess, free_port
 from tests.nodeproc import SYNTHNODE, NodeProcess, echo, make_study, storescu, write_config
@@ -75,7 +76,7 @@ def test_kill9_of_serve_ends_its_workers_and_the_job_in_hand_is_retried(
 
     def half_delivered() -> bool:
         jobs = records(node)
-        return bool(jobs) and jobs[0].state.value == "running" and (
+        return bool(jobs) and jobs[0].state is JobState.RUNNING and (
             orthanc.count_instances() >= 10)
     wait_for(half_delivered, what="a job half delivered")
     node.kill9()
@@ -194,7 +195,7 @@ def test_leftover_worker_of_a_previous_serve_is_killed_on_start(tmp_path: Path) 
 
 def _serve(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SYNTHNODE, "--config", str(config), "serve"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=60)
 
 
 def test_second_serve_on_the_same_spool_stops_at_once(node_factory, tmp_path: Path) -> None:
