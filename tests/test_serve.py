@@ -81,7 +81,7 @@ def test_kill9_of_serve_ends_its_workers_and_the_job_in_hand_is_retried(
     wait_for(half_delivered, what="a job half delivered")
     node.kill9()
     assert orthanc.count_instances() < len(files), "the job finished before the kill"
-    wait_for(lambda: not any(alive(p, s) for p, s in workers.items()), 30,
+    wait_for(lambda: not any(alive(p, s) for p, s in workers.items()), 60,
              "the workers of the killed serve to end")
     assert node.log().count("is gone: worker pid") >= 1
 
@@ -118,7 +118,7 @@ def test_parent_death_signal_alone_ends_a_worker(tmp_path: Path) -> None:
         assert alive(pid, start)
         parent.kill()
         parent.wait(10)
-        wait_for(lambda: not alive(pid, start), 30, "the worker to end with its parent")
+        wait_for(lambda: not alive(pid, start), 60, "the worker to end with its parent")
         assert "Received SIGTERM" in log.read_text() or "SIGTERM" in log.read_text()
     finally:
         parent.kill()
@@ -142,7 +142,7 @@ def test_serve_pipe_alone_ends_a_worker(tmp_path: Path) -> None:
                 break
         assert worker.poll() is None
         worker.stdin.close()
-        assert worker.wait(30) == PARENT_GONE
+        assert worker.wait(60) == PARENT_GONE
         assert f"serve pid {os.getpid()} is gone" in worker.stdout.read()
     finally:
         if worker.poll() is None:
@@ -180,7 +180,7 @@ def test_leftover_worker_of_a_previous_serve_is_killed_on_start(tmp_path: Path) 
         (tmp_path / "spool" / WORKERS_NAME).write_text(json.dumps({
             "serve": 4194301, "workers": [{"pid": p, "start": s} for p, s in starts.items()]}))
         node.start()
-        assert leftover.wait(30) == -signal.SIGKILL
+        assert leftover.wait(60) == -signal.SIGKILL
         assert (f"worker pid {leftover.pid} of a previous serve (pid 4194301) is still "
                 "running: killed") in node.log()
         assert bystander.poll() is None  # not a node worker: never touched

@@ -194,7 +194,7 @@ def test_soak_kill9_and_restarts_lose_nothing_duplicate_nothing(
         node.kill9()
         kills += 1
         # No orphans: the killed serve's workers end with it.
-        wait_for(lambda w=workers: not any(alive(p, s) for p, s in w.items()), 30,
+        wait_for(lambda w=workers: not any(alive(p, s) for p, s in w.items()), 60,
                  "the workers of the killed serve to end")
         node.start(timeout_s=60)
         restarts += 1
