@@ -145,7 +145,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.deid.key and (problem := key_problem(settings.deid.key)):
         print(f"synthnode worker: {problem}", file=sys.stderr)
         return 2
-    return run_worker(settings, args.queue, args.workers, args.nice)
+    return run_worker(settings, args.queue, args.workers, args.nice, parent=args.parent)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -715,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="jobs at once (processes when > 1; default 1)")
     p.add_argument("--nice", type=int, default=0, help="add this much niceness (default 0)")
+    p.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # serve's pid
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("mirror", help="mirror a clinical archive, de-identified, into a "

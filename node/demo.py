@@ -7,8 +7,12 @@
    this run only;
 4. sample studies (a CT and a CR from pydicom's test data, under a made-up patient) sent with
    dcmtk's storescu;
-5. wait until every job is done, print what arrived in Orthanc (series, counts, the tags that
-   mark them), then stop the node and Orthanc.
+5. wait until every job of these studies is done, print what arrived in Orthanc (series,
+   counts, the tags that mark them), then stop the node and Orthanc.
+
+``--workdir DIR`` keeps everything; run again on the same folder, the demo first clears what
+the previous run left there (its spool, queue, outputs, Orthanc storage, samples and log; the
+model cache stays), so each run shows its own jobs only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from node.samples import make_study
 
 SAMPLES = (("CT_small.dcm", 4), ("RG1_UNCR.dcm", 1))  # (pydicom test file, instances)
 DEMO_PATIENT = ("DEMO^PATIENT", "DEMO-0001")
+PREVIOUS_RUN = ("spool", "var", "samples", "orthanc/storage", "orthanc/index", "node.log")
+"""What a demo run leaves in its workdir besides the model cache (relative to the workdir)."""
 
 
 def _say(text: str) -> None:
@@ -47,6 +53,21 @@ def _samples(folder: Path) -> list[list[Path]]:
         except FileNotFoundError:  # RG1_UNCR comes with pydicom-data (.ci/setup installs it)
             _say(f"  (sample {name} not installed: skipped)")
     return studies
+
+
+def _clear_previous_run(work: Path) -> bool:
+    """Remove what an earlier run left in ``work`` (only the paths a run makes); whether there
+    was any."""
+    found = False
+    for name in PREVIOUS_RUN:
+        path = work / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            found = True
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+            found = True
+    return found
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -108,6 +129,8 @@ def run_demo(workdir: Path | None = None, timeout_s: float = 300.0) -> int:
     os.environ["TCP_NODELAY"] = "1"
     _say(f"synthnode demo in {work} (private network namespace: nothing is reachable from "
          "outside)")
+    if keep and _clear_previous_run(work):
+        _say("   (cleared what the previous demo run left there; the model cache stays)")
     orthanc = OrthancProcess(work / "orthanc", password=secrets.token_urlsafe(16))
     node: subprocess.Popen[bytes] | None = None
     node_log = work / "node.log"
@@ -138,6 +161,9 @@ def run_demo(workdir: Path | None = None, timeout_s: float = 300.0) -> int:
         samples.mkdir(exist_ok=True)
         studies = _samples(samples)
         files = [p for s in studies for p in s]
+        from pydicom import dcmread
+
+        ours = {str(dcmread(s[0], stop_before_pixels=True).StudyInstanceUID) for s in studies}
         _say(f"3. sending {len(studies)} sample studies ({len(files)} instances, patient "
              f"{DEMO_PATIENT[0]}) with dcmtk storescu")
         sent = subprocess.run([dcmtk("storescu"), "-aec", "SYNTHNODE", "127.0.0.1", str(port),
@@ -148,27 +174,30 @@ def run_demo(workdir: Path | None = None, timeout_s: float = 300.0) -> int:
             return 1
 
         _say("4. waiting for the jobs (de-identification, then generation on the CR)")
-        from node.jobs import JobState, Queues
+        from node.jobs import Job, JobState, Queues
         from node.spool.index import Index, StudyState
         from node.spool.spool import INDEX_NAME
 
         queues = Queues(settings.jobs)
         started = time.monotonic()
 
+        def this_run() -> list[Job]:
+            return [j for j in queues.store.all() if j.study_uid in ours]
+
         def finished() -> bool:
-            jobs = queues.store.all()
+            jobs = this_run()
             dead = [j for j in jobs if j.state is JobState.DEAD]
             if dead:
                 raise RuntimeError(f"job {dead[0].id} failed: {dead[0].last_error}")
             index = Index(settings.spool.dir / INDEX_NAME)
             try:
-                done = [s for s in index.summaries() if s.state is StudyState.DONE]
+                done = {s.study_uid for s in index.summaries() if s.state is StudyState.DONE}
             finally:
                 index.close()
-            return len(done) == len(studies) and all(j.state is JobState.DONE for j in jobs)
+            return ours <= done and all(j.state is JobState.DONE for j in jobs)
 
         _wait(finished, timeout_s, "the jobs did not finish (see node.log)")
-        jobs = queues.store.all()
+        jobs = this_run()
         _say(f"   {len(jobs)} jobs done in {time.monotonic() - started:.1f} s: " + ", ".join(
             f"{j.task['task']} ({j.outputs} outputs)" for j in jobs))
         _say("5. what arrived in Orthanc:")

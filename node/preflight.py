@@ -512,14 +512,16 @@ def check_model(settings: Settings, hub_cached: Callable[[str], bool] = _hub_cac
 # -- all ---------------------------------------------------------------------------------------
 
 
-def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> Report:
-    """Every check, in the order of the module docstring."""
+def preflight(settings: Settings, environ: Mapping[str, str] | None = None,
+              ports: bool = True) -> Report:
+    """Every check, in the order of the module docstring (``ports=False``: all but the
+    listening ports)."""
     env = os.environ if environ is None else environ
     report = Report()
     for check in (
         lambda: check_key(settings),
         lambda: check_secrets(settings, env),
-        lambda: check_ports(listen_addresses(settings)),
+        lambda: check_ports(listen_addresses(settings) if ports else []),
         lambda: check_tls(settings),
         lambda: check_folders(settings),
         lambda: check_queue(settings),
@@ -531,10 +533,11 @@ def preflight(settings: Settings, environ: Mapping[str, str] | None = None) -> R
     return report
 
 
-def startup_check(settings: Settings) -> bool:
+def startup_check(settings: Settings, ports: bool = True) -> bool:
     """``serve``'s preflight: log warnings and fatal findings; False when a fatal one stops the
-    start. When it passes and a rule de-identifies, record the key's fingerprint if none is."""
-    report = preflight(settings)
+    start. When it passes and a rule de-identifies, record the key's fingerprint if none is.
+    ``ports=False`` leaves the listening ports to the caller (``serve`` binds them itself)."""
+    report = preflight(settings, ports=ports)
     for finding in report.warnings:
         log.warning("preflight: %s", finding)
     for finding in report.fatal:

@@ -1,9 +1,11 @@
 """``synthnode serve``: start-up, main loop and graceful shutdown (the uvicorn Server shape).
 
-Start-up: the preflight (:mod:`node.preflight`; a fatal problem stops the start here), recover
-the spool (before any port opens), start the worker processes (``[jobs] cpu_workers``,
-``gpu_workers``), the job scheduler and the stability monitor (stable studies -> rules -> jobs),
-listen.
+Start-up: lock the spool (one node per spool; a second ``serve`` stops at once), the preflight
+(:mod:`node.preflight`; a fatal problem stops the start here, before anything runs), kill
+workers a previous run left alive, recover the spool (before any port opens), listen (a port in
+use stops the start here, before any worker exists), then start the worker processes (``[jobs]
+cpu_workers``, ``gpu_workers``), the job scheduler and the stability monitor (stable studies ->
+rules -> jobs). Fatal start problems print one line naming the fix and return 2.
 Shutdown on SIGTERM/SIGINT: stop accepting associations, let in-flight ones finish (up to
 ``shutdown_timeout_s``, then abort them: nothing unacknowledged is lost, the peer resends),
 stop the monitor and the scheduler, let workers finish the job in hand (up to
@@ -13,8 +15,10 @@ index, return 0.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,14 +28,41 @@ from typing import Any
 from node import __version__
 from node.config import Settings
 from node.jobs import Queues, Reaper, WorkerPool
+from node.jobs.worker import WORKERS_NAME, kill_leftovers
 from node.preflight import startup_check
-from node.receive.scp import NodeServer, ReceiveCounters, peer_name, start_listeners
+from node.receive.scp import (
+    ListenError,
+    NodeServer,
+    ReceiveCounters,
+    peer_name,
+    start_listeners,
+)
 from node.route import Router
-from node.spool import Retention, Spool, StabilityMonitor
+from node.spool import Retention, Spool, SpoolInUse, SpoolLock, StabilityMonitor
+from node.tls import TLSError
 
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StartError(Exception):
+    """A problem that stops ``serve`` before it starts; the message names the fix."""
+
+
+def _listen_error(exc: ListenError) -> StartError | None:
+    where = f"port {exc.port} on {exc.host}"
+    code = exc.error.errno
+    if code == errno.EADDRINUSE:
+        return StartError(f"{where} is in use (another DICOM server?): stop it or set "
+                          f"{exc.setting}")
+    if code == errno.EACCES:
+        return StartError(f"{where}: permission denied (ports below 1024 need root or "
+                          f"CAP_NET_BIND_SERVICE): set {exc.setting}")
+    if code == errno.EADDRNOTAVAIL:
+        return StartError(f"{where}: {exc.host} is not an address of this machine: set "
+                          "[node] host")
+    return None
 
 
 class Server:
@@ -45,30 +76,61 @@ class Server:
         self._saved: dict[int, Any] = {}
 
     def run(self) -> int:
-        """Serve until a signal asks us to stop; return the process exit status (2 when the
-        preflight finds a fatal problem: nothing started)."""
-        if not startup_check(self.settings):
-            return 2
+        """Serve until a signal asks us to stop; return the process exit status."""
         self._capture_signals()
+        lock = SpoolLock(self.settings.spool.dir)
         try:
-            spool = Spool(self.settings.spool)
-            removed, added = spool.recover()
-            if removed or added:
-                log.info(
-                    "spool recovered: %d partial files removed, %d instances re-indexed",
-                    removed, added,
-                )
-            queues = Queues(self.settings.jobs)
-            pool = WorkerPool(self.settings, self.config)
-            pool.start()
-            monitor = StabilityMonitor(
-                spool, Router(self.settings, queues).on_stable,
-                also=(Reaper(self.settings.jobs, queues).tick,
-                      Retention(spool, queues.store).tick),
+            return self._run(lock)
+        except StartError as exc:
+            print(f"synthnode serve: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            lock.release()
+            self._restore_signals()
+
+    def _run(self, lock: SpoolLock) -> int:
+        # 1. One node per spool, checked before anything else, and nothing of a previous run
+        #    left taking jobs.
+        try:
+            lock.acquire()
+        except SpoolInUse as exc:
+            raise StartError(str(exc)) from None
+        # 2. The preflight: a fatal problem (a missing, weak or changed key, an Orthanc that
+        #    refuses us, ...) stops the start before anything runs. Ports are not probed
+        #    here: binding them below says the same, before any worker starts.
+        if not startup_check(self.settings, ports=False):
+            return 2
+        record = lock.dir / WORKERS_NAME
+        kill_leftovers(record, self.config)
+        # 3. Recover the spool before any port opens.
+        spool = Spool(self.settings.spool)
+        removed, added = spool.recover()
+        if removed or added:
+            log.info(
+                "spool recovered: %d partial files removed, %d instances re-indexed",
+                removed, added,
             )
-            monitor.start()
-            node = self.settings.node
+        # 4. Listen before any worker starts: a port in use stops the start here.
+        node = self.settings.node
+        try:
             servers = start_listeners(node, spool, self.counters)
+        except (ListenError, TLSError) as exc:
+            spool.close()
+            error = _listen_error(exc) if isinstance(exc, ListenError) else StartError(str(exc))
+            if error is None:
+                raise
+            raise error from None
+        # 5. Workers, scheduler and the stability monitor.
+        queues = Queues(self.settings.jobs)
+        pool = WorkerPool(self.settings, self.config, record)
+        monitor = StabilityMonitor(
+            spool, Router(self.settings, queues).on_stable,
+            also=(Reaper(self.settings.jobs, queues).tick,
+                  Retention(spool, queues.store).tick),
+        )
+        try:
+            pool.start()
+            monitor.start()
             ports = ", ".join(f"{s.server_address[0]}:{s.server_address[1]}"
                               + (" (TLS)" if s.is_tls else "") for s in servers)
             log.info(
@@ -76,13 +138,10 @@ class Server:
                 __version__, node.ae_title, ports, spool.dir, len(self.settings.rules),
                 self.settings.jobs.backend.value,
             )
-            try:
-                while not self.should_exit.wait(0.5):
-                    pool.check()
-            finally:
-                self._shutdown(servers, monitor, spool, pool)
+            while not self.should_exit.wait(0.5):
+                pool.check()
         finally:
-            self._restore_signals()
+            self._shutdown(servers, monitor, spool, pool)
         return 0
 
     def _shutdown(self, servers: list[NodeServer], monitor: StabilityMonitor, spool: Spool,

@@ -8,12 +8,16 @@ only on that namespace's loopback and tmpfs mounts stay private. Subprocesses in
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from node.localorthanc import OrthancProcess, free_port, isolate_network
+from tests import leftovers
 from tests.nodeproc import NodeProcess, StoreSCP, write_config
+
+_RUN: dict[str, str] = {}
 
 
 def _isolate() -> None:
@@ -27,6 +31,20 @@ def pytest_configure(config: pytest.Config) -> None:
     _isolate()
     # dcmtk and Orthanc leave Nagle on unless told: ~40 ms per C-STORE otherwise.
     os.environ["TCP_NODELAY"] = "1"
+    _RUN["token"] = leftovers.mark_run()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run leaves no process behind: any server or client it started that is still alive
+    now is named, killed, and fails the run."""
+    if "token" not in _RUN:
+        return
+    left = leftovers.collect(_RUN["token"])
+    if left:
+        lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in sorted(left.items()))
+        print(f"\nthe test run left {len(left)} process(es) behind (now killed):\n{lines}",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

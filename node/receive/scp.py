@@ -294,6 +294,17 @@ def _serve(ae: AE, settings: NodeSettings, port: int, handlers: list[Any],
     return server
 
 
+class ListenError(Exception):
+    """A port the node should listen on cannot be opened."""
+
+    def __init__(self, setting: str, host: str, port: int, error: OSError) -> None:
+        super().__init__(f"port {port} on {host}: {error.strerror}")
+        self.setting = setting
+        self.host = host
+        self.port = port
+        self.error = error
+
+
 def start_listeners(
     settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None
 ) -> list[NodeServer]:
@@ -312,12 +323,18 @@ def start_listeners(
         (evt.EVT_REJECTED, handle_rejected, [policy]),
         (evt.EVT_ABORTED, handle_aborted),
     ]
+    ports: list[tuple[str, int, ssl.SSLContext | None]] = []
+    if settings.listens_plain:
+        ports.append(("[node] port", settings.port, None))
+    if settings.tls is not None:
+        ports.append(("[node.tls] port", settings.tls.port, tls))
     servers = []
     try:
-        if settings.listens_plain:
-            servers.append(_serve(ae, settings, settings.port, handlers, None))
-        if settings.tls is not None:
-            servers.append(_serve(ae, settings, settings.tls.port, handlers, tls))
+        for setting, port, context in ports:
+            try:
+                servers.append(_serve(ae, settings, port, handlers, context))
+            except OSError as exc:
+                raise ListenError(setting, settings.host, port, exc) from exc
     except BaseException:
         for server in servers:
             server.shutdown()

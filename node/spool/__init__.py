@@ -1,6 +1,7 @@
 """Durable spool of received instances: files by UID, an index, and the stable-study hand-off."""
 
 from node.spool.index import InstanceRow, StudyState, StudySummary
+from node.spool.lock import SpoolInUse, SpoolLock
 from node.spool.monitor import StabilityMonitor, log_stable_study
 from node.spool.retention import Retention
 from node.spool.spool import (
@@ -16,6 +17,8 @@ __all__ = [
     "Retention",
     "Spool",
     "SpoolError",
+    "SpoolInUse",
+    "SpoolLock",
     "StabilityMonitor",
     "StableStudy",
     "StableStudyHandler",
