@@ -26,6 +26,7 @@ from node.jobs import Queues, Reaper, WorkerPool
 from node.receive.scp import ReceiveCounters, peer_name, start_scp
 from node.route import Router
 from node.spool import Retention, Spool, StabilityMonitor
+from node.spool.reserve import DiskReserve
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class Server:
             )
             monitor.start()
             node = self.settings.node
-            server = start_scp(node, spool, self.counters)
+            server = start_scp(node, spool, self.counters,
+                               DiskReserve.for_settings(self.settings))
             host, port = server.server_address[:2]
             log.info(
                 "synthnode %s listening as %s on %s:%d, spool %s, %d rules, queues on %s",
@@ -95,8 +97,9 @@ class Server:
         spool.close()
         c = self.counters
         log.info(
-            "stopped: %d stored, %d duplicates, %d refused, %d failed over %d associations",
-            c.stored, c.duplicates, c.rejected, c.failed, c.associations,
+            "stopped: %d stored, %d duplicates, %d refused, %d failed, %d refused below the disk "
+            "reserve over %d associations",
+            c.stored, c.duplicates, c.rejected, c.failed, c.below_reserve, c.associations,
         )
 
     def _capture_signals(self) -> None:
