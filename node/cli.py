@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from node import __version__
 from node.config import ENV_CONFIG, ConfigError, Destination, Settings, load_settings
@@ -613,12 +614,36 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 0 if unmatched == 0 else 1
 
 
+def _reserve_report(settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """The disk reserve as ``status`` shows it: JSON, and lines of text."""
+    from node.spool.reserve import DiskReserve
+
+    levels = DiskReserve.for_settings(settings).levels()
+    paused = any(level.short for level in levels)
+    data = {"paused": paused, "file_systems": [
+        {"path": str(level.path), "free_bytes": level.free_bytes,
+         "reserve_bytes": level.reserve_bytes, "short": level.short} for level in levels]}
+    lines = [("disk reserve: RECEIVING PAUSED (free space below the reserve; C-STOREs are "
+              "refused with 0xA700 and jobs that write wait)") if paused else
+             "disk reserve: receiving (free space above the reserve)"]
+    lines += [f"  {level.path}: {level.free_bytes / 1048576:.0f} MiB free, reserve "
+              f"{level.reserve_bytes / 1048576:.0f} MiB" + ("  BELOW" if level.short else "")
+              for level in levels]
+    return data, lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from node.spool import Spool
 
     settings = _settings(args)
+    reserve, reserve_lines = _reserve_report(settings)
     if not settings.spool.dir.exists():
+        if args.json:
+            print(json.dumps({"spool": str(settings.spool.dir), "studies": [],
+                              "reserve": reserve}, indent=2))
+            return 0
         print(f"spool {settings.spool.dir} does not exist yet: no study received")
+        print("\n".join(reserve_lines))
         return 0
     spool = Spool(settings.spool)
     try:
@@ -638,6 +663,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     }
                     for s in studies
                 ],
+                "reserve": reserve,
             },
             indent=2,
         ))
@@ -650,6 +676,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items())) or "none"
     print(f"spool {settings.spool.dir}: {len(studies)} studies ({counts}), "
           f"{total} instances, {size / 1e6:.1f} MB")
+    print("\n".join(reserve_lines))
     now = time.time()
     for s in studies:
         print(f"  {s.study_uid}  {s.state.value:<9} gen {s.generation}  {s.series} series  "

@@ -39,6 +39,7 @@ from node.receive.scp import (
 )
 from node.route import Router
 from node.spool import Retention, Spool, SpoolInUse, SpoolLock, StabilityMonitor
+from node.spool.reserve import DiskReserve
 from node.tls import TLSError
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ class Server:
         # 4. Listen before any worker starts: a port in use stops the start here.
         node = self.settings.node
         try:
-            servers = start_listeners(node, spool, self.counters)
+            servers = start_listeners(node, spool, self.counters,
+                                      DiskReserve.for_settings(self.settings))
         except (ListenError, TLSError) as exc:
             spool.close()
             error = _listen_error(exc) if isinstance(exc, ListenError) else StartError(str(exc))
@@ -161,8 +163,9 @@ class Server:
         spool.close()
         c = self.counters
         log.info(
-            "stopped: %d stored, %d duplicates, %d refused, %d failed over %d associations",
-            c.stored, c.duplicates, c.rejected, c.failed, c.associations,
+            "stopped: %d stored, %d duplicates, %d refused, %d failed, %d refused below the disk "
+            "reserve over %d associations",
+            c.stored, c.duplicates, c.rejected, c.failed, c.below_reserve, c.associations,
         )
 
     def _capture_signals(self) -> None:

@@ -199,7 +199,9 @@ def test_full_disk_answers_out_of_resources_and_keeps_what_was_stored(
     # The tests run in a private mount namespace: this tmpfs is invisible to the host.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
     try:
-        node = node_factory(spool={"dir": str(mount / "spool")})
+        # No reserve: this is what happens when the disk fills up all the same.
+        node = node_factory(spool={"dir": str(mount / "spool"), "reserve_bytes": 0,
+                                   "reserve_percent": 0})
         small = make_study(tmp_path / "small_study", per_series=2)
         big = make_study(tmp_path / "big_study", source="RG1_UNCR.dcm")
         assert _store(node.port, small[:1]) == [0]

@@ -104,6 +104,16 @@ class Queues:
                     delay, reason)
         return again
 
+    def postpone(self, job: Job, delay_s: float, reason: str) -> Job:
+        """Put ``job`` back as pending for ``delay_s`` with its attempts as they are: a job
+        that could not start (the disk below the reserve) has not failed. Returns the new
+        record."""
+        again = job.but(state=JobState.PENDING, last_error=reason,
+                        not_before=time.time() + delay_s)
+        self.store.put(again)
+        self.enqueue(again, delay_s)
+        return again
+
     def retry(self, job_id: str) -> Job:
         """Re-queue a job by hand (``synthnode jobs retry``): attempts start again.
         KeyError when there is no such job."""

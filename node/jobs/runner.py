@@ -13,6 +13,7 @@ delivered, so a retry after a delivery failure does not run the model again.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -41,11 +42,23 @@ from node.jobs.state import Job, JobState
 
 if TYPE_CHECKING:
     from node.generate.tasks import Generation
+    from node.spool.reserve import DiskReserve
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 GENERATION_CHUNK = 16  # sources per model call: bounds memory on long series
+SPACE_WAIT_S = 2.0
+"""How long a job that would write waits before it looks at the disk reserve again."""
+
+
+class WaitForSpace(Exception):
+    """A guarded file system is below the disk reserve (or filled up): the job waits, its
+    attempt not counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class JobFailed(Exception):
@@ -76,6 +89,11 @@ class Runner:
         self.stop = threading.Event()
         self._deid: dict[tuple[str, ...], Deidentifier] = {}
         self._generation: Generation | None = None
+        # (imported here: node.spool imports the router, which imports this stage)
+        from node.spool.reserve import DiskReserve
+
+        self.reserve: DiskReserve = DiskReserve.for_settings(settings)
+        self._waiting: set[str] = set()  # jobs that waited for space, for one log line each
 
     @property
     def name(self) -> str:
@@ -104,6 +122,14 @@ class Runner:
             if beat is not None and now - beat.at < jobs.heartbeat_timeout_s:
                 log.debug("job %s is running on %s; message dropped", job.id, beat.worker)
                 return
+        if self._writes(job):
+            short = self.reserve.shortfall()
+            if short is not None:
+                self._wait_for_space(job, f"below the disk reserve: {short}")
+                return
+        if job.id in self._waiting:
+            self._waiting.discard(job.id)
+            log.info("job %s: free space is above the reserve again; resuming", job.id)
         job = job.but(state=JobState.RUNNING, attempts=job.attempts + 1, worker=self.name,
                       not_before=0.0)
         store.put(job)
@@ -118,6 +144,15 @@ class Runner:
         started = time.monotonic()
         try:
             made = self.execute(job)
+        except WaitForSpace as exc:
+            self._wait_for_space(job.but(attempts=job.attempts - 1), exc.reason)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.exception("job %s failed unexpectedly", job.id)
+                self.queues.fail(job, f"internal error: {type(exc).__name__}", permanent=False)
+            else:
+                self._wait_for_space(job.but(attempts=job.attempts - 1),
+                                     f"disk full writing its outputs ({exc.strerror})")
         except JobFailed as exc:
             self.queues.fail(job, exc.reason, exc.permanent)
         except Exception as exc:  # noqa: BLE001 - a job's failure never kills the worker
@@ -138,6 +173,26 @@ class Runner:
             beating.set()
             beat_thread.join()
             store.clear_beat(job.id)
+
+    def _writes(self, job: Job) -> bool:
+        """Does ``job`` write to the work folder or the quarantine? (Forwarding what is in the
+        spool does not.)"""
+        return (job.rule_task.task is not TaskKind.FORWARD or bool(job.orthanc_study)
+                or bool(job.pacs_source))
+
+    def _check_space(self) -> None:
+        short = self.reserve.shortfall()
+        if short is not None:
+            raise WaitForSpace(f"below the disk reserve: {short}")
+
+    def _wait_for_space(self, job: Job, reason: str) -> None:
+        """Put ``job`` back for :data:`SPACE_WAIT_S`, its attempt not counted; never dead."""
+        self.queues.postpone(job, SPACE_WAIT_S, f"waiting for disk space: {reason}")
+        if job.id not in self._waiting:
+            self._waiting.add(job.id)
+            log.warning("job %s waits for disk space (attempt not counted): %s", job.id, reason)
+        else:
+            log.debug("job %s still waits for disk space", job.id)
 
     def _beat(self, job_id: str, stop: threading.Event) -> None:
         while not stop.wait(self.settings.jobs.heartbeat_s):
@@ -294,6 +349,7 @@ class Runner:
         made = Made()
         mappings: list[Mapping] = []
         for path in sources:
+            self._check_space()
             source = _read(path)
             original = Identity.of(source)  # before de-identification changes it in place
             sop = original.sop_instance_uid
@@ -356,6 +412,7 @@ class Runner:
         deid = self.deidentifier(task) if task.deidentified_source else None
         made = Made()
         for start in range(0, len(sources), GENERATION_CHUNK):
+            self._check_space()
             batch = [ds for ds in (_read(path) for path in sources[start:start + GENERATION_CHUNK])
                      if not self._own(job, ds, made)]
             if not batch:

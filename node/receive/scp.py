@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from threading import Lock
 from typing import Any, cast
 
@@ -32,10 +33,19 @@ from node.receive.check import (
     StoreStatus,
     check_against_request,
     inspect_dataset,
+    inspect_file,
+)
+from node.receive.chunked import (
+    Incoming,
+    ReceiveTarget,
+    dataset_offset,
+    discard_partial,
+    receive_into,
 )
 from node.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
 from node.receive.tuning import tune_pynetdicom
 from node.spool import InstanceRow, Spool, SpoolError, StoreOutcome
+from node.spool.reserve import DiskReserve, Shortfall
 from node.tls import describe_failure, server_context
 
 log = logging.getLogger(__name__)
@@ -49,12 +59,41 @@ class ReceiveCounters:
     duplicates: int = 0
     rejected: int = 0
     failed: int = 0
+    below_reserve: int = 0
+    """Refused with 0xA700 because free disk space was below the reserve."""
     associations: int = 0
     _lock: Lock = field(default_factory=Lock, repr=False)
 
     def add(self, name: str) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
+
+
+RESERVE_COMMENT = "free disk below the reserve ([spool] reserve_bytes); retry later"
+"""The Error Comment (LO, at most 64 characters) of a refusal for want of space."""
+
+
+class Intake:
+    """Whether the SCP takes new instances: not while a guarded file system is below the disk
+    reserve. Logs one line when receiving pauses and one when it resumes, not one per
+    instance."""
+
+    def __init__(self, reserve: DiskReserve | None) -> None:
+        self.reserve = reserve
+        self.paused = False
+        self._lock = Lock()
+
+    def shortfall(self) -> Shortfall | None:
+        short = self.reserve.shortfall() if self.reserve is not None else None
+        if (short is not None) != self.paused:
+            with self._lock:
+                if (short is not None) != self.paused:
+                    self.paused = short is not None
+                    if short is not None:
+                        log.warning("receiving paused: %s", short)
+                    else:
+                        log.info("receiving resumed: free space is above the reserve again")
+        return short
 
 
 def peer_name(assoc: Association) -> str:
@@ -71,26 +110,48 @@ def _status(status: StoreStatus, comment: str) -> Dataset:
     return rsp
 
 
-def handle_store(event: Event, spool: Spool, counters: ReceiveCounters) -> int | Dataset:
+def handle_store(event: Event, spool: Spool, counters: ReceiveCounters,
+                 intake: Intake | None = None) -> int | Dataset:
     """EVT_C_STORE: check the data set, persist it durably, then (only then) answer Success."""
     assoc = event.assoc
     req = cast(C_STORE, event.request)
     sop_instance = str(req.AffectedSOPInstanceUID or "")
     try:
+        received = getattr(req, "_dataset_path", None)  # set when received in chunks
+        incoming = getattr(req, "_dataset_file", None)
+        if isinstance(incoming, Incoming) and incoming.error is not None:
+            raise SpoolError.of(incoming.error)
+        if (intake is not None and intake.shortfall() is not None) or (
+                isinstance(incoming, Incoming) and incoming.refused):
+            counters.add("below_reserve")
+            log.debug("C-STORE refused from %s sop_instance=%s: below the disk reserve",
+                      peer_name(assoc), sop_instance)
+            return _status(StoreStatus.OUT_OF_RESOURCES, RESERVE_COMMENT)
         context = event.context
         transfer_syntax = str(context.transfer_syntax)
-        header = inspect_dataset(event.encoded_dataset(include_meta=False), transfer_syntax)
-        check_against_request(header, str(context.abstract_syntax), sop_instance)
-        file_bytes = event.encoded_dataset(include_meta=True)
-        outcome = spool.store(
-            file_bytes,
-            InstanceRow(
-                header.sop_instance_uid, header.study_uid, header.series_uid,
-                header.sop_class_uid, transfer_syntax, len(file_bytes),
-            ),
-            calling_aet=assoc.requestor.ae_title,
-            called_aet=assoc.acceptor.ae_title,
-        )
+        calling, called = assoc.requestor.ae_title, assoc.acceptor.ae_title
+        if received is not None:
+            path = Path(received)
+            with path.open("rb") as f:
+                offset = dataset_offset(f.fileno())
+            header = inspect_file(path, offset, transfer_syntax)
+            check_against_request(header, str(context.abstract_syntax), sop_instance)
+            row = InstanceRow(header.sop_instance_uid, header.study_uid, header.series_uid,
+                              header.sop_class_uid, transfer_syntax, path.stat().st_size)
+            outcome = spool.store_file(path, row, calling_aet=calling, called_aet=called)
+        else:
+            header = inspect_dataset(event.encoded_dataset(include_meta=False), transfer_syntax)
+            check_against_request(header, str(context.abstract_syntax), sop_instance)
+            file_bytes = event.encoded_dataset(include_meta=True)
+            outcome = spool.store(
+                file_bytes,
+                InstanceRow(
+                    header.sop_instance_uid, header.study_uid, header.series_uid,
+                    header.sop_class_uid, transfer_syntax, len(file_bytes),
+                ),
+                calling_aet=calling,
+                called_aet=called,
+            )
     except RejectedDataset as exc:
         counters.add("rejected")
         log.warning(
@@ -207,6 +268,7 @@ def handle_rejected(event: Event, policy: CallingPolicy) -> None:
 def handle_aborted(event: Event) -> None:
     log.warning("association from %s aborted; data in flight was not stored",
                 peer_name(event.assoc))
+    discard_partial(event.assoc.dimse.message)
 
 
 def build_ae(settings: NodeSettings) -> AE:
@@ -306,23 +368,30 @@ class ListenError(Exception):
 
 
 def start_listeners(
-    settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None
+    settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None,
+    reserve: DiskReserve | None = None, chunked: bool = True,
 ) -> list[NodeServer]:
     """Start listening (non-blocking): on ``port`` without TLS unless ``[node.tls] plain =
     false``, and on ``[node.tls] port`` with TLS. The TLS files are loaded before any port
-    opens (:class:`node.tls.TLSError` naming the file otherwise)."""
+    opens (:class:`node.tls.TLSError` naming the file otherwise).
+
+    ``reserve``: refuse new instances (0xA700) while it is short. ``chunked``: receive data
+    sets into files in the spool's temporary folder as they arrive (bounded memory whatever
+    the size) rather than in memory."""
     tls = server_context(settings.tls) if settings.tls is not None else None
     counters = counters or ReceiveCounters()
     tune_pynetdicom(settings.poll_interval_s)
     ae = build_ae(settings)
     policy = CallingPolicy.of(settings)
     handlers = [
-        (evt.EVT_C_STORE, handle_store, [spool, counters]),
+        (evt.EVT_C_STORE, handle_store, [spool, counters, Intake(reserve)]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_accepted, [counters]),
         (evt.EVT_REJECTED, handle_rejected, [policy]),
         (evt.EVT_ABORTED, handle_aborted),
     ]
+    if chunked:
+        receive_into(ae, ReceiveTarget(spool.tmp_dir, reserve))
     ports: list[tuple[str, int, ssl.SSLContext | None]] = []
     if settings.listens_plain:
         ports.append(("[node] port", settings.port, None))
@@ -343,11 +412,12 @@ def start_listeners(
 
 
 def start_scp(
-    settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None
+    settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None,
+    reserve: DiskReserve | None = None, chunked: bool = True,
 ) -> ThreadedAssociationServer:
     """Start the node's one listener (non-blocking) and return it; with ``[node.tls]`` beside
     a plain port there are two: use :func:`start_listeners`."""
     if settings.tls is not None and settings.listens_plain:
         raise ValueError("[node.tls] with plain = true gives two listeners: "
                          "use start_listeners")
-    return start_listeners(settings, spool, counters)[0]
+    return start_listeners(settings, spool, counters, reserve, chunked)[0]

@@ -19,12 +19,21 @@ from node.config import Settings, SpoolSettings
 
 
 @dataclass(frozen=True)
-class Shortfall:
-    """A file system below the reserve."""
+class Level:
+    """A guarded file system's free space and the reserve kept on it."""
 
     path: Path
     free_bytes: int
     reserve_bytes: int
+
+    @property
+    def short(self) -> bool:
+        return self.free_bytes < self.reserve_bytes
+
+
+@dataclass(frozen=True)
+class Shortfall(Level):
+    """A file system below the reserve."""
 
     def __str__(self) -> str:
         return (f"{self.path}: {_mib(self.free_bytes)} free, below the reserve of "
@@ -70,9 +79,10 @@ class DiskReserve:
         total = st.f_blocks * st.f_frsize
         return max(self.reserve_bytes, int(total * self.reserve_percent / 100))
 
-    def check_now(self) -> Shortfall | None:
-        """The first guarded file system below the reserve, or None."""
+    def levels(self) -> list[Level]:
+        """Free space and reserve of each distinct guarded file system."""
         seen: set[int] = set()
+        levels = []
         for path in self.paths:
             where = _existing(path)
             device = os.stat(where).st_dev
@@ -83,8 +93,14 @@ class DiskReserve:
             free = st.f_bavail * st.f_frsize
             total = st.f_blocks * st.f_frsize
             needed = max(self.reserve_bytes, int(total * self.reserve_percent / 100))
-            if free < needed:
-                return Shortfall(path, free, needed)
+            levels.append(Level(path, free, needed))
+        return levels
+
+    def check_now(self) -> Shortfall | None:
+        """The first guarded file system below the reserve, or None."""
+        for level in self.levels():
+            if level.short:
+                return Shortfall(level.path, level.free_bytes, level.reserve_bytes)
         return None
 
     def shortfall(self) -> Shortfall | None:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,17 @@ class SpoolError(Exception):
         super().__init__(reason)
         self.reason = reason
 
+    @classmethod
+    def of(cls, exc: OSError) -> SpoolError:
+        """The error for a failed write to the spool, its reason in words."""
+        return cls({
+            errno.ENOSPC: "no space left on the spool's disk",
+            errno.EDQUOT: "disk quota exceeded on the spool's disk",
+            errno.EACCES: "permission denied writing to the spool",
+            errno.EROFS: "the spool's file system is read-only",
+            errno.EFBIG: "file too large for the spool's file system",
+        }.get(exc.errno or 0, f"I/O error writing to the spool ({exc.strerror})"))
+
 
 @dataclass(frozen=True)
 class StableStudy:
@@ -89,6 +101,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Do ``path`` and ``other`` hold the same bytes? (read in chunks: never a whole file)"""
+    try:
+        if path.stat().st_size != other.stat().st_size:
+            return False
+        with path.open("rb") as f, other.open("rb") as g:
+            while True:
+                a = f.read(_CHUNK)
+                if a != g.read(_CHUNK):
+                    return False
+                if not a:
+                    return True
+    except FileNotFoundError:
+        return False
 
 
 def _same_bytes(path: Path, data: bytes) -> bool:
@@ -144,6 +172,21 @@ class Spool:
         Returns only once the file is durable and indexed; raises :class:`SpoolError` when it
         cannot be, leaving no partial file behind.
         """
+        return self._store(data, len(data), row, calling_aet, called_aet)
+
+    def store_file(
+        self, path: Path, row: InstanceRow, calling_aet: str, called_aet: str
+    ) -> StoreOutcome:
+        """:meth:`store` for an instance already written to ``path`` (a DICOM file, e.g. one
+        received in chunks into :attr:`tmp_dir`), never read into memory: moved into place when
+        it lies on the spool's file system, else copied in chunks. ``path`` is gone (moved) or
+        left as it was (duplicates, errors); the caller removes what is left."""
+        return self._store(path, path.stat().st_size, row, calling_aet, called_aet)
+
+    def _store(
+        self, data: bytes | Path, size: int, row: InstanceRow, calling_aet: str,
+        called_aet: str,
+    ) -> StoreOutcome:
         final = self.instance_path(row.study_uid, row.series_uid, row.sop_instance_uid)
         lock = self._locks[hash(row.sop_instance_uid) % len(self._locks)]
         with lock:
@@ -153,18 +196,22 @@ class Spool:
                 old = self.instance_path(
                     existing.study_uid, existing.series_uid, existing.sop_instance_uid
                 )
-                if _same_bytes(old, data):
+                if (_same_file(old, data) if isinstance(data, Path)
+                        else _same_bytes(old, data)):
                     return StoreOutcome.DUPLICATE
                 if self.settings.on_duplicate is DuplicatePolicy.KEEP_FIRST and old.exists():
                     return StoreOutcome.DUPLICATE_DISCARDED
                 outcome = StoreOutcome.REPLACED
-            self._write_file(final, data)
+            if isinstance(data, Path):
+                self._move_file(final, data)
+            else:
+                self._write_file(final, data)
             if existing is not None and old != final:
                 old.unlink(missing_ok=True)
             self.index.record_instance(
                 InstanceRow(
                     row.sop_instance_uid, row.study_uid, row.series_uid, row.sop_class_uid,
-                    row.transfer_syntax, len(data),
+                    row.transfer_syntax, size,
                 ),
                 calling_aet,
                 called_aet,
@@ -190,7 +237,6 @@ class Spool:
     def _write_file(self, final: Path, data: bytes) -> None:
         tmp = self.tmp_dir / f"{final.name}.{threading.get_ident()}.{os.getpid()}.part"
         try:
-            self._make_dirs(final.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
                 view = memoryview(data)
@@ -201,9 +247,48 @@ class Spool:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SpoolError.of(exc) from exc
+        self._commit(tmp, final, synced=True)
+
+    def _move_file(self, final: Path, source: Path) -> None:
+        """Put the file at ``source`` in place: renamed when it lies on the spool's file
+        system, else copied (in chunks) into :attr:`tmp_dir` first."""
+        try:
+            same_fs = os.stat(source).st_dev == os.stat(self.tmp_dir).st_dev
+            if not same_fs:
+                tmp = self.tmp_dir / f"{final.name}.{threading.get_ident()}.{os.getpid()}.part"
+                try:
+                    shutil.copyfile(source, tmp)
+                except OSError:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                source = tmp
+            else:
+                os.chmod(source, 0o640)  # as _write_file makes them (temporary files are 0600)
+        except OSError as exc:
+            raise SpoolError.of(exc) from exc
+        self._commit(source, final, synced=False, remove_on_error=not same_fs)
+
+    def _commit(self, tmp: Path, final: Path, synced: bool,
+                remove_on_error: bool = True) -> None:
+        """Make the complete file ``tmp`` the instance at ``final``, durably, in this order:
+        fdatasync the file (unless the writer did: ``synced``), rename it into place, fsync
+        the folder (only then may the caller acknowledge it)."""
+        try:
+            self._make_dirs(final.parent)
+            if self.settings.fsync and not synced:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
             try:
                 os.replace(tmp, final)
             except FileNotFoundError:  # retention removed the folder meanwhile: make it again
+                if not tmp.exists():
+                    raise
                 with self._dirs_lock:
                     self._dirs_made.discard(final.parent)
                 self._make_dirs(final.parent)
@@ -211,17 +296,11 @@ class Spool:
             if self.settings.fsync:
                 _fsync_dir(final.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            if remove_on_error:
+                tmp.unlink(missing_ok=True)
             with self._dirs_lock:
                 self._dirs_made.discard(final.parent)
-            reason = {
-                errno.ENOSPC: "no space left on the spool's disk",
-                errno.EDQUOT: "disk quota exceeded on the spool's disk",
-                errno.EACCES: "permission denied writing to the spool",
-                errno.EROFS: "the spool's file system is read-only",
-                errno.EFBIG: "file too large for the spool's file system",
-            }.get(exc.errno or 0, f"I/O error writing to the spool ({exc.strerror})")
-            raise SpoolError(reason) from exc
+            raise SpoolError.of(exc) from exc
 
     # -- start-up --------------------------------------------------------------------------
 
