@@ -54,7 +54,9 @@ def parse_trace(text: str) -> list[Call]:
     calls: list[Call] = []
     pending: dict[str, Call] = {}
     for i, line in enumerate(text.splitlines()):
+        # strace pads the pid column to 5 characters: "7202  rename(...", "12345 rename(..."
         pid, _, rest = line.partition(" ")
+        rest = rest.lstrip(" ")
         resumed = re.match(r"<\.\.\. (\w+) resumed>(.*)$", rest)
         if resumed:
             call = pending.pop(pid)
