@@ -161,3 +161,40 @@ def test_an_already_deidentified_source_passes_again() -> None:
     pseudonym = deid.pseudonym(once.PatientID)
     twice, _ = deidentify_to_bytes(deid, once, DeidOutput.SOURCE)  # raises when quarantined
     assert twice.PatientID == pseudonym
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
+                                  "SC_rgb_jpeg_dcmtk.dcm", "OBXXXX1A.dcm"])
+def test_pixel_data_written_from_its_value_is_what_pydicom_writes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The large-object writer (Pixel Data straight from its value, no second copy) gives the
+    same bytes as pydicom's own writer: implicit and explicit VR, native and encapsulated."""
+    from io import BytesIO
+
+    from pydicom.data import get_testdata_file
+
+    from node.deid import engine
+
+    monkeypatch.setattr(engine, "BULK_MIN_BYTES", 1)
+    ds = dcmread(get_testdata_file(name))
+    for tag in [t for t in ds.keys() if t > 0x7FE00010]:
+        del ds[tag]  # trailing padding and the like: the fast path needs Pixel Data last
+    expected, written = BytesIO(), BytesIO()
+    ds.save_as(expected, enforce_file_format=True)
+    assert engine._save_bulk_last(ds, written)
+    assert written.getvalue() == expected.getvalue()
+    assert "PixelData" in ds  # given back to the data set
+
+
+def test_pixel_data_not_last_is_left_to_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    from io import BytesIO
+
+    from pydicom.data import get_testdata_file
+
+    from node.deid import engine
+
+    monkeypatch.setattr(engine, "BULK_MIN_BYTES", 1)
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.add_new(0x7FE10010, "OB", b"\x01\x02")  # a private element after Pixel Data
+    assert not engine._save_bulk_last(ds, BytesIO())

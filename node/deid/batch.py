@@ -164,6 +164,19 @@ def deidentify_to_bytes(deid: Deidentifier, source: Dataset, output: DeidOutput
     return result, deid.encode(result, identifiers)
 
 
+def deidentify_to_file(deid: Deidentifier, source: Dataset, output: DeidOutput,
+                       folder: Path) -> tuple[Dataset, Path]:
+    """:func:`deidentify_to_bytes`, written to ``folder/<SOPInstanceUID>.dcm`` without the
+    file's bytes ever in memory (a 1 GB multi-frame instance is held once, as ``source``)."""
+    identifiers = deid.identifiers(source)
+    result = deid.deidentify(source, in_place=True, identifiers=identifiers)
+    if output is DeidOutput.SC:
+        result = as_secondary_capture(deid, result)
+    target = folder / f"{result.SOPInstanceUID}.dcm"
+    deid.write(result, identifiers, target)
+    return result, target
+
+
 # -- worker side ---------------------------------------------------------------------------
 
 _worker: dict[str, object] = {}

@@ -49,7 +49,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
@@ -160,6 +161,66 @@ class _Pass:
     """How far dates move back (Modified Dates)."""
     identifiers: Identifiers
     """The source's identifying values, which cleaned text must not hold."""
+
+
+_BULK_PIXELS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+"""Float Pixel Data, Double Float Pixel Data, Pixel Data."""
+
+
+BULK_MIN_BYTES = 1 << 20
+"""Pixel Data at least this big is written from its value directly (:func:`_save_bulk_last`)."""
+
+_PIXEL_DATA = 0x7FE00010
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _save_bulk_last(ds: Dataset, f: BinaryIO) -> bool:
+    """Write ``ds`` to ``f`` with its Pixel Data written straight from the value (pydicom
+    encodes each element into a buffer first: a second copy of a 1 GB multi-frame object);
+    byte for byte what pydicom writes. Only where that is simple to get right: a little-endian,
+    not deflated transfer syntax, Pixel Data of at least :data:`BULK_MIN_BYTES` and the data
+    set's last element. False (nothing written) otherwise."""
+    if _PIXEL_DATA not in ds or max(ds.keys()) != _PIXEL_DATA:
+        return False
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_deflated or not syntax.is_little_endian:
+        return False
+    elem = ds[_PIXEL_DATA]
+    value = elem.value
+    if not isinstance(value, bytes) or len(value) < BULK_MIN_BYTES:
+        return False
+    encapsulated = syntax.is_encapsulated
+    if encapsulated != elem.is_undefined_length:
+        return False
+    vr = str(elem.VR)
+    if vr not in ("OB", "OW"):
+        vr = "OB" if encapsulated or int(ds.get("BitsAllocated", 8) or 8) <= 8 else "OW"
+    del ds[_PIXEL_DATA]
+    try:
+        ds.save_as(f, enforce_file_format=True)
+    finally:
+        ds[_PIXEL_DATA] = elem
+    pad = b"\x00" if len(value) % 2 else b""
+    length = 0xFFFFFFFF if encapsulated else len(value) + len(pad)
+    head = struct.pack("<HH", 0x7FE0, 0x0010)
+    if not syntax.is_implicit_VR:
+        head += vr.encode() + b"\x00\x00"
+    f.write(head + struct.pack("<I", length))
+    f.write(value)
+    f.write(pad)
+    if encapsulated:
+        f.write(_SEQUENCE_DELIMITER)
+    return True
+
+
+def _save(ds: Dataset, f: BinaryIO) -> None:
+    try:
+        if not _save_bulk_last(ds, f):
+            ds.save_as(f, enforce_file_format=True)
+    except (ValueError, TypeError, OverflowError, struct.error) as exc:
+        # pydicom's: a value that its VR cannot encode; never passed on half-written
+        raise Quarantined(f"the de-identified data set cannot be encoded "
+                          f"({type(exc).__name__})") from None
 
 
 class Deidentifier:
@@ -308,19 +369,38 @@ class Deidentifier:
         data set they encode, read back (raises :class:`Quarantined` naming the attributes).
         Whole values and whole tokens match, never a substring inside a token
         (:mod:`node.deid.identifiers`)."""
+        self.check_encoded(output, identifiers)
         buffer = BytesIO()
+        _save(output, buffer)
+        return buffer.getvalue()
+
+    def write(self, output: Dataset, identifiers: Identifiers, path: Path) -> None:
+        """:meth:`encode`, straight into the file ``path`` (never the whole object in memory
+        twice: what a large multi-frame instance needs); the file is removed on failure."""
+        self.check_encoded(output, identifiers)
         try:
-            output.save_as(buffer, enforce_file_format=True)
-        except (ValueError, TypeError, OverflowError, struct.error) as exc:
-            # pydicom's: a value that its VR cannot encode; never passed on half-written
-            raise Quarantined(f"the de-identified data set cannot be encoded "
-                              f"({type(exc).__name__})") from None
-        data = buffer.getvalue()
-        leaked = sorted(identifiers.leaks(dcmread(BytesIO(data))))
+            with path.open("wb") as f:
+                _save(output, f)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+    def check_encoded(self, output: Dataset, identifiers: Identifiers) -> None:
+        """The leak scan of :meth:`encode`: ``output`` is encoded and read back, and no
+        identifier may occur in what is read. Bulk pixel data (which the scan never reads as
+        text) is left out of that encoding, so a large object is not held twice more."""
+        bulk = [output.pop(tag) for tag in _BULK_PIXELS if tag in output]
+        try:
+            buffer = BytesIO()
+            _save(output, buffer)
+        finally:
+            for elem in bulk:
+                output[elem.tag] = elem
+        buffer.seek(0)
+        leaked = sorted(identifiers.leaks(dcmread(buffer)))
         if leaked:
             raise Quarantined(f"original values of {', '.join(leaked)} survived "
                               "de-identification")
-        return data
 
     def _clean(self, ds: Dataset, work: _Pass, parent: int | None) -> None:
         scheme = str(ds.get("CodingSchemeDesignator", "") or "")

@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
-from node.deid.batch import Identity, Mapping, deidentify_to_bytes, record_mappings
+from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
 from node.dicom import SeriesSpec, SynthesisTask, own_output, save_checked
 from node.dispatch import Outgoing, orthanc_client, send_to
 from node.dispatch.outgoing import load
@@ -356,7 +356,8 @@ class Runner:
             if self._own(job, source, made):
                 continue
             try:
-                output, data = deidentify_to_bytes(deid, source, self.settings.deid.output)
+                output, target = deidentify_to_file(deid, source, self.settings.deid.output,
+                                                    work)
             except Quarantined as exc:
                 made.quarantined += 1
                 made.notes.append(f"{sop}: {exc}")
@@ -364,8 +365,6 @@ class Runner:
                 continue
             except DeidentificationError as exc:
                 raise JobFailed(str(exc), permanent=True) from None
-            target = work / f"{output.SOPInstanceUID}.dcm"
-            target.write_bytes(data)
             made.files.append(_outgoing(target, output))
             mappings.append(Mapping(original, Identity.of(output)))
         broker = self.settings.deid.honest_broker_file

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEEDS = (ROOT / "config" / "node.example.toml", ROOT / "config" / "orthanc" / "node.toml")
 SEED_ENVIRONMENTS = (
     b"",
-    b"\0SYNTHNODE__DEID__KEY=fuzz-key-0123456789abcdef0123456789abcdef\n"
+    b"\0SYNTHNODE__DEID__KEY=fuzz-only-zVHeMArZw-VWGBFzXZdBF6xeSD2y6HdpJ2oQczc_BPw\n"
     b"SYNTHNODE__NODE__PORT=11113\nSYNTHNODE__JOBS__WORKERS=2",
     b'\0SYNTHNODE__RULES=[{name = "r", tasks = [{task = "deidentify"}]}]\n'
     b"SYNTHNODE__ORTHANC__PASSWORD=secret",

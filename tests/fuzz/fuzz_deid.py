@@ -38,7 +38,7 @@ from node.receive.check import RejectedDataset, inspect_dataset  # noqa: E402
 from tests.fuzz.harness import decode_input, run, sample_study, seed_inputs  # noqa: E402
 
 TARGET = "deid"
-KEY = "fuzz-key-" + "0123456789abcdef" * 3
+KEY = "fuzz-only-zVHeMArZw-VWGBFzXZdBF6xeSD2y6HdpJ2oQczc_BPw"  # strong enough (node.keys)
 
 OPTIONS = (
     DeidOption.RETAIN_LONGITUDINAL_MODIFIED_DATES,
