@@ -406,3 +406,76 @@ def test_tls_and_peer_settings_are_checked_and_paths_resolved(tmp_path: Path) ->
     assert settings.node.tls.ca_file == tmp_path / "ca.crt"
     assert settings.destinations[0].tls_ca == Path("/etc/ca.crt")
     assert settings.node.peers == {"CT1": ["10.0.0.5/32", "10.1.0.0/24"]}
+
+
+@pytest.mark.slow
+def test_backfill_by_cfind_and_cget_over_tls(pki: Path, node_factory, storescp,
+                                             tmp_path: Path) -> None:
+    """C-FIND and C-GET to a PACS that speaks only DICOM TLS (Orthanc with DicomTlsEnabled,
+    requiring a client certificate from the CA): the node's query/retrieve SCU shows its
+    certificate, checks the PACS's, and forwards what it retrieved."""
+    import datetime
+
+    from node.localorthanc import OrthancProcess
+    from tests.test_jobs import all_done, wait_for
+
+    pacs = OrthancProcess(tmp_path / "pacs", aet="TLSPACS")
+    pacs.config.update({
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki / "node.crt"),
+        "DicomTlsPrivateKey": str(pki / "node.key"),
+        "DicomTlsTrustedCertificates": str(pki / "ca.crt"),
+        "DicomTlsRemoteCertificateRequired": True,
+    })
+    study = make_study(tmp_path / "study", series=1, per_series=2)
+    for path in study:
+        ds = dcmread(path)
+        ds.StudyDate = "20240105"
+        ds.save_as(path)
+    rules = f"""
+[[destinations]]
+name = "pacs"
+ae_title = "TLSPACS"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+tls = true
+tls_ca = "{pki / 'ca.crt'}"
+tls_certificate = "{pki / 'client.crt'}"
+tls_key = "{pki / 'client.key'}"
+
+[[destinations]]
+name = "peer"
+ae_title = "{storescp.ae_title}"
+host = "127.0.0.1"
+port = {storescp.port}
+
+[[rules]]
+name = "forward"
+destinations = ["peer"]
+[[rules.tasks]]
+task = "forward"
+"""
+    node = node_factory(rules, spool={"stable_after_s": 0.5, "check_interval_s": 0.2},
+                        jobs={"cpu_workers": 1, "gpu_workers": 0})
+    pacs.config["DicomModalities"] = {"synthnode": {
+        "AET": "SYNTHNODE", "Host": "127.0.0.1", "Port": node.port, "AllowFind": True,
+        "AllowGet": True, "UseDicomTls": True}}
+    pacs.start()
+    try:
+        for path in study:
+            pacs.request("POST", "/instances", path.read_bytes())
+        backfill = [*SYNTHNODE, "--config", str(node.config), "mirror", "backfill", "--from",
+                    "pacs", "--since", datetime.date(2024, 1, 1).isoformat(), "--quiet"]
+        done = subprocess.run(backfill, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "1 studies from pacs: 1 queued" in done.stdout, done.stdout
+        wait_for(all_done(node, 1), what="the retrieved study forwarded")
+        sent = {str(dcmread(p).SOPInstanceUID) for p in study}
+        got = {str(dcmread(p).SOPInstanceUID) for p in storescp.received()}
+        assert got == sent
+        # The PACS speaks nothing but TLS: a plain association is not even possible.
+        plain = AE(ae_title="SYNTHNODE")
+        plain.add_requested_context("1.2.840.10008.1.1")
+        assoc = plain.associate("127.0.0.1", pacs.dicom_port, ae_title="TLSPACS")
+        assert not assoc.is_established
+    finally:
+        pacs.stop(kill=True)
