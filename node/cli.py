@@ -139,13 +139,21 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from node.jobs import run_worker
-    from node.keys import key_problem
+    from node.keys import KeyRecord, key_problem
 
     settings = _settings(args)
     configure_logging(settings.log.level)
-    if settings.deid.key and (problem := key_problem(settings.deid.key)):
-        print(f"synthnode worker: {problem}", file=sys.stderr)
-        return 2
+    if settings.deid.key:
+        # A worker on another machine sees the spool's record where the spool is shared; where
+        # it is not, serve's own check stands for the node.
+        try:
+            problem = key_problem(settings.deid.key) or KeyRecord(
+                settings.spool.dir).mismatch(settings.deid.key)
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            print(f"synthnode worker: {problem}", file=sys.stderr)
+            return 2
     return run_worker(settings, args.queue, args.workers, args.nice, parent=args.parent)
 
 

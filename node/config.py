@@ -552,7 +552,8 @@ class JobsSettings(_Section):
     backend: QueueBackend = QueueBackend.SQLITE
     sqlite_file: Path = Field(Path("var/queue.sqlite3"), description="backend sqlite")
     redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://",
-                           description="backend redis; a password belongs in the environment")
+                           description="secret when it holds a password (backend redis): "
+                                       "set it in SYNTHNODE__JOBS__REDIS_URL")
     name: str = Field("synthnode", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                       description="queue name prefix: several nodes may share one backend")
     cpu_workers: int = Field(2, ge=0, le=64, description="processes serve starts for the cpu "

@@ -173,3 +173,42 @@ def test_two_variants_delivered_and_own_outputs_sent_back_start_no_job(
         assert len(lines) == 1, lines
     finally:
         orthanc.stop(kill=True)
+
+
+def test_the_variant_ignores_order_and_names_but_not_content() -> None:
+    """Renaming a pixel rule or reordering a list changes no output UID (a PACS would get
+    every study again otherwise); changing what a rule blanks does."""
+    from node.config import DeidSettings, OutputSettings, PixelRule
+    from node.deid.engine import variant_of
+
+    rule = {"manufacturer": "ACME", "regions": [(0, 0, 10, 10)]}
+    other = {"manufacturer": "X", "regions": [(1, 1, 2, 2)]}
+    base = DeidSettings(key=KEY, burned_in_modalities=["US", "SC"],
+                        pixel_rules=[PixelRule(name="acme-us", **rule),
+                                     PixelRule(name="other", **other)])
+    same = DeidSettings(key=KEY, burned_in_modalities=["SC", "US"],
+                        pixel_rules=[PixelRule(name="other-renamed", **other),
+                                     PixelRule(name="renamed", **rule)])
+    moved = DeidSettings(key=KEY, burned_in_modalities=["US", "SC"],
+                         pixel_rules=[PixelRule(name="acme-us", manufacturer="ACME",
+                                                regions=[(0, 0, 20, 10)]),
+                                      PixelRule(name="other", **other)])
+    out = OutputSettings()
+    assert variant_of(base, out) == variant_of(same, out)
+    assert variant_of(base, out) != variant_of(moved, out)
+
+
+def test_an_rt_structure_sets_study_reference_follows_the_study_uid() -> None:
+    """RT Referenced Study Sequence holds the Study Instance UID as a Referenced SOP Instance
+    UID: it is shared as the study's own UID is, so the reference still resolves."""
+    from pydicom.data import get_testdata_file
+
+    ds = dcmread(get_testdata_file("rtstruct.dcm"), force=True)
+    (frame,) = ds.ReferencedFrameOfReferenceSequence
+    (study,) = frame.RTReferencedStudySequence
+    study.ReferencedSOPInstanceUID = ds.StudyInstanceUID
+    settings = deid_settings(["retain_longitudinal_full_dates"])
+    out = Deidentifier(settings.deid, settings.output).deidentify(ds)
+    (frame,) = out.ReferencedFrameOfReferenceSequence
+    (study,) = frame.RTReferencedStudySequence
+    assert study.ReferencedSOPInstanceUID == out.StudyInstanceUID != ds.StudyInstanceUID

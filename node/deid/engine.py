@@ -88,7 +88,11 @@ _SHARED_UIDS = frozenset({
     0x30060024,  # Referenced Frame of Reference UID
     0x300600C2,  # Related Frame of Reference UID
 })
-_REFERENCED_STUDY_SEQUENCE = 0x00081110
+_STUDY_REFERENCES = frozenset({
+    0x00081110,  # Referenced Study Sequence
+    0x30060012,  # RT Referenced Study Sequence
+})
+"""Sequences whose Referenced SOP Instance UID is a Study Instance UID (shared, like it)."""
 _REFERENCED_SOP_INSTANCE_UID = 0x00081155
 
 # Settings that do not change what an output holds: left out of its variant.
@@ -190,8 +194,9 @@ def _save_bulk_last(ds: Dataset, f: BinaryIO) -> bool:
     if not isinstance(value, bytes) or len(value) < BULK_MIN_BYTES:
         return False
     encapsulated = syntax.is_encapsulated
-    if encapsulated != elem.is_undefined_length:
-        return False
+    if encapsulated != elem.is_undefined_length or (
+            encapsulated and not value.startswith(b"\xfe\xff\x00\xe0")):
+        return False  # (pydicom refuses encapsulated data without its item tag: quarantined)
     vr = str(elem.VR)
     if vr not in ("OB", "OW"):
         vr = "OB" if encapsulated or int(ds.get("BitsAllocated", 8) or 8) <= 8 else "OW"
@@ -554,7 +559,7 @@ class Deidentifier:
         if elem.value in (None, ""):
             return
         shared = elem.tag in _SHARED_UIDS or (
-            elem.tag == _REFERENCED_SOP_INSTANCE_UID and parent == _REFERENCED_STUDY_SEQUENCE)
+            elem.tag == _REFERENCED_SOP_INSTANCE_UID and parent in _STUDY_REFERENCES)
         if elem.VM > 1:
             elem.value = [self.new_uid(str(v), shared) for v in elem.value]
         else:
@@ -567,7 +572,13 @@ def variant_of(settings: DeidSettings, output: OutputSettings) -> str:
     but the shared ones. Neither the key (it keys the UIDs anyway) nor where the honest broker
     writes is part of it."""
     values = settings.model_dump(mode="json", exclude=_NOT_IN_VARIANT)
-    values["options"] = sorted(values["options"])
+    # Order and names change nothing in an output: a list reordered or a pixel rule renamed
+    # keeps every UID (else a PACS would get every study again under new ones).
+    for name, value in values.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[name] = sorted(value)
+    rules = [{k: v for k, v in rule.items() if k != "name"} for rule in values["pixel_rules"]]
+    values["pixel_rules"] = sorted(rules, key=lambda r: json.dumps(r, sort_keys=True))
     values["manufacturer"] = output.manufacturer
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 GENERATION_CHUNK = 16  # sources per model call: bounds memory on long series
 SPACE_WAIT_S = 2.0
-"""How long a job that would write waits before it looks at the disk reserve again."""
+"""How long a job that would write waits before it looks at the disk reserve again (doubled
+on each wait in a row, up to :data:`SPACE_WAIT_MAX_S`)."""
+SPACE_WAIT_MAX_S = 30.0
 
 
 class WaitForSpace(Exception):
@@ -93,7 +95,9 @@ class Runner:
         from node.spool.reserve import DiskReserve
 
         self.reserve: DiskReserve = DiskReserve.for_settings(settings)
-        self._waiting: set[str] = set()  # jobs that waited for space, for one log line each
+        # jobs that wait for space: how many times in a row (one log line each, and a wait
+        # that grows so that a long backlog does not churn the queue every few seconds)
+        self._waiting: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -122,13 +126,14 @@ class Runner:
             if beat is not None and now - beat.at < jobs.heartbeat_timeout_s:
                 log.debug("job %s is running on %s; message dropped", job.id, beat.worker)
                 return
-        if self._writes(job):
+        if self._writes(job) and not (self._work(job) / MANIFEST).exists():
+            # (outputs made by an earlier attempt are only delivered: that frees space)
             short = self.reserve.shortfall()
             if short is not None:
                 self._wait_for_space(job, f"below the disk reserve: {short}")
                 return
         if job.id in self._waiting:
-            self._waiting.discard(job.id)
+            del self._waiting[job.id]
             log.info("job %s: free space is above the reserve again; resuming", job.id)
         job = job.but(state=JobState.RUNNING, attempts=job.attempts + 1, worker=self.name,
                       not_before=0.0)
@@ -145,12 +150,14 @@ class Runner:
         try:
             made = self.execute(job)
         except WaitForSpace as exc:
+            self._drop_partial(job)
             self._wait_for_space(job.but(attempts=job.attempts - 1), exc.reason)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 log.exception("job %s failed unexpectedly", job.id)
                 self.queues.fail(job, f"internal error: {type(exc).__name__}", permanent=False)
             else:
+                self._drop_partial(job)
                 self._wait_for_space(job.but(attempts=job.attempts - 1),
                                      f"disk full writing its outputs ({exc.strerror})")
         except JobFailed as exc:
@@ -185,14 +192,25 @@ class Runner:
         if short is not None:
             raise WaitForSpace(f"below the disk reserve: {short}")
 
+    def _drop_partial(self, job: Job) -> None:
+        """A job stopped for disk space leaves nothing half-made behind: its partial outputs
+        and fetched sources would otherwise hold the very space it waits for (made again, with
+        the same UIDs, when it resumes). Outputs with a manifest are complete: they stay."""
+        if not (self._work(job) / MANIFEST).exists():
+            shutil.rmtree(self._work(job), ignore_errors=True)
+        shutil.rmtree(self._source_dir(job), ignore_errors=True)
+
     def _wait_for_space(self, job: Job, reason: str) -> None:
-        """Put ``job`` back for :data:`SPACE_WAIT_S`, its attempt not counted; never dead."""
-        self.queues.postpone(job, SPACE_WAIT_S, f"waiting for disk space: {reason}")
-        if job.id not in self._waiting:
-            self._waiting.add(job.id)
+        """Put ``job`` back for :data:`SPACE_WAIT_S`, doubling on each wait in a row up to
+        :data:`SPACE_WAIT_MAX_S`, its attempt not counted; never dead."""
+        waits = self._waiting.get(job.id, 0)
+        self._waiting[job.id] = waits + 1
+        delay = min(SPACE_WAIT_S * 2 ** waits, SPACE_WAIT_MAX_S)
+        self.queues.postpone(job, delay, f"waiting for disk space: {reason}")
+        if not waits:
             log.warning("job %s waits for disk space (attempt not counted): %s", job.id, reason)
         else:
-            log.debug("job %s still waits for disk space", job.id)
+            log.debug("job %s still waits for disk space (next look in %.0f s)", job.id, delay)
 
     def _beat(self, job_id: str, stop: threading.Event) -> None:
         while not stop.wait(self.settings.jobs.heartbeat_s):
@@ -209,7 +227,12 @@ class Runner:
         sources = self._sources(job)
         work = self._work(job)
         if task.task is TaskKind.FORWARD:
-            made = Made(files=[_identify(p) for p in sources])
+            made = Made()
+            fetched = bool(job.pacs_source or job.orthanc_study)  # the router saw no header
+            for path in sources:
+                if fetched and self._own(job, _read(path, header_only=True), made):
+                    continue
+                made.files.append(_identify(path))
         else:
             made = self._reuse(work, job) or self._make(job, sources, work)
         self._deliver(job, made.files)
@@ -465,9 +488,9 @@ def _identify(path: Path) -> Outgoing:
         raise JobFailed(f"spooled instance {path.stem}: {exc}", permanent=True) from None
 
 
-def _read(path: Path) -> Dataset:
+def _read(path: Path, header_only: bool = False) -> Dataset:
     try:
-        return dcmread(path)
+        return dcmread(path, stop_before_pixels=header_only)
     except Exception as exc:  # noqa: BLE001 - the spool holds only checked files
         raise JobFailed(f"spooled instance {path.stem} cannot be read "
                         f"({type(exc).__name__})", permanent=True) from None

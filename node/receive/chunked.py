@@ -62,6 +62,9 @@ class Incoming:
         self.error: OSError | None = None
         self.file = self  # pynetdicom flushes ``.file``
         self._fd = -1
+        # An abort closes the file from another thread (discard_partial) while the receiving
+        # thread may be writing: never write to a descriptor closed (and maybe reused) meanwhile.
+        self._lock = threading.Lock()
         self.name = str(tmp_dir / f"unmade-{uuid.uuid4().hex}.dcm")  # until made
         if not refused:
             try:
@@ -70,25 +73,27 @@ class Incoming:
                 self.error = exc
 
     def write(self, data: bytes) -> int:
-        if self._fd < 0 or self.error is not None:
+        with self._lock:
+            if self._fd < 0 or self.error is not None:
+                return len(data)
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                self.error = exc
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)  # give the space back now, not at close
             return len(data)
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:
-            self.error = exc
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)  # give the space back now, not at close
-        return len(data)
 
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def _target() -> ReceiveTarget | None:
