@@ -138,3 +138,47 @@ def test_one_gigabyte_instance_is_deidentified_holding_it_once(
           f"({peak * MB / size:.2f}x the instance)")
     assert received.stat().st_size > 1_000 * MB
     assert peak * MB < 1.5 * size, f"the worker's memory peaked at {peak:.0f} MB"
+
+
+def test_a_transfer_cut_off_midway_leaves_nothing_behind(node_factory, tmp_path: Path) -> None:
+    """The sender dies halfway through a large instance: nothing is acknowledged, nothing is
+    spooled, and its partial file in the spool's ``.tmp`` is removed at once (not at the next
+    start); the node goes on receiving."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.nodeproc import dcmtk, echo, make_study
+
+    big = tmp_path / "big.dcm"
+    write_multiframe(big, 1024, 1024, 400)
+    node = node_factory()
+    tmp = node.spool / ".tmp"
+    sender = subprocess.Popen(
+        [dcmtk("storescu"), "-R", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1",
+         str(node.port), str(big)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TCP_NODELAY="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > 20 * MB for p in tmp.glob("*")):
+            assert sender.poll() is None, "the transfer ended before it could be cut off"
+            assert time.monotonic() < deadline, "no partial file appeared in .tmp"
+            time.sleep(0.02)
+        sender.send_signal(signal.SIGKILL)
+    finally:
+        sender.wait(30)
+    deadline = time.monotonic() + 30
+    while "aborted" not in node.log():
+        assert time.monotonic() < deadline, node.log()[-2000:]
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while list(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(tmp.iterdir()), "the partial file stayed in .tmp"
+    assert node.spooled() == {}
+    # Still receiving.
+    assert echo(node.port, node.ae_title)
+    files = make_study(tmp_path / "small", series=1, per_series=1)
+    assert storescu(node.port, files).returncode == 0
+    assert len(node.spooled()) == 1
