@@ -144,3 +144,68 @@ task = "deidentify"
     assert node.terminate() == 0
     (stopped,) = re.findall(r"stopped: .* (\d+) refused below the disk reserve", node.log())
     assert int(stopped) >= 3  # study C's, and those of the resumption awaited
+
+
+def test_a_job_that_crosses_the_reserve_midway_leaves_nothing_half_made(
+    node_factory, storescp: StoreSCP, small_disk: Path, tmp_path: Path
+) -> None:
+    """The reserve is crossed while a job writes its outputs: the job stops, removes what it
+    had half made (else those files would hold the very space it waits for, and it would wait
+    forever), waits without counting the attempt, and completes once space is freed."""
+    from pydicom.uid import generate_uid
+
+    from tests.test_large import write_multiframe
+
+    base = tmp_path / "base.dcm"
+    write_multiframe(base, 1024, 1024, 2)  # 2 MiB
+    study = []
+    for n in range(10):
+        ds = dcmread(base)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(tmp_path / f"i{n}.dcm")
+        study.append(tmp_path / f"i{n}.dcm")
+    rules = f"""
+[[destinations]]
+name = "archive"
+ae_title = "{storescp.ae_title}"
+host = "127.0.0.1"
+port = {storescp.port}
+
+[[rules]]
+name = "deid-all"
+destinations = ["archive"]
+[[rules.tasks]]
+task = "deidentify"
+"""
+    node = node_factory(
+        rules=rules,
+        spool={"dir": str(small_disk / "spool"), "stable_after_s": 3.0, "check_interval_s": 0.2,
+               "reserve_bytes": 16 * MiB, "reserve_percent": 0},
+        output={"quarantine_dir": str(small_disk / "quarantine")},
+        deid={"key": KEY, "detect_text": False},
+        jobs={"work_dir": str(small_disk / "work"), "cpu_workers": 1, "heartbeat_s": 0.3,
+              "heartbeat_timeout_s": 30.0, "max_attempts": 2},
+    )
+    assert store(node.port, study) == [(0, "")] * 10
+    # Room for two or three of the ten 2 MiB outputs above the reserve, no more.
+    ballast = small_disk / "ballast"
+    fill(ballast, small_disk, leave_bytes=16 * MiB + 5 * MiB)
+    wait_for(lambda: " waits for disk space (attempt not counted)" in node.log(), timeout_s=60,
+             what="the job stopping for space")
+    work = small_disk / "work"
+
+    def in_a_long_wait() -> bool:
+        (job,) = records(node)
+        return job.state is JobState.PENDING and job.not_before - time.time() > 3.0
+
+    wait_for(in_a_long_wait, timeout_s=60, what="a wait of several seconds")
+    assert not list(work.rglob("*.dcm")), "half-made outputs kept while the job waits"
+    (job,) = records(node)
+    assert job.attempts == 0 and job.last_error.startswith("waiting for disk space"), job
+    assert not storescp.received()
+
+    ballast.unlink()
+    wait_for(lambda: records(node)[0].state is JobState.DONE, timeout_s=90, what="the job done")
+    (job,) = records(node)
+    assert job.attempts == 1 and job.outputs == 10, job
+    assert len(storescp.received()) == 10

@@ -132,8 +132,7 @@ class Runner:
             if short is not None:
                 self._wait_for_space(job, f"below the disk reserve: {short}")
                 return
-        if job.id in self._waiting:
-            del self._waiting[job.id]
+        if job.id in self._waiting:  # (forgotten once the job ran without waiting again)
             log.info("job %s: free space is above the reserve again; resuming", job.id)
         job = job.but(state=JobState.RUNNING, attempts=job.attempts + 1, worker=self.name,
                       not_before=0.0)
@@ -147,9 +146,11 @@ class Runner:
                                        name=f"heartbeat-{job.id}", daemon=True)
         beat_thread.start()
         started = time.monotonic()
+        waited = False
         try:
             made = self.execute(job)
         except WaitForSpace as exc:
+            waited = True
             self._drop_partial(job)
             self._wait_for_space(job.but(attempts=job.attempts - 1), exc.reason)
         except OSError as exc:
@@ -157,6 +158,7 @@ class Runner:
                 log.exception("job %s failed unexpectedly", job.id)
                 self.queues.fail(job, f"internal error: {type(exc).__name__}", permanent=False)
             else:
+                waited = True
                 self._drop_partial(job)
                 self._wait_for_space(job.but(attempts=job.attempts - 1),
                                      f"disk full writing its outputs ({exc.strerror})")
@@ -180,6 +182,8 @@ class Runner:
             beating.set()
             beat_thread.join()
             store.clear_beat(job.id)
+            if not waited:
+                self._waiting.pop(job.id, None)
 
     def _writes(self, job: Job) -> bool:
         """Does ``job`` write to the work folder or the quarantine? (Forwarding what is in the
@@ -188,7 +192,9 @@ class Runner:
                 or bool(job.pacs_source))
 
     def _check_space(self) -> None:
-        short = self.reserve.shortfall()
+        # Read now, not cached: a job writes far faster than the receiver's cache period, and
+        # one statvfs per output is nothing next to making it.
+        short = self.reserve.check_now()
         if short is not None:
             raise WaitForSpace(f"below the disk reserve: {short}")
 
