@@ -63,10 +63,9 @@ def fill(ballast: Path, disk: Path, leave_bytes: int) -> None:
         f.write(b"\0" * (size % MiB))
 
 
-def test_below_the_reserve_refuses_and_waits_then_resumes_losing_nothing(
-    node_factory, storescp: StoreSCP, small_disk: Path, tmp_path: Path
-) -> None:
-    rules = f"""
+def deid_to(storescp: StoreSCP) -> str:
+    """One rule: de-identify everything and deliver it to ``storescp``."""
+    return f"""
 [[destinations]]
 name = "archive"
 ae_title = "{storescp.ae_title}"
@@ -79,6 +78,12 @@ destinations = ["archive"]
 [[rules.tasks]]
 task = "deidentify"
 """
+
+
+def test_below_the_reserve_refuses_and_waits_then_resumes_losing_nothing(
+    node_factory, storescp: StoreSCP, small_disk: Path, tmp_path: Path
+) -> None:
+    rules = deid_to(storescp)
     node = node_factory(
         rules=rules,
         spool={"dir": str(small_disk / "spool"), "stable_after_s": 2.0, "check_interval_s": 0.2,
@@ -164,19 +169,7 @@ def test_a_job_that_crosses_the_reserve_midway_leaves_nothing_half_made(
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.save_as(tmp_path / f"i{n}.dcm")
         study.append(tmp_path / f"i{n}.dcm")
-    rules = f"""
-[[destinations]]
-name = "archive"
-ae_title = "{storescp.ae_title}"
-host = "127.0.0.1"
-port = {storescp.port}
-
-[[rules]]
-name = "deid-all"
-destinations = ["archive"]
-[[rules.tasks]]
-task = "deidentify"
-"""
+    rules = deid_to(storescp)
     node = node_factory(
         rules=rules,
         spool={"dir": str(small_disk / "spool"), "stable_after_s": 3.0, "check_interval_s": 0.2,
