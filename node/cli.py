@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from node import __version__
-from node.config import ENV_CONFIG, ConfigError, Destination, Settings, load_settings
+from node.config import ENV_CONFIG, ConfigError, DicomDestination, Settings, load_settings
 
 log = logging.getLogger("node")
 
@@ -44,7 +44,7 @@ _CONNECT_FAILED = ("Association request failed: unable to connect", "TCP Initial
 
 def _no_tls_traceback(record: logging.LogRecord) -> bool:
     """pynetdicom logs a failed connection in two lines and a TLS one with a traceback too; the
-    node says why in one line of its own (node.dispatch.dimse.open_association, its only
+    node says why in one line of its own (node.archives.dimse.open_association, its only
     requestor), so those go."""
     import ssl
 
@@ -318,15 +318,15 @@ def parse_peer(text: str) -> tuple[str, str, int]:
 
 
 def _peer_destination(text: str, settings: Settings, args: argparse.Namespace
-                      ) -> Destination:
+                      ) -> DicomDestination:
     """``AE@HOST:PORT`` (TLS as the ``--tls*`` options say) or a ``[[destinations]]`` DICOM
     peer's name (TLS as it is configured); ValueError or KeyError naming the problem."""
-    from node.config import Destination
 
     if "@" not in text:
         destination = settings.destination(text)
-        if destination.is_orthanc:
-            raise ValueError(f'"{text}" is an Orthanc (url), not a DICOM peer')
+        if not isinstance(destination, DicomDestination):
+            raise ValueError(f'"{text}" is a {destination.kind.value} destination, not a '
+                             "DICOM peer")
         return destination
     from pydantic import ValidationError
 
@@ -334,7 +334,7 @@ def _peer_destination(text: str, settings: Settings, args: argparse.Namespace
     files = {"tls_ca": args.tls_ca, "tls_certificate": args.tls_certificate,
              "tls_key": args.tls_key}
     try:
-        return Destination(
+        return DicomDestination(
             name="command-line", ae_title=ae_title, host=host, port=port,
             tls=args.tls or any(files.values()),
             tls_verify_hostname=not args.tls_no_verify_hostname,
@@ -349,7 +349,7 @@ def _peer_destination(text: str, settings: Settings, args: argparse.Namespace
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
 
-    from node.dispatch.dimse import open_association, tls_args
+    from node.archives.dimse import open_association, tls_args
     from node.receive.contexts import VERIFICATION
     from node.tls import TLSError
 
@@ -412,7 +412,7 @@ def send_files(paths: Sequence[Path]) -> tuple[list[Path], int]:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from node.dispatch import send_to, send_to_peer
+    from node.archives import send_to, send_to_peer
 
     settings = _settings(args)
     configure_logging(settings.log.level)

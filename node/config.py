@@ -21,13 +21,15 @@ import tomllib
 from enum import StrEnum
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -37,6 +39,8 @@ from pydantic import (
 from node.uids import MAX_ROOT_LENGTH, is_valid_uid
 
 ENV_CONFIG = "SYNTHNODE_CONFIG"
+ORTHANC = "orthanc"
+"""The destination name of ``[orthanc]``."""
 ENV_PREFIX = "SYNTHNODE__"
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
@@ -297,22 +301,60 @@ class DispatchSettings(_Section):
     backoff_max_s: float = Field(60.0, gt=0)
 
 
-class Destination(_Section):
-    """``[[destinations]]``: a DICOM peer (``ae_title``, ``host``, ``port``: C-STORE, and C-FIND
-    with C-GET for backfill) or another Orthanc (``url``: REST), named in rules, ``synthnode
-    send --to`` and ``synthnode mirror backfill --from``."""
+class DestinationKind(StrEnum):
+    """The kinds of archive a ``[[destinations]]`` entry can be (its ``kind``)."""
+
+    ORTHANC = "orthanc"
+    """An Orthanc over its REST API (``url``): store; find and fetch for backfill."""
+
+    DICOM = "dicom"
+    """A DICOM peer (``ae_title``, ``host``, ``port``): C-STORE; C-FIND and C-GET for
+    backfill."""
+
+    DICOMWEB = "dicomweb"
+    """A DICOMweb server (``url``, the service root): STOW-RS; QIDO-RS and WADO-RS for
+    backfill."""
+
+
+class _Destination(_Section):
+    """What every ``[[destinations]]`` entry has."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    ae_title: AETitle | None = None
-    host: str = ""
-    port: int | None = Field(None, ge=1, le=65535)
-    url: str = Field("", pattern=r"^(https?://.+)?$", description="an Orthanc's REST API")
+
+
+class OrthancDestination(_Destination):
+    """``[[destinations]]`` with ``url`` (``kind = "orthanc"``, the default for a url): another
+    Orthanc, over REST. ``[orthanc]`` is the one named "orthanc"."""
+
+    url: str = Field(pattern=r"^https?://.+$", description="an Orthanc's REST API")
     username: str = ""
     password_env: str = Field(
         "", pattern=_ENV_NAME,
         description="the environment variable that holds the REST password (never the file)",
     )
-    tls: bool = Field(False, description="a DICOM peer: associate over TLS (PS3.15 Annex B)")
+    password: str = Field("", exclude=True, repr=False,
+                          description='secret: [orthanc] password (the "orthanc" destination '
+                                      "only)")
+    kind: Literal[DestinationKind.ORTHANC] = DestinationKind.ORTHANC
+
+    def orthanc_settings(self, base: OrthancSettings, environ: dict[str, str] | None = None
+                         ) -> OrthancSettings:
+        """``[orthanc]`` for this Orthanc: its url and user, the password from
+        ``password_env``, timeouts and metadata names from ``base``."""
+        env = os.environ if environ is None else environ
+        password = env.get(self.password_env, "") if self.password_env else self.password
+        return base.model_copy(update={"url": self.url, "username": self.username,
+                                       "password": password})
+
+
+class DicomDestination(_Destination):
+    """``[[destinations]]`` with ``ae_title``, ``host`` and ``port`` (``kind = "dicom"``, the
+    default for those): a DICOM peer, a PACS."""
+
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = Field(False, description="associate over TLS (PS3.15 Annex B)")
     tls_ca: Path | None = Field(
         None, description="PEM: CA certificates to trust for the peer's certificate; "
                           "None = [node.tls] ca_file, else the system's trust store"
@@ -331,21 +373,12 @@ class Destination(_Section):
         True, description="false: trust any name in a certificate signed by tls_ca (for peers "
                           "reached by an address their certificate does not name)",
     )
+    kind: Literal[DestinationKind.DICOM] = DestinationKind.DICOM
 
     @model_validator(mode="after")
-    def _one_kind(self) -> Destination:
-        peer = (self.ae_title, self.host, self.port)
-        if self.url and any(peer):
-            raise ValueError(f'destination "{self.name}": either url (an Orthanc) or '
-                             "ae_title, host and port (a DICOM peer), not both")
-        if not self.url and not all(peer):
-            raise ValueError(f'destination "{self.name}": give url (an Orthanc), or ae_title, '
-                             "host and port (a DICOM peer)")
+    def _tls_keys(self) -> DicomDestination:
         tls_keys = [k for k in ("tls_ca", "tls_certificate", "tls_key", "tls_key_password_env",
                                 "tls_server_name") if getattr(self, k)]
-        if self.url and (self.tls or tls_keys):
-            raise ValueError(f'destination "{self.name}": tls settings are for DICOM peers; '
-                             "an Orthanc is reached over TLS by an https:// url")
         if tls_keys and not self.tls:
             raise ValueError(f'destination "{self.name}": {", ".join(tls_keys)} given but '
                              "tls = false: set tls = true")
@@ -354,19 +387,59 @@ class Destination(_Section):
                              "together")
         return self
 
-    @property
-    def is_orthanc(self) -> bool:
-        return bool(self.url)
 
-    def orthanc_settings(self, base: OrthancSettings, environ: dict[str, str] | None = None
-                         ) -> OrthancSettings:
-        """``[orthanc]`` for this Orthanc: its url and user, the password from
-        ``password_env``, timeouts and metadata names from ``base``."""
-        env = os.environ if environ is None else environ
-        return base.model_copy(update={
-            "url": self.url, "username": self.username,
-            "password": env.get(self.password_env, "") if self.password_env else "",
-        })
+class DicomWebDestination(_Destination):
+    """``[[destinations]]`` with ``kind = "dicomweb"``: a DICOMweb server (PS3.18), by its
+    service root ``url`` (e.g. ``https://pacs.example.org/dicom-web``)."""
+
+    url: str = Field(pattern=r"^https?://.+$", description="the DICOMweb service root")
+    username: str = Field("", description='HTTP basic auth user; "" = none')
+    password_env: str = Field(
+        "", pattern=_ENV_NAME,
+        description="the environment variable that holds the basic auth password",
+    )
+    token_env: str = Field(
+        "", pattern=_ENV_NAME,
+        description="the environment variable that holds a bearer token (instead of basic)",
+    )
+    timeout_s: float = Field(30.0, gt=0)
+    kind: Literal[DestinationKind.DICOMWEB]
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomWebDestination:
+        if self.token_env and (self.username or self.password_env):
+            raise ValueError(f'destination "{self.name}": give token_env or username and '
+                             "password_env, not both")
+        return self
+
+
+_PEER_KEYS = ("ae_title", "host", "port")
+
+
+def _destination_kind(value: Any) -> str | None:
+    """A ``[[destinations]]`` entry's kind: its ``kind``, else what its keys say (``url``: an
+    Orthanc; ``ae_title``, ``host``, ``port``: a DICOM peer)."""
+    if not isinstance(value, dict):
+        return getattr(value, "kind", None)
+    if "kind" in value:
+        return str(value["kind"])
+    if value.get("url") and not any(value.get(k) for k in _PEER_KEYS):
+        return DestinationKind.ORTHANC.value
+    if not value.get("url") and any(value.get(k) for k in _PEER_KEYS):
+        return DestinationKind.DICOM.value
+    return None
+
+
+Destination = Annotated[
+    Annotated[OrthancDestination, Tag(DestinationKind.ORTHANC.value)]
+    | Annotated[DicomDestination, Tag(DestinationKind.DICOM.value)]
+    | Annotated[DicomWebDestination, Tag(DestinationKind.DICOMWEB.value)],
+    Discriminator(_destination_kind, custom_error_type="destination_kind",
+                  custom_error_message='give kind ("orthanc", "dicom", "dicomweb"), or url (an '
+                                       "Orthanc), or ae_title, host and port (a DICOM peer), "
+                                       "not both"),
+]
+"""One ``[[destinations]]`` entry: a member by its kind."""
 
 
 class DeidOutput(StrEnum):
@@ -762,6 +835,9 @@ class Settings(_Section):
         names = [d.name for d in value]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique: {names}")
+        if ORTHANC in names:
+            raise ValueError(f'the destination name "{ORTHANC}" is [orthanc]\'s: name this one '
+                             "otherwise")
         return value
 
     @model_validator(mode="after")
@@ -769,7 +845,7 @@ class Settings(_Section):
         names = [r.name for r in self.rules]
         if len(set(names)) != len(names):
             raise ValueError(f"rule names must be unique: {names}")
-        known = {"orthanc"} | {d.name for d in self.destinations}
+        known = set(self._named)
         for rule in self.rules:
             for target in [*rule.destinations,
                            *(t for task in rule.tasks for t in task.destinations or ())]:
@@ -779,22 +855,37 @@ class Settings(_Section):
                                      f"(known: {', '.join(sorted(known))})")
         return self
 
+    @property
+    def _named(self) -> dict[str, Destination]:
+        # [orthanc] is the destination named "orthanc", first of all
+        orthanc = OrthancDestination(name=ORTHANC, url=self.orthanc.url,
+                                     username=self.orthanc.username,
+                                     password=self.orthanc.password)
+        return {ORTHANC: orthanc, **{d.name: d for d in self.destinations}}
+
+    @property
+    def all_destinations(self) -> list[Destination]:
+        """Every destination: "orthanc" (``[orthanc]``) first, then ``[[destinations]]``."""
+        return list(self._named.values())
+
     def orthanc_named(self, name: str) -> OrthancSettings:
-        """``[orthanc]`` for "orthanc" (or ""), else the ``[[destinations]]`` Orthanc called
-        ``name``; KeyError for an unknown name, ValueError for a DICOM peer."""
-        if name in ("", "orthanc"):
+        """The REST settings of the Orthanc called ``name`` ("orthanc" or "": ``[orthanc]``);
+        KeyError for an unknown name, ValueError for another kind."""
+        if name in ("", ORTHANC):
             return self.orthanc
         destination = self.destination(name)
-        if not destination.is_orthanc:
-            raise ValueError(f'"{name}" is a DICOM peer, not an Orthanc (url)')
+        if not isinstance(destination, OrthancDestination):
+            raise ValueError(f'"{name}" is a {destination.kind.value} destination, not an '
+                             "Orthanc (url)")
         return destination.orthanc_settings(self.orthanc)
 
     def destination(self, name: str) -> Destination:
-        """The destination called ``name``; KeyError naming the known ones otherwise."""
-        for d in self.destinations:
-            if d.name == name:
-                return d
-        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        """The destination called ``name`` ("orthanc": ``[orthanc]``); KeyError naming the
+        known ones otherwise."""
+        found = self._named.get(name)
+        if found is not None:
+            return found
+        known = ", ".join(self._named)
         raise KeyError(f'no destination "{name}" (known: {known})')
 
 
@@ -839,8 +930,17 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _table_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
-    """The model a field holds as a table, or lists as an array of tables (then True)."""
+def _table_of(annotation: Any) -> tuple[Any, bool]:
+    """The model a field holds as a table, or lists as an array of tables (then True); for a
+    tagged union of models, a dict of them by tag."""
+    if get_origin(annotation) is Annotated:
+        inner = get_args(annotation)[0]
+        members = get_args(inner) if get_origin(inner) in (UnionType, Union) else ()
+        tagged = {str(m.tag): get_args(a)[0] for a in members if get_origin(a) is Annotated
+                  for m in get_args(a)[1:] if isinstance(m, Tag)}
+        if tagged:
+            return tagged, False
+        return _table_of(inner)
     args = [a for a in get_args(annotation) if a is not type(None)]
     if get_origin(annotation) is list and args:
         inner, _ = _table_of(args[0])
@@ -877,12 +977,15 @@ def _locate(loc: tuple[Any, ...], data: Any, model: type[BaseModel]) -> _Place:
     keys: list[str] = []  # dotted path, entries appended to their list's key
     header = 0  # how many leading keys are tables named in a [header] / [[header]]
     first_entry = ""
-    table: type[BaseModel] | None = model  # the table the next key is in
-    listed: type[BaseModel] | None = None  # the entries' model when the next part is an index
+    table: Any = model  # the table the next key is in
+    listed: Any = None  # the entries' model when the next part is an index
     owner: type[BaseModel] | None = model
     field: Any = None
     node = data
     for part in loc:
+        if isinstance(table, dict):  # a tagged union's member, by the tag pydantic puts first
+            table = owner = table.get(str(part))
+            continue
         if isinstance(part, int) and listed is not None:
             item = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
             if not first_entry and header == len(keys):
@@ -1002,7 +1105,7 @@ def load_settings(
     destinations = [d.model_copy(update={
         "tls_ca": resolve_opt(d.tls_ca), "tls_certificate": resolve_opt(d.tls_certificate),
         "tls_key": resolve_opt(d.tls_key),
-    }) for d in settings.destinations]
+    }) if isinstance(d, DicomDestination) else d for d in settings.destinations]
     broker = settings.deid.honest_broker_file
     return settings.model_copy(
         update={

@@ -36,7 +36,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from node.config import (
-    Destination,
+    DicomDestination,
+    OrthancDestination,
     OrthancSettings,
     QueueBackend,
     Settings,
@@ -139,7 +140,8 @@ def check_tls(settings: Settings) -> list[Finding]:
     """Every certificate, key and CA file the listener and the TLS destinations use loads."""
     from node.tls import tls_problems
 
-    uses_tls = settings.node.tls is not None or any(d.tls for d in settings.destinations)
+    uses_tls = settings.node.tls is not None or any(
+        isinstance(d, DicomDestination) and d.tls for d in settings.destinations)
     if not uses_tls:
         return []
     problems = tls_problems(settings)
@@ -206,15 +208,16 @@ def check_secrets(settings: Settings, environ: Mapping[str, str]) -> list[Findin
     used = destinations_in_use(settings)
     found: list[Finding] = []
     for d in settings.destinations:
-        if not d.password_env:
+        secret_env = "" if isinstance(d, DicomDestination) else d.password_env
+        if not secret_env:
             continue
-        name = f"secret {d.password_env}"
-        if environ.get(d.password_env):
+        name = f"secret {secret_env}"
+        if environ.get(secret_env):
             found.append(Finding(name, Level.OK, f'set (destination "{d.name}")'))
             continue
         level = Level.FATAL if d.name in used else Level.WARNING
         found.append(Finding(name, level, f'destination "{d.name}" takes its password from '
-                             f"${d.password_env}, which is not set: export it before starting"))
+                             f"${secret_env}, which is not set: export it before starting"))
     if "orthanc" in used and settings.orthanc.username and not settings.orthanc.password:
         found.append(Finding("secret SYNTHNODE__ORTHANC__PASSWORD", Level.WARNING,
                              "[orthanc] username is set but no password: set "
@@ -302,7 +305,7 @@ def check_orthanc(orthanc: OrthancSettings, label: str, how_to_log_in: str,
     """``/system`` answers with these credentials, and both user metadata are declared."""
     import requests
 
-    from node.dispatch.orthanc import orthanc_client
+    from node.archives.orthanc import orthanc_client
 
     name = f"destination {label}"
     url = _safe_url(orthanc.url)
@@ -365,12 +368,12 @@ def check_orthanc(orthanc: OrthancSettings, label: str, how_to_log_in: str,
         client.close()
 
 
-def check_peer(destination: Destination, settings: Settings,
+def check_peer(destination: DicomDestination, settings: Settings,
                timeout_s: float = PROBE_TIMEOUT_S) -> list[Finding]:
     """The DICOM peer accepts an association from ``[node] ae_title`` and answers C-ECHO."""
     from pynetdicom import AE, evt
 
-    from node.dispatch.dimse import open_association, tls_args
+    from node.archives.dimse import open_association, tls_args
     from node.receive.contexts import VERIFICATION
     from node.tls import TLSError
 
@@ -423,12 +426,12 @@ def check_destinations(settings: Settings, environ: Mapping[str, str]) -> list[F
         add(check_orthanc(settings.orthanc, "orthanc ([orthanc])",
                           "set [orthanc] username and SYNTHNODE__ORTHANC__PASSWORD"), True)
     for d in settings.destinations:
-        if d.is_orthanc:
+        if isinstance(d, OrthancDestination):
             login = (f'set the destination\'s username and ${d.password_env}' if d.password_env
                      else 'set the destination\'s username and password_env')
             add(check_orthanc(d.orthanc_settings(settings.orthanc, dict(environ)),
                               f'"{d.name}"', login), d.name in used)
-        else:
+        elif isinstance(d, DicomDestination):
             add(check_peer(d, settings), d.name in used)
     return found
 

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 
-from node.config import Destination, NodeSettings, NodeTLS, Settings, TLSVersion
+from node.config import DicomDestination, NodeSettings, NodeTLS, Settings, TLSVersion
 
 _VERSIONS = {TLSVersion.V1_2: ssl.TLSVersion.TLSv1_2, TLSVersion.V1_3: ssl.TLSVersion.TLSv1_3}
 
@@ -100,7 +100,7 @@ def server_context(tls: NodeTLS, environ: Mapping[str, str] | None = None) -> ss
     return ctx
 
 
-def client_context(destination: Destination, node: NodeSettings,
+def client_context(destination: DicomDestination, node: NodeSettings,
                    environ: Mapping[str, str] | None = None) -> tuple[ssl.SSLContext, str]:
     """``(context, server_hostname)`` for associating with ``destination`` over TLS: the peer's
     certificate is checked against ``tls_ca`` (else ``[node.tls] ca_file``, else the system's
@@ -140,7 +140,7 @@ def tls_problems(settings: Settings, environ: Mapping[str, str] | None = None) -
         except TLSError as exc:
             problems.append(str(exc))
     for destination in settings.destinations:
-        if destination.tls:
+        if isinstance(destination, DicomDestination) and destination.tls:
             try:
                 client_context(destination, settings.node, environ)
             except TLSError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import ConfigError, DestinationKind, Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "node.example.toml"
 
@@ -100,7 +100,7 @@ def test_destinations_and_secrets(tmp_path: Path) -> None:
     settings = load_settings(cfg, environ={"SYNTHNODE__ORTHANC__PASSWORD": "s3cret"})
     assert settings.destination("research").port == 4242
     assert settings.orthanc.password == "s3cret"
-    with pytest.raises(KeyError, match='no destination "other" \\(known: research\\)'):
+    with pytest.raises(KeyError, match='no destination "other" \\(known: orthanc, research\\)'):
         settings.destination("other")
     cfg.write_text(cfg.read_text() * 2)
     with pytest.raises(ConfigError, match="destination names must be unique"):
@@ -139,7 +139,7 @@ def test_the_readme_mirror_config_is_valid(tmp_path: Path) -> None:
     research = settings.destination("research")
     assert research.orthanc_settings(settings.orthanc, {"RESEARCH_ORTHANC_PASSWORD": "pw"}
                                      ).password == "pw"
-    assert not settings.destination("clinical-pacs").is_orthanc
+    assert settings.destination("clinical-pacs").kind is DestinationKind.DICOM
 
 
 def test_errors_in_arrays_of_tables_name_the_entry_and_its_allowed_keys(tmp_path: Path) -> None:

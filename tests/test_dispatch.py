@@ -21,11 +21,11 @@ from pydicom.uid import JPEG2000, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from node.config import Destination, DispatchSettings, Settings
-from node.dispatch import DispatchResult, send_to_orthanc, send_to_peer
-from node.dispatch.dimse import status_outcome
-from node.dispatch.orthanc import has_labels
-from node.dispatch.retry import Outcome, backoff_delays, run_rounds, transient
+from node.archives import DispatchResult, send_to_orthanc, send_to_peer
+from node.archives.dimse import status_outcome
+from node.archives.orthanc import has_labels
+from node.archives.retry import Outcome, backoff_delays, run_rounds, transient
+from node.config import DicomDestination, DispatchSettings, Settings
 from node.localorthanc import OrthancProcess
 from tests.conftest import free_port
 from tests.nodeproc import SYNTHNODE, StoreSCP, dataset_bytes, make_study, sample_file
@@ -128,7 +128,7 @@ PATIENT_RETRIES = {"max_attempts": 100}
 def test_orthanc_down_then_back_gets_everything_once(
     orthanc: OrthancProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.dispatch.retry")
+    caplog.set_level(logging.INFO, logger="node.archives.retry")
     files = make_study(tmp_path / "study", per_series=5)
     orthanc.stop(kill=True)
     results: list[DispatchResult] = []
@@ -155,7 +155,7 @@ def test_orthanc_down_then_back_gets_everything_once(
 def test_orthanc_killed_mid_dispatch_then_restarted_gets_everything_once(
     orthanc: OrthancProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.dispatch.retry")
+    caplog.set_level(logging.INFO, logger="node.archives.retry")
     files = make_study(tmp_path / "study", per_series=250)
     results: list[DispatchResult] = []
     settings = settings_for(orthanc, dispatch=PATIENT_RETRIES)
@@ -242,7 +242,7 @@ def test_cstore_sends_data_sets_byte_identical_in_their_own_syntax(
     storescp: StoreSCP, tmp_path: Path
 ) -> None:
     files = [*make_study(tmp_path / "study", per_series=3), compressed_copy(tmp_path / "j2k")]
-    destination = Destination(name="scp", ae_title=storescp.ae_title, host="127.0.0.1",
+    destination = DicomDestination(name="scp", ae_title=storescp.ae_title, host="127.0.0.1",
                               port=storescp.port)
     results = send_to_peer(files, destination, settings_for(), calling_aet="SYNTHTEST")
     assert_all_sent(results, files)
@@ -260,7 +260,7 @@ def test_cstore_sends_data_sets_byte_identical_in_their_own_syntax(
 
 def test_dead_peer_fails_after_max_attempts(tmp_path: Path) -> None:
     files = make_study(tmp_path / "study", per_series=2)
-    destination = Destination(name="dead", ae_title="NOBODY", host="127.0.0.1",
+    destination = DicomDestination(name="dead", ae_title="NOBODY", host="127.0.0.1",
                               port=free_port())
     settings = settings_for(dispatch={"max_attempts": 3, "backoff_initial_s": 0.05})
     started = time.monotonic()
@@ -291,8 +291,8 @@ class StatusSCP:
         self.received.append(str(event.request.AffectedSOPInstanceUID))
         return self.statuses.pop(0) if self.statuses else 0x0000
 
-    def destination(self, ae_title: str | None = None) -> Destination:
-        return Destination(name="status", ae_title=ae_title or self.ae_title, host="127.0.0.1",
+    def destination(self, ae_title: str | None = None) -> DicomDestination:
+        return DicomDestination(name="status", ae_title=ae_title or self.ae_title, host="127.0.0.1",
                            port=self.port)
 
     def stop(self) -> None:
@@ -419,7 +419,7 @@ def test_orthanc_process_rest_needs_credentials(orthanc: OrthancProcess) -> None
 
 def test_cstore_to_orthanc_dicom_port(orthanc: OrthancProcess, tmp_path: Path) -> None:
     files = make_study(tmp_path / "study", per_series=40)
-    destination = Destination(name="orthanc-dimse", ae_title=orthanc.aet, host="127.0.0.1",
+    destination = DicomDestination(name="orthanc-dimse", ae_title=orthanc.aet, host="127.0.0.1",
                               port=orthanc.dicom_port)
     results = send_to_peer(files, destination, settings_for())
     assert_all_sent(results, files)
@@ -437,7 +437,7 @@ def test_data_sets_in_memory_go_to_orthanc_and_peers(
     stored = dcmread(BytesIO(orthanc.request("GET", f"/instances/{instance}/file")))
     assert stored.PixelData == ds.PixelData
 
-    destination = Destination(name="scp", ae_title=storescp.ae_title, host="127.0.0.1",
+    destination = DicomDestination(name="scp", ae_title=storescp.ae_title, host="127.0.0.1",
                               port=storescp.port)
     [result] = send_to_peer([ds], destination, settings_for())
     assert result.ok

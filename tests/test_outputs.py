@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
+from node.archives import send_to_orthanc
 from node.config import Settings
 from node.dicom import Pixels, SeriesSpec, build_sc, save_checked
-from node.dispatch import send_to_orthanc
 from node.localorthanc import OrthancProcess
 from tests.nodeproc import sample_file
 from tests.test_dispatch import settings_for

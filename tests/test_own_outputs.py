@@ -13,11 +13,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from node.archives import send_to_orthanc
 from node.config import DeidOption, Settings
 from node.deid import Deidentifier
 from node.deid.batch import deidentify_to_bytes
 from node.dicom import Pixels, SeriesSpec, build_sc, own_output
-from node.dispatch import send_to_orthanc
 from node.jobs import JobState
 from node.localorthanc import OrthancProcess, free_port
 from tests.nodeproc import SYNTHNODE, make_study, sample_file, storescu

@@ -20,8 +20,8 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
-from node.config import ConfigError, Destination, NodeTLS, Settings, load_settings
-from node.dispatch import send_to_peer
+from node.archives import send_to_peer
+from node.config import ConfigError, DicomDestination, NodeTLS, Settings, load_settings
 from node.localorthanc import free_port
 from node.tls import TLSError, server_context, tls_problems
 from tests.nodeproc import SYNTHNODE, NodeProcess, dcmtk, echo, make_study, storescu, write_config
@@ -338,7 +338,7 @@ def test_echo_and_send_to_a_closed_port_say_connection_refused(tmp_path: Path) -
     settings = Settings.model_validate({"dispatch": {"max_attempts": 1}})
     before = _config.STORE_SEND_CHUNKED_DATASET
     try:
-        (result,) = send_to_peer([path], Destination(
+        (result,) = send_to_peer([path], DicomDestination(
             name="x", ae_title="X", host="nowhere.invalid", port=104), settings)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = before

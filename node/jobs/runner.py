@@ -30,13 +30,13 @@ from orthanc_api_client import exceptions as orthanc_errors
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from node.archives import Outgoing, orthanc_client, send_to
+from node.archives.outgoing import load
+from node.archives.qr import Peer, QueryError
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
 from node.dicom import SeriesSpec, SynthesisTask, own_output, save_checked
-from node.dispatch import Outgoing, orthanc_client, send_to
-from node.dispatch.outgoing import load
-from node.dispatch.qr import Peer, QueryError
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState
 
@@ -309,7 +309,7 @@ class Runner:
         folder = self._source_dir(job)
         shutil.rmtree(folder, ignore_errors=True)
         try:
-            peer = Peer(self.settings.destination(job.pacs_source), self.settings.node)
+            peer = Peer(self.settings.destination(job.pacs_source), self.settings.node)  # type: ignore[arg-type]
             files = [f for s in job.series_uids
                      for f in peer.get_series(job.study_uid, s, folder / s)]
         except KeyError as exc:

@@ -30,9 +30,9 @@ from enum import StrEnum
 from orthanc_api_client import exceptions as orthanc_errors
 from pydicom.dataset import Dataset
 
-from node.config import Settings
-from node.dispatch import orthanc_client
-from node.dispatch.qr import Peer, QueryError
+from node.archives import orthanc_client
+from node.archives.qr import Peer, QueryError
+from node.config import DicomDestination, Settings
 from node.jobs import Job, JobState, Queues
 from node.route.orthanc import OrthancStudies, StudyNotFound
 from node.route.router import Routed, Router
@@ -87,7 +87,7 @@ class Backfill:
                 destination = settings.destination(source)
             except KeyError as exc:
                 raise BackfillError(str(exc.args[0])) from None
-            if not destination.is_orthanc:
+            if isinstance(destination, DicomDestination):
                 self.peer = Peer(destination, settings.node)
                 self.router = Router(settings, queues)
                 return

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from node.config import Settings
-from node.dispatch.dimse import send_to_peer
-from node.dispatch.orthanc import send_to_orthanc
-from node.dispatch.outgoing import DispatchResult, ObjectLike
+from node.archives.dimse import send_to_peer
+from node.archives.orthanc import send_to_orthanc
+from node.archives.outgoing import DispatchResult, ObjectLike
+from node.config import DicomDestination, Settings
 
 
 def send_to(
@@ -20,7 +20,7 @@ def send_to(
     DICOM peer (C-STORE as ``calling_aet``). KeyError naming the known ones for another name."""
     if name != "orthanc":
         destination = settings.destination(name)
-        if not destination.is_orthanc:
+        if isinstance(destination, DicomDestination):
             return send_to_peer(objects, destination, settings, calling_aet, stop=stop)
     return send_to_orthanc(objects, settings, job_id, task, stop=stop,
                            orthanc=settings.orthanc_named(name))

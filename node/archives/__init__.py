@@ -5,10 +5,10 @@ DICOM peer by C-STORE, with retries of transient failures (``[dispatch]``) and o
 Logs and results name SOP Instance UIDs, job ids and AE titles, never patient data.
 """
 
-from node.dispatch.dimse import PeerDispatcher, send_to_peer
-from node.dispatch.orthanc import OrthancDispatcher, orthanc_client, send_to_orthanc
-from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing
-from node.dispatch.send import send_to
+from node.archives.dimse import PeerDispatcher, send_to_peer
+from node.archives.orthanc import OrthancDispatcher, orthanc_client, send_to_orthanc
+from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing
+from node.archives.send import send_to
 
 __all__ = [
     "DispatchResult",

@@ -30,9 +30,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
+from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
+from node.archives.retry import Outcome, RoundFn, permanent, sent, transient
 from node.config import DispatchSettings, OrthancSettings, Settings
-from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
-from node.dispatch.retry import Outcome, RoundFn, permanent, sent, transient
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from node.config import Destination, DispatchSettings, NodeSettings, Settings
-from node.dispatch.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
-from node.dispatch.retry import Outcome, RoundFn, permanent, sent, transient
+from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
+from node.archives.retry import Outcome, RoundFn, permanent, sent, transient
+from node.config import DicomDestination, DispatchSettings, NodeSettings, Settings
 from node.tls import TLSError, client_context, describe_failure
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,13 @@ def _no_delay(event: evt.Event) -> None:
 TLSArgs = tuple[ssl.SSLContext, str]  # (context, server_hostname), as pynetdicom takes them
 
 
-def tls_args(destination: Destination, node: NodeSettings) -> TLSArgs | None:
+def tls_args(destination: DicomDestination, node: NodeSettings) -> TLSArgs | None:
     """What ``AE.associate`` needs to reach ``destination`` over TLS; None without TLS.
     :class:`node.tls.TLSError` naming the file when a certificate or key cannot be used."""
     return client_context(destination, node) if destination.tls else None
 
 
-def open_association(ae: AE, destination: Destination, tls: TLSArgs | None,
+def open_association(ae: AE, destination: DicomDestination, tls: TLSArgs | None,
                      evt_handlers: list[Any] | None = None, **kwargs: Any
                      ) -> tuple[Association | None, str]:
     """``ae.associate`` with ``destination`` (over TLS when ``tls``), and, when no association
@@ -101,7 +101,7 @@ def open_association(ae: AE, destination: Destination, tls: TLSArgs | None,
                            time.monotonic() - started)
 
 
-def _why_not(assoc: Association, ae: AE, d: Destination, tls: TLSArgs | None, opened: bool,
+def _why_not(assoc: Association, ae: AE, d: DicomDestination, tls: TLSArgs | None, opened: bool,
              elapsed: float) -> str:
     where = f"{d.host}:{d.port}"
     peer = f"{d.ae_title}@{where}"
@@ -133,7 +133,7 @@ def _why_not(assoc: Association, ae: AE, d: Destination, tls: TLSArgs | None, op
     return _probe(d, tls, timeout)
 
 
-def _probe(d: Destination, tls: TLSArgs | None, timeout: float) -> str:
+def _probe(d: DicomDestination, tls: TLSArgs | None, timeout: float) -> str:
     """Connect again, ourselves, to name what failed (pynetdicom keeps the reason to itself)."""
     where = f"{d.host}:{d.port}"
     assert d.port is not None
@@ -166,9 +166,9 @@ class PeerDispatcher:
     timeouts are the node's (``[node] acse_timeout_s``, ``dimse_timeout_s``,
     ``network_timeout_s``)."""
 
-    def __init__(self, destination: Destination, dispatch: DispatchSettings,
+    def __init__(self, destination: DicomDestination, dispatch: DispatchSettings,
                  node: NodeSettings, calling_aet: str | None = None) -> None:
-        if destination.is_orthanc or destination.ae_title is None or destination.port is None:
+        if not isinstance(destination, DicomDestination):
             raise ValueError(f'destination "{destination.name}" is not a DICOM peer')
         self.destination = destination
         self.ae_title, self.port = destination.ae_title, destination.port
@@ -291,7 +291,7 @@ def _refused_context(item: Outgoing | None) -> str:
 
 
 def send_to_peer(
-    objects: Sequence[ObjectLike], destination: Destination, settings: Settings,
+    objects: Sequence[ObjectLike], destination: DicomDestination, settings: Settings,
     calling_aet: str | None = None, stop: threading.Event | None = None,
 ) -> list[DispatchResult]:
     """C-STORE ``objects`` to ``destination`` as ``calling_aet`` (default ``[node] ae_title``)."""

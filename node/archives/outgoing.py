@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
+from node.archives.retry import RoundFn, permanent, run_rounds
 from node.config import DispatchSettings
-from node.dispatch.retry import RoundFn, permanent, run_rounds
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet as GET,
 )
 
-from node.config import Destination, NodeSettings
-from node.dispatch.dimse import TLSArgs, open_association, tls_args
+from node.archives.dimse import TLSArgs, open_association, tls_args
+from node.config import DicomDestination, NodeSettings
 from node.tls import TLSError
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ class QueryError(Exception):
 class Peer:
     """One DICOM peer to query and retrieve from, as ``[node] ae_title``."""
 
-    def __init__(self, destination: Destination, node: NodeSettings) -> None:
-        if destination.is_orthanc or destination.ae_title is None or destination.port is None:
+    def __init__(self, destination: DicomDestination, node: NodeSettings) -> None:
+        if not isinstance(destination, DicomDestination):
             raise QueryError(f'"{destination.name}" is not a DICOM peer')
         self.ae_title, self.host, self.port = destination.ae_title, destination.host, (
             destination.port)
