@@ -303,7 +303,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 extra = f"  {j.outputs} outputs, {j.quarantined} quarantined"
             elif j.state is JobState.PENDING and j.not_before > now:
                 extra += f"  (retry in {_age(j.not_before - now)})"
-            print(f"  {j.id}  {j.task['task']:<10} rule {j.rule}  study {j.study_uid}  "
+            print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
                   f"gen {j.generation}  attempts {j.attempts}  {_age(now - j.updated_at)} ago"
                   f"{extra}")
     return 0
@@ -412,7 +412,8 @@ def send_files(paths: Sequence[Path]) -> tuple[list[Path], int]:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from node.archives import send_to, send_to_peer
+    from node.archives import send_to
+    from node.archives.dimse import send_to_peer
 
     settings = _settings(args)
     configure_logging(settings.log.level)

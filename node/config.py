@@ -21,7 +21,7 @@ import tomllib
 from enum import StrEnum
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -320,6 +320,8 @@ class _Destination(_Section):
     """What every ``[[destinations]]`` entry has."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    module: ClassVar[str]
+    """The module of ``node.archives`` that speaks to this kind (its ``ARCHIVE`` class)."""
 
 
 class OrthancDestination(_Destination):
@@ -336,6 +338,7 @@ class OrthancDestination(_Destination):
                           description='secret: [orthanc] password (the "orthanc" destination '
                                       "only)")
     kind: Literal[DestinationKind.ORTHANC] = DestinationKind.ORTHANC
+    module: ClassVar[str] = "node.archives.orthanc"
 
     def orthanc_settings(self, base: OrthancSettings, environ: dict[str, str] | None = None
                          ) -> OrthancSettings:
@@ -374,6 +377,7 @@ class DicomDestination(_Destination):
                           "reached by an address their certificate does not name)",
     )
     kind: Literal[DestinationKind.DICOM] = DestinationKind.DICOM
+    module: ClassVar[str] = "node.archives.dimse"
 
     @model_validator(mode="after")
     def _tls_keys(self) -> DicomDestination:
@@ -404,6 +408,7 @@ class DicomWebDestination(_Destination):
     )
     timeout_s: float = Field(30.0, gt=0)
     kind: Literal[DestinationKind.DICOMWEB]
+    module: ClassVar[str] = "node.archives.dicomweb"
 
     @model_validator(mode="after")
     def _one_auth(self) -> DicomWebDestination:

@@ -199,7 +199,7 @@ def run_demo(workdir: Path | None = None, timeout_s: float = 300.0) -> int:
         _wait(finished, timeout_s, "the jobs did not finish (see node.log)")
         jobs = this_run()
         _say(f"   {len(jobs)} jobs done in {time.monotonic() - started:.1f} s: " + ", ".join(
-            f"{j.task['task']} ({j.outputs} outputs)" for j in jobs))
+            f"{j.kind} ({j.outputs} outputs)" for j in jobs))
         _say("5. what arrived in Orthanc:")
         for line in _report(orthanc):
             _say(line)

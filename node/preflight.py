@@ -36,6 +36,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from node.config import (
+    Destination,
     DicomDestination,
     OrthancDestination,
     OrthancSettings,
@@ -411,6 +412,22 @@ def check_peer(destination: DicomDestination, settings: Settings,
     return [Finding(name, Level.OK, f"{where} answers C-ECHO as {settings.node.ae_title}")]
 
 
+def check_archive(destination: Destination, settings: Settings) -> list[Finding]:
+    """Any other kind: what its archive's own probe finds."""
+    from node.archives import ArchiveError, open_archive
+
+    name = f'destination "{destination.name}"'
+    try:
+        with open_archive(destination, settings) as archive:
+            problems = archive.problems()
+            label = archive.label
+    except ArchiveError as exc:
+        problems, label = [str(exc)], destination.name
+    if problems:
+        return [Finding(name, Level.FATAL, p) for p in problems]
+    return [Finding(name, Level.OK, f"{label} answers")]
+
+
 def check_destinations(settings: Settings, environ: Mapping[str, str]) -> list[Finding]:
     """Every destination; problems of one no rule sends to are only warnings."""
     used = destinations_in_use(settings)
@@ -433,6 +450,8 @@ def check_destinations(settings: Settings, environ: Mapping[str, str]) -> list[F
                               f'"{d.name}"', login), d.name in used)
         elif isinstance(d, DicomDestination):
             add(check_peer(d, settings), d.name in used)
+        else:
+            add(check_archive(d, settings), d.name in used)
     return found
 
 

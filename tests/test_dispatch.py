@@ -21,9 +21,9 @@ from pydicom.uid import JPEG2000, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from node.archives import DispatchResult, send_to_orthanc, send_to_peer
-from node.archives.dimse import status_outcome
-from node.archives.orthanc import has_labels
+from node.archives import DispatchResult
+from node.archives.dimse import send_to_peer, status_outcome
+from node.archives.orthanc import has_labels, send_to_orthanc
 from node.archives.retry import Outcome, backoff_delays, run_rounds, transient
 from node.config import DicomDestination, DispatchSettings, Settings
 from node.localorthanc import OrthancProcess

@@ -124,7 +124,7 @@ def test_study_in_deidentified_and_synthetic_series_out(
     assert storescu(node.port, files).returncode == 0
 
     wait_for(all_done(node, 2), what="the deidentify and img2img jobs")
-    jobs = {j.task["task"]: j for j in records(node)}
+    jobs = {j.kind: j for j in records(node)}
     assert jobs["deidentify"].outputs == 4 and jobs["img2img"].outputs == 2
     assert jobs["img2img"].series_uids == (str(dcmread(files[0]).SeriesInstanceUID),)
 
@@ -336,7 +336,7 @@ margins = [8, 0, 8, 0]
     files = make_study(tmp_path / "in", per_series=1)
     assert storescu(node.port, files).returncode == 0
     wait_for(all_done(node, 4), what="forward, text2img, inpaint and outpaint jobs")
-    outputs = {j.task["task"]: j.outputs for j in records(node)}
+    outputs = {j.kind: j.outputs for j in records(node)}
     assert outputs == {"forward": 1, "text2img": 2, "inpaint": 1, "outpaint": 1}
     assert orthanc.count_instances() == 5
     source = dcmread(files[0])

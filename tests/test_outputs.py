@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
-from node.archives import send_to_orthanc
+from node.archives.orthanc import send_to_orthanc
 from node.config import Settings
 from node.dicom import Pixels, SeriesSpec, build_sc, save_checked
 from node.localorthanc import OrthancProcess

@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from node.archives import send_to_orthanc
+from node.archives.orthanc import send_to_orthanc
 from node.config import DeidOption, Settings
 from node.deid import Deidentifier
 from node.deid.batch import deidentify_to_bytes

@@ -89,7 +89,7 @@ def test_stable_study_is_processed_once_and_outputs_never_again(
 
     wait_for(all_done(node, 1), what="the plugin's job done by the node's worker")
     (job,) = records(node)
-    assert job.orthanc_study == study_id and job.outputs == 3
+    assert job.source.study == study_id and job.outputs == 3
     wait_for(lambda: orthanc.count_instances() == 6, what="the outputs back in Orthanc")
     studies = orthanc.get_json("/studies")
     (output_study,) = [s for s in studies if s != study_id]
@@ -119,7 +119,7 @@ def test_restart_before_the_stable_event_still_processes_once(
     wait_for(lambda: orthanc.count_instances() == 6, what="the outputs")
     wait_for(lambda: "routed" in markers(node)[study_id]["state"], what="the study's marker")
     (job,) = records(node)
-    assert job.attempts == 1 and job.orthanc_study == study_id
+    assert job.attempts == 1 and job.source.study == study_id
     assert orthanc.count_instances() == 6
 
 

@@ -20,7 +20,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
-from node.archives import send_to_peer
+from node.archives.dimse import send_to_peer
 from node.config import ConfigError, DicomDestination, NodeTLS, Settings, load_settings
 from node.localorthanc import free_port
 from node.tls import TLSError, server_context, tls_problems

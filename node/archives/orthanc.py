@@ -1,4 +1,7 @@
-"""Orthanc over REST: upload each object, then mark it with the job and task that produced it.
+"""An Orthanc over REST: send (upload, then mark), find (``/tools/find``), series (one header
+per series) and fetch (download each instance's file).
+
+Sending uploads each object, then marks it with the job and task that produced it.
 
 Each instance gets two user metadata (``[orthanc] job_metadata``, ``task_metadata``; Orthanc must
 declare them in its ``UserMetadata``), and on Orthanc 1.12+ the job id and task as labels too.
@@ -12,14 +15,17 @@ one SOP Instance UID is a permanent error, never a silent loss.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from io import BytesIO
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -30,9 +36,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
+from node.archives.base import Archive, ArchiveError, FoundSeries, FoundStudy, StudyGone
 from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
 from node.archives.retry import Outcome, RoundFn, permanent, sent, transient
-from node.config import DispatchSettings, OrthancSettings, Settings
+from node.config import (
+    DestinationKind,
+    DispatchSettings,
+    OrthancDestination,
+    OrthancSettings,
+    Settings,
+)
+from node.dicom import own_output
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +308,140 @@ def _http_outcome(exc: orthanc_errors.HttpError, step: str) -> Outcome:
     if code >= 500 or code in _TRANSIENT_HTTP:
         return transient(reason)
     return permanent(reason)
+
+
+RestGet = Callable[[str], bytes]
+"""GET on Orthanc's REST API (in the plugin: ``orthanc.RestApiGet``, no network); raises
+:class:`LookupError` for an unknown resource."""
+
+
+class OrthancArchive(Archive):
+    """One Orthanc: a ``[[destinations]]`` entry with a ``url``, or ``[orthanc]``. Reads go over
+    HTTP, or through ``rest`` when given (the plugin, inside Orthanc)."""
+
+    kind = DestinationKind.ORTHANC
+    searchable = True
+
+    def __init__(self, destination: OrthancDestination, settings: Settings,
+                 rest: RestGet | None = None) -> None:
+        super().__init__(destination, settings)
+        self.rest_settings = settings.orthanc_named(destination.name)
+        self._rest = rest
+        self._client: OrthancApiClient | None = None
+        self._dispatcher: OrthancDispatcher | None = None
+
+    @property
+    def label(self) -> str:
+        return f"Orthanc at {self.rest_settings.url}"
+
+    @property
+    def client(self) -> OrthancApiClient:
+        if self._client is None:
+            self._client = orthanc_client(self.rest_settings)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+
+    def send(self, objects: Sequence[ObjectLike], job_id: str, task: str,
+             stop: threading.Event | None = None, calling_aet: str | None = None
+             ) -> list[DispatchResult]:
+        if self._dispatcher is None:
+            self._dispatcher = OrthancDispatcher(self.rest_settings, self.settings.dispatch)
+        return self._dispatcher.send(objects, job_id, task, stop=stop)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _get(self, path: str) -> bytes:
+        """GET ``path``; LookupError for an unknown resource, ArchiveError otherwise."""
+        if self._rest is not None:
+            return self._rest(path)
+        try:
+            return bytes(self.client.get_binary(path.lstrip("/")))
+        except orthanc_errors.ResourceNotFound:
+            raise LookupError(path) from None
+        except orthanc_errors.OrthancApiException as exc:
+            raise ArchiveError(f"{self.label}: {type(exc).__name__} (GET {path})") from None
+        except (requests.RequestException, TypeError, AttributeError) as exc:
+            # (the client answers None for request errors it does not translate)
+            raise ArchiveError(f"{self.label}: {type(exc).__name__} (GET {path})") from None
+
+    def _json(self, path: str) -> Any:
+        return json.loads(self._get(path))
+
+    def find(self, since: datetime.date, until: datetime.date | None = None
+             ) -> list[FoundStudy]:
+        span = f"{since:%Y%m%d}-{until:%Y%m%d}" if until else f"{since:%Y%m%d}-"
+        query = {"Level": "Study", "Query": {"StudyDate": span}, "Expand": True}
+        try:
+            found = self.client.post("tools/find", json=query).json()
+        except orthanc_errors.OrthancApiException as exc:
+            raise ArchiveError(f"{self.label}: {type(exc).__name__} (POST /tools/find)") \
+                from None
+        except (requests.RequestException, AttributeError):
+            # (the client answers None when the request itself failed)
+            raise ArchiveError(f"{self.label} is unreachable") from None
+        studies = [FoundStudy(str(s["ID"]), str(s["MainDicomTags"].get("StudyInstanceUID", "")),
+                              str(s["MainDicomTags"].get("StudyDate", "")), 0) for s in found]
+        return sorted(studies, key=lambda s: (s.study_date, s.key))
+
+    def series(self, study: FoundStudy) -> list[FoundSeries]:
+        """One header per series (its first instance's), with the AE titles Orthanc recorded;
+        series the node made are marked ``own``."""
+        try:
+            found = self._json(f"/studies/{study.key}")
+        except LookupError:
+            raise StudyGone(f'{self.label} has no study "{study.key}"') from None
+        series: list[FoundSeries] = []
+        manufacturer = self.settings.output.manufacturer
+        for series_id in found["Series"]:
+            try:
+                instances = self._json(f"/series/{series_id}")["Instances"]
+                first = instances[0]
+                metadata = self._json(f"/instances/{first}/metadata?expand")
+                header = dcmread(BytesIO(self._get(f"/instances/{first}/file")),
+                                 stop_before_pixels=True)
+            except LookupError:  # (deleted between the two reads)
+                continue
+            own = (self.rest_settings.job_metadata in metadata
+                   or own_output(header, manufacturer))
+            series.append(FoundSeries(
+                str(header.SeriesInstanceUID), header, len(instances),
+                calling_aet=str(metadata.get("RemoteAET", "")),
+                called_aet=str(metadata.get("CalledAET", "")), own=own,
+            ))
+        return series
+
+    def fetch(self, study: str, study_uid: str, series_uids: Sequence[str], folder: Path
+              ) -> list[Path]:
+        files = []
+        wanted = set(series_uids)
+        try:
+            found = self._json(f"/studies/{study}")
+            for series_id in found["Series"]:
+                series = self._json(f"/series/{series_id}")
+                series_uid = series["MainDicomTags"].get("SeriesInstanceUID")
+                if series_uid not in wanted:
+                    continue
+                (folder / series_uid).mkdir(parents=True, exist_ok=True)
+                for instance in series["Instances"]:
+                    path = folder / series_uid / f"{instance}.dcm"
+                    path.write_bytes(self._get(f"/instances/{instance}/file"))
+                    files.append(path)
+        except LookupError:
+            raise StudyGone(f"study {study} is no longer in {self.label}") from None
+        except ArchiveError as exc:
+            raise ArchiveError(f"cannot fetch study {study} from {exc}") from None
+        except (TypeError, KeyError) as exc:
+            raise ArchiveError(f"cannot fetch study {study} from {self.label}: "
+                               f"{type(exc).__name__}") from None
+        return files
+
+
+ARCHIVE = OrthancArchive
 
 
 def send_to_orthanc(

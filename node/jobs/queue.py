@@ -81,7 +81,7 @@ class Queues:
         self.store.put(job)
         self.enqueue(job)
         log.info("job %s queued on %s: %s of rule %s, study %s generation %d", job.id,
-                 job.queue, job.task["task"], job.rule, job.study_uid, job.generation)
+                 job.queue, job.kind, job.rule, job.study_uid, job.generation)
         return True
 
     def fail(self, job: Job, reason: str, permanent: bool = False) -> Job:

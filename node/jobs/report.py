@@ -46,7 +46,7 @@ def by_day(jobs: Iterable[Job], task: str = "deidentify") -> list[Day]:
     days: dict[datetime.date, Day] = {}
     studies: dict[datetime.date, set[str]] = {}
     for job in jobs:
-        if job.task.get("task") != task:
+        if job.kind != task:
             continue
         when = datetime.datetime.fromtimestamp(job.updated_at, datetime.UTC).date()
         day = days.setdefault(when, Day(when))

@@ -25,14 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import requests
-from orthanc_api_client import exceptions as orthanc_errors
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.archives import Outgoing, orthanc_client, send_to
+from node.archives import ArchiveError, Outgoing, read_source, send_to
 from node.archives.outgoing import load
-from node.archives.qr import Peer, QueryError
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
@@ -139,7 +136,7 @@ class Runner:
         store.put(job)
         store.beat(job.id, self.name)
         log.info("job %s started: %s of rule %s on study %s (%d series), attempt %d of %d",
-                 job.id, job.task["task"], job.rule, job.study_uid, len(job.series_uids),
+                 job.id, job.kind, job.rule, job.study_uid, len(job.series_uids),
                  job.attempts, jobs.max_attempts)
         beating = threading.Event()
         beat_thread = threading.Thread(target=self._beat, args=(job.id, beating),
@@ -188,8 +185,7 @@ class Runner:
     def _writes(self, job: Job) -> bool:
         """Does ``job`` write to the work folder or the quarantine? (Forwarding what is in the
         spool does not.)"""
-        return (job.rule_task.task is not TaskKind.FORWARD or bool(job.orthanc_study)
-                or bool(job.pacs_source))
+        return job.task.task is not TaskKind.FORWARD or job.source.fetched
 
     def _check_space(self) -> None:
         # Read now, not cached: a job writes far faster than the receiver's cache period, and
@@ -229,12 +225,12 @@ class Runner:
 
     def execute(self, job: Job) -> Made:
         """Make (or reuse) the outputs and deliver them to every destination."""
-        task = job.rule_task
+        task = job.task
         sources = self._sources(job)
         work = self._work(job)
         if task.task is TaskKind.FORWARD:
             made = Made()
-            fetched = bool(job.pacs_source or job.orthanc_study)  # the router saw no header
+            fetched = job.source.fetched  # (the router may have seen no header)
             for path in sources:
                 if fetched and self._own(job, _read(path, header_only=True), made):
                     continue
@@ -248,78 +244,16 @@ class Runner:
         return self.settings.jobs.work_dir / job.id
 
     def _sources(self, job: Job) -> list[Path]:
-        if job.orthanc_study:
-            return self._fetch(job)
-        if job.pacs_source:
-            return self._retrieve(job)
-        study = self.settings.spool.dir / job.study_uid
-        files = [f for s in job.series_uids for f in sorted((study / s).glob("*.dcm"))]
-        if not files:
-            raise JobFailed(f"study {job.study_uid}: no instance of its series in the spool "
-                            f"{self.settings.spool.dir} (removed, or not shared with this "
-                            "worker)", permanent=True)
-        return files
+        """The job's series: where they lie in the spool, or fetched from their archive."""
+        try:
+            return read_source(job.source, job.study_uid, job.series_uids, self.settings,
+                               self._source_dir(job))
+        except ArchiveError as exc:
+            raise JobFailed(str(exc), exc.permanent) from None
 
     def _source_dir(self, job: Job) -> Path:
         """Where a study fetched for the job lies (one folder per series)."""
         return self.settings.jobs.work_dir / f"{job.id}.source"
-
-    def _fetch(self, job: Job) -> list[Path]:
-        """Download the job's series from the Orthanc the study came from."""
-        folder = self._source_dir(job)
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            source = self.settings.orthanc_named(job.orthanc_source)
-        except (KeyError, ValueError) as exc:
-            raise JobFailed(str(exc.args[0]), permanent=True) from None
-        client = orthanc_client(source)
-        where = f"Orthanc at {source.url}"
-        files = []
-        try:
-            study = client.get_json(f"studies/{job.orthanc_study}")
-            for series_id in study["Series"]:
-                series = client.get_json(f"series/{series_id}")
-                series_uid = series["MainDicomTags"].get("SeriesInstanceUID")
-                if series_uid not in job.series_uids:
-                    continue
-                (folder / series_uid).mkdir(parents=True, exist_ok=True)
-                for instance in series["Instances"]:
-                    path = folder / series_uid / f"{instance}.dcm"
-                    path.write_bytes(client.get_binary(f"instances/{instance}/file"))
-                    files.append(path)
-        except orthanc_errors.ResourceNotFound:
-            raise JobFailed(f"study {job.orthanc_study} is no longer in {where}",
-                            permanent=True) from None
-        except orthanc_errors.OrthancApiException as exc:
-            raise JobFailed(f"cannot fetch study {job.orthanc_study} from {where}: "
-                            f"{type(exc).__name__}") from None
-        except (requests.RequestException, TypeError, KeyError, AttributeError) as exc:
-            # (the client answers None for request errors it does not translate)
-            raise JobFailed(f"cannot fetch study {job.orthanc_study} from {where}: "
-                            f"{type(exc).__name__}") from None
-        finally:
-            client.close()
-        if not files:
-            raise JobFailed(f"study {job.orthanc_study} in {where} has none of the job's "
-                            "series", permanent=True)
-        return files
-
-    def _retrieve(self, job: Job) -> list[Path]:
-        """C-GET the job's series from the PACS it was backfilled from."""
-        folder = self._source_dir(job)
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            peer = Peer(self.settings.destination(job.pacs_source), self.settings.node)  # type: ignore[arg-type]
-            files = [f for s in job.series_uids
-                     for f in peer.get_series(job.study_uid, s, folder / s)]
-        except KeyError as exc:
-            raise JobFailed(str(exc.args[0]), permanent=True) from None
-        except QueryError as exc:
-            raise JobFailed(str(exc)) from None
-        if not files:
-            raise JobFailed(f"study {job.study_uid}: {job.pacs_source} returned none of the "
-                            "job's series", permanent=True)
-        return files
 
     def _reuse(self, work: Path, job: Job) -> Made | None:
         try:
@@ -339,7 +273,7 @@ class Runner:
     def _make(self, job: Job, sources: list[Path], work: Path) -> Made:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        kind = job.rule_task.task
+        kind = job.task.task
         made = (self._deidentify(job, sources, work) if kind is TaskKind.DEIDENTIFY
                 else self._synthesize(job, sources, work))
         manifest = {"generation": job.generation,
@@ -374,7 +308,7 @@ class Runner:
         return self._generation
 
     def _deidentify(self, job: Job, sources: list[Path], work: Path) -> Made:
-        deid = self.deidentifier(job.rule_task)
+        deid = self.deidentifier(job.task)
         made = Made()
         mappings: list[Mapping] = []
         for path in sources:
@@ -415,7 +349,7 @@ class Runner:
     def _synthesize(self, job: Job, sources: list[Path], work: Path) -> Made:
         from node.generate.tasks import Request, synthesize
 
-        task = job.rule_task
+        task = job.task
         kind = SynthesisTask(task.task.value)
         series = SeriesSpec(task.series_description or f"synthnode {kind.value}",
                             9000 + job.task_index if task.series_number is None
@@ -470,7 +404,7 @@ class Runner:
     def _deliver(self, job: Job, files: list[Outgoing]) -> None:
         if not files:
             return
-        task = str(job.task["task"])
+        task = str(job.kind)
         for name in job.destinations:
             try:
                 results = send_to(files, name, self.settings, job.id, task, stop=self.stop)

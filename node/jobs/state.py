@@ -22,7 +22,8 @@ from typing import Any
 from huey.constants import EmptyData
 from huey.storage import BaseStorage
 
-from node.config import RuleTask
+from node.archives.base import SPOOL, Source, SourceKind
+from node.config import ORTHANC, RuleTask
 
 _JOB = "job:"
 _BEAT = "hb:"
@@ -62,8 +63,8 @@ class Job:
     """The spool generation of the study it was made for."""
     rule: str
     task_index: int
-    task: dict[str, Any]
-    """The rule's task as configured when the job was made (a ``RuleTask`` dump)."""
+    task: RuleTask
+    """The rule's task as configured when the job was made."""
     queue: str
     series_uids: tuple[str, ...]
     destinations: tuple[str, ...]
@@ -78,35 +79,48 @@ class Job:
     quarantined: int = 0
     notes: tuple[str, ...] = ()
     """Per-object reasons worth showing (quarantine reasons), UIDs only."""
-    orthanc_study: str = ""
-    """Orthanc's id of the study when it came from an Orthanc (the plugin, backfill): the
-    worker fetches its series from there; "" = the study is in the spool."""
-    orthanc_source: str = ""
-    """Which Orthanc: a ``[[destinations]]`` name, "" = ``[orthanc]``."""
-    pacs_source: str = ""
-    """A ``[[destinations]]`` DICOM peer the worker retrieves the series from (C-GET), for a
-    study backfilled from a PACS; "" = none."""
+    source: Source = SPOOL
+    """Where the worker reads the study: the spool, or the archive it came from (the Orthanc
+    plugin, backfill)."""
 
     @property
-    def rule_task(self) -> RuleTask:
-        return RuleTask.model_validate(self.task)
+    def kind(self) -> str:
+        """The task's kind, as logs and listings show it."""
+        return self.task.task.value
 
     def to_json(self) -> bytes:
         data = asdict(self)
-        data["state"] = self.state.value
+        data["task"] = self.task.model_dump(mode="json")
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Job:
         data = json.loads(raw)
         data["state"] = JobState(data["state"])
+        data["task"] = RuleTask.model_validate(data["task"])
         for name in ("series_uids", "destinations", "notes"):
             data[name] = tuple(data.get(name, ()))
+        data["source"] = _source(data)
         return cls(**data)
 
     def but(self, **changes: Any) -> Job:
         """A copy with ``changes`` and a fresh ``updated_at``."""
         return replace(self, updated_at=time.time(), **changes)
+
+
+def _source(data: dict[str, Any]) -> Source:
+    """A record's source; records written before sources were typed name it in three fields
+    (``orthanc_study`` with ``orthanc_source``, or ``pacs_source``)."""
+    orthanc_study = data.pop("orthanc_study", "")
+    orthanc_source = data.pop("orthanc_source", "")
+    pacs_source = data.pop("pacs_source", "")
+    if "source" in data:
+        return Source(**data["source"])
+    if orthanc_study:
+        return Source(SourceKind.ORTHANC, orthanc_source or ORTHANC, orthanc_study)
+    if pacs_source:
+        return Source(SourceKind.DICOM, pacs_source, str(data["study_uid"]))
+    return SPOOL
 
 
 @dataclass(frozen=True)

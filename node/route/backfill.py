@@ -1,14 +1,12 @@
 """Backfill: the studies a clinical archive already holds, routed into jobs like new ones.
 
-``synthnode mirror backfill --from NAME --since DATE [--until DATE]`` finds the studies of
-``NAME`` by Study Date, oldest first, and routes each with source ``backfill``:
-
-- an Orthanc (a ``[[destinations]]`` entry with a ``url``, or ``orthanc`` for ``[orthanc]``):
-  found with ``/tools/find``, one header per series read over REST; the workers fetch the
-  series from it;
-- a PACS (a ``[[destinations]]`` DICOM peer): found with C-FIND (study, then series level;
-  the rules see what the series-level answer holds: Modality, Series Description, Body Part
-  Examined); the workers retrieve the series with C-GET.
+``synthnode mirror backfill --from NAME --since DATE [--until DATE]`` finds the studies of the
+archive ``NAME`` (any searchable kind: an Orthanc, ``orthanc`` for ``[orthanc]``; a PACS by
+C-FIND; a DICOMweb server by QIDO-RS) by Study Date, oldest first, and routes each with source
+``backfill``. The rules see one stand-in header per series, as the archive's
+:meth:`~node.archives.Archive.series` gives it (an Orthanc or a DICOMweb server: a real header;
+a PACS: the series-level C-FIND answer, with Modality, Series Description, Body Part
+Examined); the workers fetch the series from the archive.
 
 Resumable: each study gets a marker (``backfill:<source>:<study id>``) with the jobs made of it
 and its instance count, which is also the jobs' generation. A re-run skips studies whose jobs
@@ -20,22 +18,16 @@ UIDs are deterministic, so nothing reaches the research archive twice.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from orthanc_api_client import exceptions as orthanc_errors
-from pydicom.dataset import Dataset
-
-from node.archives import orthanc_client
-from node.archives.qr import Peer, QueryError
-from node.config import DicomDestination, Settings
+from node.archives import ArchiveError, FoundStudy, Source, SourceKind, StudyGone, open_archive
+from node.config import Settings
 from node.jobs import Job, JobState, Queues
-from node.route.orthanc import OrthancStudies, StudyNotFound
-from node.route.router import Routed, Router
+from node.route.router import Router
 from node.route.rules import SeriesFacts
 
 log = logging.getLogger(__name__)
@@ -56,7 +48,7 @@ class Step(StrEnum):
     """It holds only the node's outputs: not mirrored."""
 
     GONE = "gone"
-    """It disappeared from the Orthanc between the search and its turn."""
+    """It disappeared from the archive between the search and its turn."""
 
 
 @dataclass
@@ -71,121 +63,87 @@ class Walk:
 
 
 class BackfillError(Exception):
-    """The source cannot be walked (unknown name, not an Orthanc, unreachable)."""
+    """The source cannot be walked (unknown name, a kind that cannot be searched,
+    unreachable)."""
 
 
 class Backfill:
-    """Walks one archive's studies by date (an Orthanc, or a PACS) and routes them."""
+    """Walks one archive's studies by date and routes them: one loop, whatever the kind."""
 
     def __init__(self, settings: Settings, queues: Queues, source: str) -> None:
         self.source = source
         self.queues = queues
-        self.peer: Peer | None = None
-        self._instances: dict[str, int] = {}
-        if source != "orthanc":
-            try:
-                destination = settings.destination(source)
-            except KeyError as exc:
-                raise BackfillError(str(exc.args[0])) from None
-            if isinstance(destination, DicomDestination):
-                self.peer = Peer(destination, settings.node)
-                self.router = Router(settings, queues)
-                return
-        self.orthanc = settings.orthanc_named(source)
-        self.client = orthanc_client(self.orthanc)
-        self.studies = OrthancStudies(settings, queues, self._get,
-                                      source_name="" if source == "orthanc" else source)
+        try:
+            self.archive = open_archive(source, settings)
+        except (KeyError, ArchiveError) as exc:
+            raise BackfillError(str(exc.args[0])) from None
+        if not self.archive.searchable:
+            self.archive.close()
+            raise BackfillError(f'"{source}" is a {self.archive.kind.value} destination, '
+                                "which cannot be searched")
+        self.kind = SourceKind(self.archive.kind.value)
+        self.router = Router(settings, queues)
 
     def close(self) -> None:
-        if self.peer is None:
-            self.client.close()
+        self.archive.close()
 
-    def _get(self, path: str) -> bytes:
+    def find(self, since: datetime.date, until: datetime.date | None = None
+             ) -> list[FoundStudy]:
+        """The studies with a Study Date in [since, until], oldest first."""
         try:
-            return bytes(self.client.get_binary(path.lstrip("/")))
-        except orthanc_errors.ResourceNotFound:
-            raise LookupError(path) from None
-        except orthanc_errors.OrthancApiException as exc:
-            raise BackfillError(f"Orthanc at {self.orthanc.url}: {type(exc).__name__} "
-                                f"({path})") from None
-
-    def find(self, since: datetime.date, until: datetime.date | None = None) -> list[str]:
-        """The studies with a Study Date in [since, until], oldest first: Orthanc ids, or
-        Study Instance UIDs for a PACS."""
-        if self.peer is not None:
-            try:
-                rows = self.peer.studies(since, until)
-            except QueryError as exc:
-                raise BackfillError(str(exc)) from None
-            self._instances = {uid: n for uid, _day, n in rows}
-            return [uid for uid, _day, _n in rows]
-        span = f"{since:%Y%m%d}-{until:%Y%m%d}" if until else f"{since:%Y%m%d}-"
-        query = {"Level": "Study", "Query": {"StudyDate": span}, "Expand": True}
-        try:
-            found = self.client.post("tools/find", json=query).json()
-        except orthanc_errors.OrthancApiException as exc:
-            raise BackfillError(f"Orthanc at {self.orthanc.url}: {type(exc).__name__} "
-                                "(POST /tools/find)") from None
-        except AttributeError:  # the client answers None when the request itself failed
-            raise BackfillError(f"Orthanc at {self.orthanc.url} is unreachable") from None
-        found.sort(key=lambda s: (s["MainDicomTags"].get("StudyDate", ""), s["ID"]))
-        return [str(s["ID"]) for s in found]
-
-    def step(self, study_id: str) -> tuple[Step, tuple[str, ...]]:
-        """Route one study unless its jobs are done already; (what happened, its job ids)."""
-        key = f"{MARKER}{self.source}:{study_id}"
-        store = self.queues.store
-        series: list[Dataset] = []
-        try:
-            if self.peer is not None:
-                series = self.peer.series(study_id)
-                instances = self._instances.get(study_id) or sum(
-                    int(s.get("NumberOfSeriesRelatedInstances") or 0) for s in series)
-                if not series:
-                    return Step.GONE, ()
-            else:
-                instances = len(json.loads(self._get(f"/studies/{study_id}/instances")))
-        except LookupError:
-            return Step.GONE, ()
-        except QueryError as exc:
+            return self.archive.find(since, until)
+        except ArchiveError as exc:
             raise BackfillError(str(exc)) from None
+
+    def step(self, study: FoundStudy) -> tuple[Step, tuple[str, ...]]:
+        """Route one study unless its jobs are done already; (what happened, its job ids)."""
+        key = f"{MARKER}{self.source}:{study.key}"
+        store = self.queues.store
+        try:
+            series = self.archive.series(study)
+        except StudyGone:
+            return Step.GONE, ()
+        except ArchiveError as exc:
+            raise BackfillError(str(exc)) from None
+        instances = study.instances or sum(s.instances for s in series)
         marker = store.get_record(key)
         if marker is not None and int(marker.get("generation", 0)) >= instances:
-            if marker.get("state") == Step.OWN_OUTPUT.value:
+            if marker.get("state") == Step.OWN_OUTPUT:
                 return Step.OWN_OUTPUT, ()
             ids = tuple(marker.get("jobs", ()))
             jobs = store.get_many(ids)
             if all(j in jobs and jobs[j].state is JobState.DONE for j in ids):
                 return Step.DONE, ids
-        try:
-            routed = (self._route_pacs(study_id, instances, series) if self.peer is not None
-                      else self.studies.route(study_id, instances, "backfill"))
-        except StudyNotFound:
-            return Step.GONE, ()
-        step = Step.QUEUED if routed is not None else Step.OWN_OUTPUT
-        ids = routed.job_ids if routed is not None else ()
+        facts = [SeriesFacts(study.study_uid or str(s.header.get("StudyInstanceUID", "")),
+                             s.series_uid, s.header, calling_aet=s.calling_aet,
+                             called_aet=s.called_aet)
+                 for s in series if not s.own]
+        if facts:
+            log.debug("backfill from %s: study %s: %d series, %d the node's own",
+                      self.source, facts[0].study_uid, len(series), len(series) - len(facts))
+            routed = self.router.route_series(facts[0].study_uid, instances, facts,
+                                              Source(self.kind, self.source, study.key),
+                                              via="backfill")
+            step, ids = Step.QUEUED, routed.job_ids
+        else:
+            log.info("backfill from %s: study %s holds only synthnode outputs (%d series); "
+                     "not routed", self.source, study.key, len(series))
+            step, ids = Step.OWN_OUTPUT, ()
         store.put_record(key, {"state": step.value, "generation": instances,
                                "jobs": list(ids), "at": time.time()})
         return step, ids
 
-    def _route_pacs(self, study_uid: str, instances: int, series: list[Dataset]) -> Routed:
-        """Rules over the series-level C-FIND answers (each stands in for a header)."""
-        facts = [SeriesFacts(study_uid, str(s.SeriesInstanceUID), s, source="backfill")
-                 for s in series if s.get("SeriesInstanceUID")]
-        return self.router.route_series(study_uid, instances, facts, source="backfill",
-                                        pacs_source=self.source)
-
-    def walk(self, study_ids: list[str],
-             progress: Callable[[str, Step], None] | None = None) -> Walk:
+    def walk(self, studies: list[FoundStudy],
+             progress: Callable[[FoundStudy, Step], None] | None = None) -> Walk:
         walk = Walk()
-        for study_id in study_ids:
-            step, ids = self.step(study_id)
-            walk.steps[study_id] = step
+        for study in studies:
+            step, ids = self.step(study)
+            walk.steps[study.key] = step
             walk.jobs.extend(ids)
             if progress is not None:
-                progress(study_id, step)
+                progress(study, step)
         log.info("backfill from %s: %d studies: %d queued, %d done already, %d own outputs, "
-                 "%d gone", self.source, len(study_ids), walk.count(Step.QUEUED),
+                 "%d gone", self.source, len(studies), walk.count(Step.QUEUED),
                  walk.count(Step.DONE), walk.count(Step.OWN_OUTPUT), walk.count(Step.GONE))
         return walk
 

@@ -19,16 +19,15 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
+from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
-from pydicom import dcmread
 
-from node.config import RuleTask, Settings
-from node.dicom import own_output
+from node.archives import FoundStudy, Source, SourceKind, StudyGone
+from node.archives.orthanc import OrthancArchive, RestGet
+from node.config import ORTHANC, OrthancDestination, RuleTask, Settings
 from node.jobs import Job, Queues
 from node.route.router import Routed, Router, make_job
 from node.route.rules import SeriesFacts
@@ -39,17 +38,25 @@ MARKER = "orthanc-study:"
 MANUAL_RULE = "manual"
 
 
+class MarkerState(StrEnum):
+    """Where a study Orthanc holds stands with the node (its marker's ``state``)."""
+
+    SEEN = "seen"
+    """Orthanc received it (NEW_STUDY); not routed yet."""
+
+    ROUTED = "routed"
+    """Its jobs were submitted when it became stable."""
+
+    OWN_OUTPUT = "own-output"
+    """It holds only the node's outputs: never routed."""
+
+
 class StudyNotFound(LookupError):
     """Orthanc has no such study (HTTP 404)."""
 
 
 class BadRequest(ValueError):
     """A trigger request that cannot be carried out (HTTP 400); the message says why."""
-
-
-RestGet = Callable[[str], bytes]
-"""GET on Orthanc's REST API (in the plugin: ``orthanc.RestApiGet``, no network); raises
-:class:`LookupError` for an unknown resource."""
 
 
 @dataclass(frozen=True)
@@ -63,25 +70,30 @@ class StudyFacts:
 class OrthancStudies:
     """Routes the studies of one Orthanc; the plugin calls it from its own thread."""
 
-    def __init__(self, settings: Settings, queues: Queues, rest: RestGet,
-                 source_name: str = "") -> None:
-        """``source_name``: the ``[[destinations]]`` entry that is this Orthanc, "" when it is
-        ``[orthanc]`` (workers fetch studies from there)."""
+    def __init__(self, settings: Settings, queues: Queues, rest: RestGet | None = None,
+                 name: str = ORTHANC) -> None:
+        """``name``: the destination that is this Orthanc ("orthanc": ``[orthanc]``); reads
+        go through ``rest`` when given (the plugin), else over HTTP."""
         self.settings = settings
         self.queues = queues
-        self.rest = rest
-        self.source_name = source_name
+        destination = settings.destination(name)
+        if not isinstance(destination, OrthancDestination):
+            raise ValueError(f'"{name}" is a {destination.kind.value} destination, not an '
+                             "Orthanc")
+        self.archive = OrthancArchive(destination, settings, rest)
+        self.name = name
         self.router = Router(settings, queues)
 
-    def _json(self, path: str) -> Any:
-        return json.loads(self.rest(path))
+    def close(self) -> None:
+        self.archive.close()
 
     # -- events --------------------------------------------------------------------------
 
     def seen(self, study_id: str) -> None:
         """NEW_STUDY: remember the study until it is routed."""
-        self.queues.store.put_record(MARKER + study_id, {"state": "seen", "generation": 0,
-                                                         "at": time.time()}, if_empty=True)
+        self.queues.store.put_record(MARKER + study_id, {"state": MarkerState.SEEN.value,
+                                                         "generation": 0, "at": time.time()},
+                                     if_empty=True)
 
     def stable(self, study_id: str) -> Routed | None:
         """STABLE_STUDY: route the study (a new generation each time it becomes stable);
@@ -95,14 +107,14 @@ class OrthancStudies:
             return None
         generation = int(marker.get("generation", 0)) + 1
         routed = self.route(study_id, generation, "orthanc", facts)
-        state = "own-output" if routed is None else "routed"
+        state = MarkerState.OWN_OUTPUT if routed is None else MarkerState.ROUTED
         self.queues.store.put_record(key, {
-            "state": state, "generation": generation, "at": time.time(),
+            "state": state.value, "generation": generation, "at": time.time(),
             **({"jobs": list(routed.job_ids), "note": routed.note} if routed else {}),
         })
         return routed
 
-    def route(self, study_id: str, generation: int, source: str,
+    def route(self, study_id: str, generation: int, via: str,
               facts: StudyFacts | None = None) -> Routed | None:
         """Apply the rules to the study and submit its jobs (workers fetch it from this
         Orthanc); None when it holds only the node's outputs. :class:`StudyNotFound`."""
@@ -112,14 +124,14 @@ class OrthancStudies:
                      study_id, facts.outputs)
             return None
         return self.router.route_series(facts.study_uid, generation, facts.series,
-                                        orthanc_study=study_id, source=source,
-                                        orthanc_source=self.source_name)
+                                        Source(SourceKind.ORTHANC, self.name, study_id), via)
 
     def reconcile(self) -> int:
         """ORTHANC_STARTED: route the studies seen but never routed; returns how many."""
         routed = 0
         for key, marker in self.queues.store.records(MARKER).items():
-            if marker.get("state") == "seen" and self.stable(key[len(MARKER):]) is not None:
+            if (marker.get("state") == MarkerState.SEEN
+                    and self.stable(key[len(MARKER):]) is not None):
                 routed += 1
         if routed:
             log.info("orthanc start: %d studies received before the restart were routed",
@@ -132,31 +144,15 @@ class OrthancStudies:
         """One header per series (the node's outputs left out), with the AE titles Orthanc
         recorded; :class:`StudyNotFound` when Orthanc has no such study."""
         try:
-            study = self._json(f"/studies/{study_id}")
-        except LookupError:
+            found = self.archive.series(FoundStudy(study_id, "", "", 0))
+        except StudyGone:
             raise StudyNotFound(f'Orthanc has no study "{study_id}"') from None
-        series: list[SeriesFacts] = []
-        outputs = 0
-        study_uid = str(study["MainDicomTags"].get("StudyInstanceUID", ""))
-        for series_id in study["Series"]:
-            first = self._json(f"/series/{series_id}")["Instances"][0]
-            metadata = self._json(f"/instances/{first}/metadata?expand")
-            header = dcmread(BytesIO(self.rest(f"/instances/{first}/file")),
-                             stop_before_pixels=True)
-            if self._ours(metadata, header):
-                outputs += 1
-                continue
-            series.append(SeriesFacts(
-                study_uid, str(header.SeriesInstanceUID), header,
-                calling_aet=str(metadata.get("RemoteAET", "")),
-                called_aet=str(metadata.get("CalledAET", "")),
-            ))
-        return StudyFacts(study_uid, series, outputs)
-
-    def _ours(self, metadata: dict[str, Any], header: Any) -> bool:
-        if self.settings.orthanc.job_metadata in metadata:
-            return True
-        return own_output(header, self.settings.output.manufacturer)
+        series = [SeriesFacts(str(s.header.StudyInstanceUID), s.series_uid, s.header,
+                              calling_aet=s.calling_aet, called_aet=s.called_aet)
+                  for s in found if not s.own]
+        study_uid = series[0].study_uid if series else (
+            str(found[0].header.StudyInstanceUID) if found else "")
+        return StudyFacts(study_uid, series, len(found) - len(series))
 
     # -- by hand (REST) ------------------------------------------------------------------
 
@@ -178,7 +174,7 @@ class OrthancStudies:
                 f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
                 for e in exc.errors())
             raise BadRequest(f"not a valid task: {problems}") from None
-        known = {"orthanc"} | {d.name for d in self.settings.destinations}
+        known = {d.name for d in self.settings.all_destinations}
         destinations = tuple(task.destinations or ["orthanc"])
         unknown = [d for d in destinations if d not in known]
         if unknown:
@@ -198,7 +194,7 @@ class OrthancStudies:
         spec = json.dumps([task.model_dump(mode="json"), sorted(uids)], sort_keys=True)
         rule = f"{MANUAL_RULE}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
         job = make_job(facts.study_uid, max(1, int(marker.get("generation", 0))), rule, 0,
-                       task, tuple(uids), destinations, orthanc_study=study_id,
-                       orthanc_source=self.source_name)
+                       task, tuple(uids), destinations,
+                       Source(SourceKind.ORTHANC, self.name, study_id))
         self.queues.submit(job)
         return self.queues.store.get(job.id) or job

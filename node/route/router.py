@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from node.archives import SPOOL, Source
 from node.config import RuleTask, Settings
 from node.dicom import own_output
 from node.jobs import Job, Queues, job_id
@@ -74,14 +75,12 @@ class Router:
         return self.route_series(study.study_uid, study.generation, scan.series)
 
     def route_series(self, study_uid: str, generation: int, series: Sequence[SeriesFacts],
-                     orthanc_study: str = "", source: str = "", orthanc_source: str = "",
-                     pacs_source: str = "") -> Routed:
-        """Apply the rules to ``series`` of one study and submit the jobs; with
-        ``orthanc_study`` (Orthanc's id of the study) workers fetch it from Orthanc, not from
-        the spool; ``source`` names where the study came from when its facts don't (for
-        ``[rules.match] source``)."""
-        if source:
-            series = [dataclasses.replace(s, source=source) for s in series]
+                     source: Source = SPOOL, via: str = "") -> Routed:
+        """Apply the rules to ``series`` of one study and submit the jobs, whose workers read
+        the study from ``source``; ``via`` names how the study came when its facts don't (for
+        ``[rules.match] source``: "orthanc", "backfill")."""
+        if via:
+            series = [dataclasses.replace(s, source=via) for s in series]
         manufacturer = self.settings.output.manufacturer
         own = [s for s in series if own_output(s.header, manufacturer)]
         if own:
@@ -102,7 +101,7 @@ class Router:
                     jobs.append(make_job(study_uid, generation, rule.name, index, task,
                                          series_uids,
                                          tuple(task.destinations or rule.destinations),
-                                         orthanc_study, orthanc_source, pacs_source))
+                                         source))
         for job in jobs:
             self.queues.submit(job)
         if jobs:
@@ -116,12 +115,12 @@ class Router:
 
 def make_job(study_uid: str, generation: int, rule: str, index: int, task: RuleTask,
              series_uids: tuple[str, ...], destinations: tuple[str, ...],
-             orthanc_study: str = "", orthanc_source: str = "", pacs_source: str = "") -> Job:
-    """The job of task ``index`` of ``rule`` on these series of one study."""
+             source: Source = SPOOL) -> Job:
+    """The job of task ``index`` of ``rule`` on these series of one study, read from
+    ``source``."""
     return Job(
         id=job_id(study_uid, rule, index, task.task.value),
-        study_uid=study_uid, generation=generation, rule=rule, task_index=index,
-        task=task.model_dump(mode="json"), queue=task.task.queue, series_uids=series_uids,
-        destinations=destinations, orthanc_study=orthanc_study, orthanc_source=orthanc_source,
-        pacs_source=pacs_source,
+        study_uid=study_uid, generation=generation, rule=rule, task_index=index, task=task,
+        queue=task.task.queue, series_uids=series_uids, destinations=destinations,
+        source=source,
     )
