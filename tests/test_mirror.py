@@ -336,3 +336,68 @@ def test_backfill_from_a_pacs_skips_the_nodes_own_outputs(
         assert not sent & {t["SOPInstanceUID"] for t in research_tags(research)}
     finally:
         clinical.stop(kill=True)
+
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def test_backfill_from_dicomweb_and_delivery_by_stow_rs_exactly_once(
+    node_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clinical archive that speaks only DICOMweb (found by QIDO-RS, fetched by WADO-RS)
+    mirrored into a research archive by STOW-RS: every series once, the planted identifiers
+    nowhere in the research archive's storage or the logs, a re-run sending nothing."""
+    password = "dicomweb-pw-1"
+    monkeypatch.setenv(PASSWORD_ENV, password)
+    web = {"Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    clinical = OrthancProcess(tmp_path / "clinical-web", password=password)
+    research = OrthancProcess(tmp_path / "research-web", aet="RESEARCH", password=password)
+    destinations = "".join(
+        f'[[destinations]]\nname = "{name}"\nkind = "dicomweb"\nurl = "{proc.url}/dicom-web"\n'
+        f'username = "{proc.username}"\npassword_env = "{PASSWORD_ENV}"\n'
+        for name, proc in (("clinical-web", clinical), ("research-web", research)))
+    rules = destinations + f"""
+[[rules]]
+name = "mirror"
+destinations = ["research-web"]
+[rules.match]
+source = ["backfill"]
+[[rules.tasks]]
+task = "deidentify"
+options = {OPTIONS}
+"""
+    node = jobs_node(node_factory, tmp_path, None, rules=rules)
+    study = make_planted_study(tmp_path / "in", n_series=3, per_series=2, seed=12)
+    for proc in (clinical, research):
+        proc.config.update(web)
+        proc.start()
+    try:
+        upload(clinical, study.files)
+        backfill = [*SYNTHNODE, "--config", str(node.config), "mirror", "backfill", "--from",
+                    "clinical-web", "--since", "1900-01-01", "--quiet"]
+        done = subprocess.run(backfill, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "1 studies from clinical-web: 1 queued" in done.stdout, done.stdout
+        (job,) = records(node)
+        assert job.source.kind.value == "dicomweb" and job.source.archive == "clinical-web"
+        assert (job.state.value, job.outputs, job.attempts) == ("done", 6, 1)
+        assert research.count_instances() == 6
+        tags = research_tags(research)
+        assert {t["Modality"] for t in tags} == {"CT", "MR", "US"}
+        assert not {str(dcmread(p).SOPInstanceUID) for p in study.files} & {
+            t["SOPInstanceUID"] for t in tags}
+        stored = b"".join(p.read_bytes() for p in research.storage.rglob("*") if p.is_file())
+        leaks = [x.where for x in study.planted if x.value.encode() in stored]
+        assert not leaks, leaks
+        assert not [d for d in study.dates if len(d) >= 8 and d.encode() in stored]
+        logs = node.log() + research.log()
+        assert not [x.where for x in study.planted
+                    if x.value in logs and not x.where.startswith("UID")]
+        assert password not in node.log()
+
+        again = subprocess.run(backfill, capture_output=True, text=True, timeout=120)
+        assert "0 queued, 1 done before" in again.stdout, again.stdout
+        assert research.count_instances() == 6
+    finally:
+        clinical.stop(kill=True)
+        research.stop(kill=True)
