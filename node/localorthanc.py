@@ -63,6 +63,10 @@ def isolate_network() -> None:
 USER_METADATA = {"SynthnodeJob": 1024, "SynthnodeTask": 1025}
 """The user metadata synthnode writes ([orthanc] job_metadata / task_metadata defaults)."""
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+"""Orthanc's DICOMweb plugin (Debian's orthanc-dicomweb)."""
+DICOMWEB_ROOT = "/dicom-web/"
+
 
 def free_port(avoid: set[int] | None = None) -> int:
     """A TCP port on 127.0.0.1 free right now, not in ``avoid``."""
@@ -78,6 +82,8 @@ class OrthancProcess:
     """Orthanc (Debian's 1.10) as a child process; storage survives :meth:`stop`/:meth:`start`.
 
     With ``username`` set, HTTP authentication is on and that user is the only registered one.
+    With ``dicomweb``, the DICOMweb plugin serves QIDO-RS, WADO-RS and STOW-RS at
+    :attr:`dicomweb_url` (FileNotFoundError when orthanc-dicomweb is not installed).
     ``overrides`` replace or add top-level keys of the generated configuration.
     """
 
@@ -90,8 +96,12 @@ class OrthancProcess:
         password: str = "s3cret-test-pw",
         http_port: int | None = None,
         dicom_port: int | None = None,
+        dicomweb: bool = False,
         overrides: dict[str, Any] | None = None,
     ) -> None:
+        if dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise FileNotFoundError(f"Orthanc's DICOMweb plugin {DICOMWEB_PLUGIN} is not "
+                                    "installed (Debian package orthanc-dicomweb: run .ci/setup)")
         self.workdir = workdir
         self.aet = aet
         self.username = username
@@ -113,17 +123,23 @@ class OrthancProcess:
             "AuthenticationEnabled": username is not None,
             "RegisteredUsers": {username: password} if username is not None else {},
             "UserMetadata": dict(USER_METADATA),
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
             "DicomCheckCalledAet": False,
             "StorageCompression": False,
             "SyncStorageArea": True,
             "StableAge": 3600,
+            **({"DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT}} if dicomweb else {}),
             **(overrides or {}),
         }
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root (with ``dicomweb``)."""
+        return self.url + DICOMWEB_ROOT.rstrip("/")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

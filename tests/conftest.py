@@ -101,3 +101,14 @@ def orthanc(tmp_path: Path):
     proc.start()
     yield proc
     proc.stop(kill=True)
+
+
+@pytest.fixture
+def dicomweb_orthanc(tmp_path: Path):
+    """A real Orthanc 1.10 with its DICOMweb plugin: QIDO-RS, WADO-RS and STOW-RS at
+    ``.dicomweb_url``, HTTP basic auth for ``.username`` / ``.password`` (its REST API at
+    ``.url`` for checks); killed after the test."""
+    proc = OrthancProcess(tmp_path / "dicomweb", dicomweb=True)
+    proc.start()
+    yield proc
+    proc.stop(kill=True)
