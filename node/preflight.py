@@ -422,9 +422,10 @@ def check_archive(destination: Destination, settings: Settings) -> list[Finding]
             problems = archive.problems()
             label = archive.label
     except ArchiveError as exc:
-        problems, label = [str(exc)], destination.name
-    if problems:
-        return [Finding(name, Level.FATAL, p) for p in problems]
+        problems, label = [exc], destination.name
+    if problems:  # (one that mends by itself, a server not up yet, only delays: a warning)
+        return [Finding(name, Level.FATAL if p.permanent else Level.WARNING, str(p))
+                for p in problems]
     return [Finding(name, Level.OK, f"{label} answers")]
 
 

@@ -209,7 +209,8 @@ def test_a_dead_server_is_a_transient_failure_naming_the_url(
             dead.find(datetime.date(2020, 1, 1))
         assert not failed.value.permanent and url in str(failed.value)
         (problem,) = dead.problems()
-        assert url in problem and "is it running" in problem
+        assert url in str(problem) and "is it running" in str(problem)
+        assert not problem.permanent  # (a server not up yet: preflight only warns)
 
 
 def test_a_wrong_password_is_permanent_and_the_right_one_works(
@@ -223,7 +224,8 @@ def test_a_wrong_password_is_permanent_and_the_right_one_works(
         assert "HTTP 401" in result.reason and PASSWORD_ENV in result.reason, result
         assert dicomweb_orthanc.dicomweb_url in result.reason
         (problem,) = wrong.problems()
-        assert "HTTP 401" in problem and PASSWORD_ENV in problem
+        assert "HTTP 401" in str(problem) and PASSWORD_ENV in str(problem)
+        assert problem.permanent
         with pytest.raises(ArchiveError, match="HTTP 401") as failed:
             wrong.find(datetime.date(2000, 1, 1))
         assert failed.value.permanent
@@ -232,7 +234,7 @@ def test_a_wrong_password_is_permanent_and_the_right_one_works(
     monkeypatch.delenv(PASSWORD_ENV)
     with archive(dicomweb_orthanc.dicomweb_url) as unset:
         (problem,) = unset.problems()
-        assert PASSWORD_ENV in problem and "not set" in problem
+        assert PASSWORD_ENV in str(problem) and "not set" in str(problem) and problem.permanent
 
     monkeypatch.setenv(PASSWORD_ENV, dicomweb_orthanc.password)
     with archive(dicomweb_orthanc.dicomweb_url) as right:

@@ -398,7 +398,8 @@ def test_cli_send_to_orthanc_peer_and_named_destination(
                                                  + ", 1 failed")
 
     done = run_send(config, paths[0], "--to", "nowhere")
-    assert done.returncode == 2 and 'no destination "nowhere" (known: archive)' in done.stderr
+    assert done.returncode == 2
+    assert 'no destination "nowhere" (known: orthanc, archive)' in done.stderr
     done = run_send(config, paths[0], "--to", "orthanc", password="wrong")
     assert done.returncode == 1 and "HTTP 401" in done.stdout
 

@@ -158,8 +158,9 @@ class Archive(ABC):
         raise ArchiveError(f'"{self.name}" ({self.kind.value}) cannot be fetched from',
                            permanent=True)
 
-    def problems(self) -> list[str]:
-        """What keeps it from working, checked now (``synthnode check``); [] when fine."""
+    def problems(self) -> list[ArchiveError]:
+        """What keeps it from working, checked now (``synthnode check``), each ``permanent``
+        when it will not mend by itself (credentials, configuration); [] when fine."""
         return []
 
     def close(self) -> None:  # noqa: B027 - most kinds hold no connection

@@ -386,20 +386,21 @@ class DicomWebArchive(Archive):
                                    f"({exc.strerror})") from None
         return written
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[ArchiveError]:
         """[] when a QIDO-RS search (one study at most) answers, else one line naming the URL,
         what failed and what to check."""
         d = self.destination
         for var in (d.password_env, d.token_env):
             if var and not os.environ.get(var):
-                return [f'DICOMweb server {self.url} ("{self.name}"): the environment variable '
-                        f"{var} ({'password_env' if var == d.password_env else 'token_env'}) "
-                        "is not set: export it where the node runs"]
+                return [ArchiveError(
+                    f"DICOMweb server {self.url}: the environment variable {var} "
+                    f"({'password_env' if var == d.password_env else 'token_env'}) is not set: "
+                    "export it where the node runs", permanent=True)]
         try:
             self._search("QIDO-RS studies?limit=1",
                          partial(self._client.search_for_studies, limit=1))
         except ArchiveError as exc:
-            return [f'"{self.name}": {exc}']
+            return [exc]
         return []
 
     # -- requests ----------------------------------------------------------------------------
@@ -540,3 +541,6 @@ def _write(ds: Dataset, target: Path) -> Path:
         tmp.unlink(missing_ok=True)
     return target
 
+
+
+ARCHIVE = DicomWebArchive
