@@ -340,6 +340,14 @@ class OrthancDestination(_Destination):
     kind: Literal[DestinationKind.ORTHANC] = DestinationKind.ORTHANC
     module: ClassVar[str] = "node.archives.orthanc"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dicom_tls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(str(k).startswith("tls") for k in data):
+            raise ValueError(f'destination "{data.get("name", "")}": tls settings are for '
+                             "DICOM peers; an Orthanc is reached over TLS by an https:// url")
+        return data
+
     def orthanc_settings(self, base: OrthancSettings, environ: dict[str, str] | None = None
                          ) -> OrthancSettings:
         """``[orthanc]`` for this Orthanc: its url and user, the password from
