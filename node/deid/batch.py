@@ -28,6 +28,7 @@ from node.config import DeidOutput, Settings
 from node.deid.engine import DeidentificationError, Deidentifier, Quarantined
 from node.deid.pixels import Inpainter
 from node.dicom import NewIdentity, Pixels, build_sc, carried_spacing
+from node.files import atomic_write
 
 
 class Fate(StrEnum):
@@ -213,9 +214,7 @@ def _process(path: Path) -> FileResult:
     target = out_dir / str(output.StudyInstanceUID) / str(output.SeriesInstanceUID) / (
         f"{output.SOPInstanceUID}.dcm")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    atomic_write(target, data)
     return FileResult(str(path), Fate.WRITTEN, str(target), Mapping(original, Identity.of(output)))
 
 
