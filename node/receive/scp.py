@@ -29,6 +29,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import NodeSettings
 from node.dicomnet import make_ae
+from node.errors import describe
 from node.receive.check import (
     RejectedDataset,
     StoreStatus,
@@ -173,7 +174,7 @@ def handle_store(event: Event, spool: Spool, counters: ReceiveCounters,
             "C-STORE failed from %s sop_instance=%s: unexpected %s",
             peer_name(assoc), sop_instance, type(exc).__name__,
         )
-        return _status(StoreStatus.OUT_OF_RESOURCES, f"internal error ({type(exc).__name__})")
+        return _status(StoreStatus.OUT_OF_RESOURCES, f"internal error ({describe(exc)})")
     if outcome is StoreOutcome.STORED:
         counters.add("stored")
     else:
