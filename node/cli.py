@@ -347,9 +347,8 @@ def _peer_destination(text: str, settings: Settings, args: argparse.Namespace
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from pynetdicom import AE
-
     from node.archives.dimse import open_association, tls_args
+    from node.dicomnet import make_ae
     from node.receive.contexts import VERIFICATION
     from node.tls import TLSError
 
@@ -361,9 +360,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, TLSError) as exc:
         print(f"synthnode echo: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    ae = AE(ae_title=args.calling_aet or settings.node.ae_title)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = args.timeout
-    ae.network_timeout = args.timeout
+    ae = make_ae(args.calling_aet or settings.node.ae_title, settings.node,
+                 timeout_s=args.timeout)
     ae.add_requested_context(VERIFICATION)
     started = time.monotonic()
     assoc, why = open_association(ae, destination, tls)

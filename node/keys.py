@@ -21,10 +21,11 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
+
+from node.files import atomic_write
 
 MIN_KEY_CHARS = 32
 MIN_DISTINCT_CHARS = 12
@@ -140,17 +141,7 @@ class KeyRecord:
                      "the key). synthnode serve refuses to start when the key differs; "
                      "synthnode key rotate records a new one.",
         }, indent=2) + "\n"
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write(self.path, body, durable=True)
         return fingerprint
 
     def mismatch(self, key: str) -> str | None:

@@ -372,17 +372,17 @@ def check_orthanc(orthanc: OrthancSettings, label: str, how_to_log_in: str,
 def check_peer(destination: DicomDestination, settings: Settings,
                timeout_s: float = PROBE_TIMEOUT_S) -> list[Finding]:
     """The DICOM peer accepts an association from ``[node] ae_title`` and answers C-ECHO."""
-    from pynetdicom import AE, evt
+    from pynetdicom import evt
 
     from node.archives.dimse import open_association, tls_args
+    from node.dicomnet import make_ae
     from node.receive.contexts import VERIFICATION
     from node.tls import TLSError
 
     d = destination
     name = f'destination "{d.name}"'
     where = f"{d.ae_title}@{d.host}:{d.port}"
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae = make_ae(settings.node.ae_title, settings.node, timeout_s=timeout_s)
     ae.add_requested_context(VERIFICATION)
     answers: list[object] = []
     try:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from node.config import DicomDestination, NodeSettings, NodeTLS, Settings, TLSVersion
+from node.errors import describe
 
 _VERSIONS = {TLSVersion.V1_2: ssl.TLSVersion.TLSv1_2, TLSVersion.V1_3: ssl.TLSVersion.TLSv1_3}
 
@@ -178,6 +179,4 @@ def describe_failure(exc: BaseException) -> str:
         return reason
     if isinstance(exc, TimeoutError):
         return "no handshake within the timeout (a plain TCP client, or a stalled peer)"
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return type(exc).__name__
+    return describe(exc)

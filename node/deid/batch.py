@@ -28,6 +28,8 @@ from node.config import DeidOutput, Settings
 from node.deid.engine import DeidentificationError, Deidentifier, Quarantined
 from node.deid.pixels import Inpainter
 from node.dicom import NewIdentity, Pixels, build_sc, carried_spacing
+from node.errors import describe, describe_unreadable
+from node.files import atomic_write
 
 
 class Fate(StrEnum):
@@ -131,7 +133,7 @@ def as_secondary_capture(deid: Deidentifier, ds: Dataset) -> Dataset:
         frames = np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many kinds
         raise Quarantined(f"pixel data cannot be decoded for a Secondary Capture "
-                          f"({type(exc).__name__})") from None
+                          f"({describe(exc)})") from None
     color = int(ds.get("SamplesPerPixel", 1)) == 3
     if int(ds.get("NumberOfFrames", 1) or 1) == 1:
         frames = frames[None]
@@ -201,7 +203,7 @@ def _process(path: Path) -> FileResult:
         source = dcmread(path)
         source.SOPInstanceUID  # noqa: B018 - fail here on a damaged header
     except (InvalidDicomError, OSError, AttributeError, ValueError, KeyError) as exc:
-        return FileResult(str(path), Fate.UNREADABLE, _describe(exc))
+        return FileResult(str(path), Fate.UNREADABLE, describe_unreadable(exc))
     original = Identity.of(source)  # before de-identification changes it in place
     try:
         output, data = deidentify_to_bytes(deid, source, settings.deid.output)
@@ -209,26 +211,12 @@ def _process(path: Path) -> FileResult:
         return FileResult(str(path), Fate.QUARANTINED, str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
         return FileResult(str(path), Fate.QUARANTINED,
-                          f"cannot be de-identified: {_describe(exc)}")
+                          f"cannot be de-identified: {describe(exc)}")
     target = out_dir / str(output.StudyInstanceUID) / str(output.SeriesInstanceUID) / (
         f"{output.SOPInstanceUID}.dcm")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    atomic_write(target, data)
     return FileResult(str(path), Fate.WRITTEN, str(target), Mapping(original, Identity.of(output)))
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception's kind and its message only when it is ours (library messages may quote
-    element values)."""
-    if isinstance(exc, DeidentificationError):
-        return str(exc)
-    if isinstance(exc, InvalidDicomError):
-        return "not a DICOM file"
-    if isinstance(exc, OSError):
-        return f"cannot be read ({exc.strerror})"
-    return type(exc).__name__
 
 
 # -- main side -----------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from node.deid.pixels import (
 from node.deid.profile import CODE, Profile, iod_type
 from node.deid.text import shared_finder
 from node.dicom import Deidentification, TemporalInformation, mark_deidentified
+from node.errors import NodeError, describe
 from node.keys import key_problem
 from node.uids import derive_uid
 
@@ -123,7 +124,7 @@ _SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
 """Structured Report storage SOP classes (PS3.4 B.5): a document tree in Content Sequence."""
 
 
-class DeidentificationError(Exception):
+class DeidentificationError(NodeError):
     """De-identification cannot run (bad settings, unusable data); the message says why and
     holds no patient data."""
 
@@ -225,7 +226,7 @@ def _save(ds: Dataset, f: BinaryIO) -> None:
     except (ValueError, TypeError, OverflowError, struct.error) as exc:
         # pydicom's: a value that its VR cannot encode; never passed on half-written
         raise Quarantined(f"the de-identified data set cannot be encoded "
-                          f"({type(exc).__name__})") from None
+                          f"({describe(exc)})") from None
 
 
 class Deidentifier:

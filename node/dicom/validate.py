@@ -4,7 +4,6 @@ current dictionary), and the quarantine for objects that fail it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from node.config import OutputSettings
+from node.files import atomic_open, atomic_write
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,8 @@ def save_checked(ds: Dataset, folder: Path, settings: OutputSettings, job_id: st
     folder.mkdir(parents=True, exist_ok=True)
     sop = str(ds.SOPInstanceUID)
     path = folder / f"{sop}.dcm"
-    tmp = path.with_suffix(".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        ds.save_as(f, enforce_file_format=True)
     if not settings.validate_objects:
         return Saved(path, sop, None, quarantined=False)
     verdict = validate_file(path)
@@ -110,9 +109,7 @@ def quarantine(
     target = folder / path.name
     shutil.move(path, target)
     note = target.with_suffix(".reason.json")
-    tmp = note.with_suffix(".tmp")
-    tmp.write_text(json.dumps(
+    atomic_write(note, json.dumps(
         {"job": job_id, "file": target.name, "reason": reason, "report": report}, indent=2
     ))
-    os.replace(tmp, note)
     return target

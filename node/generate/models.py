@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from node.config import GenerateSettings
+from node.files import atomic_write
 from node.generate.tiny import INPAINT_SUBFOLDER, build_tiny
 
 if TYPE_CHECKING:
@@ -210,9 +211,7 @@ def weights_hash(folder: Path) -> str:
     value = digest.hexdigest()
     # A read-only folder (a shared cache, a mounted image) just goes without the cache.
     with contextlib.suppress(OSError):
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sha256": value, "files": key}), encoding="utf-8")
-        os.replace(tmp, cache)
+        atomic_write(cache, json.dumps({"sha256": value, "files": key}))
     return value
 
 

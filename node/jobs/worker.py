@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from node.config import ENV_CONFIG, Settings
+from node.files import atomic_write
 from node.jobs.queue import QUEUES, Queues
 from node.jobs.runner import Runner
 
@@ -146,9 +147,7 @@ class WorkerPool:
         if self.record is None:
             return
         workers = [{"pid": p.pid, "start": process_start(p.pid)} for p in self.procs.values()]
-        tmp = self.record.with_name(self.record.name + ".tmp")
-        tmp.write_text(json.dumps({"serve": os.getpid(), "workers": workers}))
-        tmp.replace(self.record)
+        atomic_write(self.record, json.dumps({"serve": os.getpid(), "workers": workers}))
 
     def check(self) -> None:
         """Restart workers that exited (at most one restart per slot every 2 s)."""

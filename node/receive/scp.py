@@ -28,6 +28,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import NodeSettings
+from node.dicomnet import make_ae
+from node.errors import describe
 from node.receive.check import (
     RejectedDataset,
     StoreStatus,
@@ -172,7 +174,7 @@ def handle_store(event: Event, spool: Spool, counters: ReceiveCounters,
             "C-STORE failed from %s sop_instance=%s: unexpected %s",
             peer_name(assoc), sop_instance, type(exc).__name__,
         )
-        return _status(StoreStatus.OUT_OF_RESOURCES, f"internal error ({type(exc).__name__})")
+        return _status(StoreStatus.OUT_OF_RESOURCES, f"internal error ({describe(exc)})")
     if outcome is StoreOutcome.STORED:
         counters.add("stored")
     else:
@@ -273,12 +275,9 @@ def handle_aborted(event: Event) -> None:
 
 def build_ae(settings: NodeSettings) -> AE:
     """An application entity accepting Verification and every storage SOP class."""
-    ae = AE(ae_title=settings.ae_title)
+    ae = make_ae(settings.ae_title, settings)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_bytes
-    ae.acse_timeout = settings.acse_timeout_s
-    ae.dimse_timeout = settings.dimse_timeout_s
-    ae.network_timeout = settings.network_timeout_s
     ae.require_called_aet = True
     ae.require_calling_aet = list(settings.allowed_calling_aets)
     ae.add_supported_context(VERIFICATION)

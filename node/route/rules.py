@@ -18,10 +18,10 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from node.config import RouteMode, Rule, RuleMatch
 from node.deid.batch import collect
+from node.errors import describe_unreadable
 
 _GROUPING = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
 # RuleMatch lists and regular expressions: (field, attribute keyword).
@@ -138,14 +138,6 @@ class Routing:
         return lines
 
 
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, InvalidDicomError):
-        return "not a DICOM file"
-    if isinstance(exc, OSError):
-        return f"cannot be read ({exc.strerror or type(exc).__name__})"
-    return f"DICOM header cannot be parsed ({type(exc).__name__})"  # pydicom raises many kinds
-
-
 def series_facts(
     paths: Sequence[Path], aets: Mapping[str, tuple[str, str]] | None = None, *,
     calling_aet: str = "", called_aet: str = "",
@@ -159,7 +151,7 @@ def series_facts(
         try:
             ds = dcmread(path, stop_before_pixels=True, specific_tags=_GROUPING)
         except Exception as exc:  # noqa: BLE001 - one bad file never stops the others
-            unreadable.append(Unreadable(path, _reason(exc)))
+            unreadable.append(Unreadable(path, describe_unreadable(exc)))
             continue
         key = (str(ds.get("StudyInstanceUID") or ""), str(ds.get("SeriesInstanceUID") or ""))
         if not all(key):
@@ -189,7 +181,7 @@ def facts_of(
                 try:
                     header = dcmread(path, stop_before_pixels=True)
                 except Exception as exc:  # noqa: BLE001
-                    unreadable.append(Unreadable(path, _reason(exc)))
+                    unreadable.append(Unreadable(path, describe_unreadable(exc)))
                     continue
                 aet = (aets or {}).get(sop_uid, aet)
             kept.append(path)

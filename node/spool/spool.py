@@ -25,6 +25,7 @@ from pathlib import Path
 from pydicom.filereader import read_file_meta_info
 
 from node.config import DuplicatePolicy, SpoolSettings
+from node.files import fsync_dir, move_into_place, temporary_path, write_file
 from node.route import Routed
 from node.spool.index import Index, InstanceRow, StudySummary
 from node.uids import is_valid_uid
@@ -93,14 +94,6 @@ of a stable study, from the spool's monitor thread; it must be idempotent on (st
 generation) and return quickly (enqueue, don't process). What it returns (the study's jobs, or
 None when it made none to track) is recorded with the study. If it raises, the hand-off is
 retried on the next tick."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _same_file(path: Path, other: Path) -> bool:
@@ -231,22 +224,13 @@ class Spool:
             for d in reversed(missing):
                 d.mkdir(exist_ok=True)
                 if self.settings.fsync:
-                    _fsync_dir(d.parent)
+                    fsync_dir(d.parent)
             self._dirs_made.add(folder)
 
     def _write_file(self, final: Path, data: bytes) -> None:
-        tmp = self.tmp_dir / f"{final.name}.{threading.get_ident()}.{os.getpid()}.part"
+        tmp = temporary_path(final, self.tmp_dir)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if self.settings.fsync:
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            write_file(tmp, data, self.settings.fsync, mode=0o640)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError.of(exc) from exc
@@ -258,7 +242,7 @@ class Spool:
         try:
             same_fs = os.stat(source).st_dev == os.stat(self.tmp_dir).st_dev
             if not same_fs:
-                tmp = self.tmp_dir / f"{final.name}.{threading.get_ident()}.{os.getpid()}.part"
+                tmp = temporary_path(final, self.tmp_dir)
                 try:
                     shutil.copyfile(source, tmp)
                 except OSError:
@@ -278,23 +262,15 @@ class Spool:
         the folder (only then may the caller acknowledge it)."""
         try:
             self._make_dirs(final.parent)
-            if self.settings.fsync and not synced:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
             try:
-                os.replace(tmp, final)
+                move_into_place(tmp, final, self.settings.fsync, synced=synced)
             except FileNotFoundError:  # retention removed the folder meanwhile: make it again
                 if not tmp.exists():
                     raise
                 with self._dirs_lock:
                     self._dirs_made.discard(final.parent)
                 self._make_dirs(final.parent)
-                os.replace(tmp, final)
-            if self.settings.fsync:
-                _fsync_dir(final.parent)
+                move_into_place(tmp, final, self.settings.fsync, synced=True)  # synced above
         except OSError as exc:
             if remove_on_error:
                 tmp.unlink(missing_ok=True)
