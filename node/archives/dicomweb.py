@@ -41,10 +41,10 @@ from pydicom.filewriter import dcmwrite
 
 from node.archives.base import Archive, ArchiveError, FoundSeries, FoundStudy, StudyGone
 from node.archives.dimse import status_outcome
-from node.archives.orthanc import difference
-from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
+from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver, difference
 from node.archives.retry import Outcome, RoundFn, permanent, sent, transient
 from node.config import DestinationKind, DicomWebDestination, Settings
+from node.files import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -533,12 +533,8 @@ def _from_json(row: dict[str, Any]) -> Dataset:
 def _write(ds: Dataset, target: Path) -> Path:
     """``ds`` as a Part 10 file at ``target``, as received, atomically (``.part``, then
     rename)."""
-    tmp = target.with_suffix(".part")
-    try:
-        dcmwrite(tmp, ds, enforce_file_format=True)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(target) as f:
+        dcmwrite(f, ds, enforce_file_format=True)
     return target
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -59,6 +58,8 @@ from node.config import (
     NodeSettings,
     Settings,
 )
+from node.dicomnet import make_ae
+from node.files import atomic_write
 from node.tls import TLSError, client_context, describe_failure
 
 log = logging.getLogger(__name__)
@@ -235,11 +236,7 @@ class PeerDispatcher:
                        what=f"C-STORE to {self.name} as {self.calling_aet}")
 
     def _associate(self, contexts: list[Context]) -> tuple[Association | None, str]:
-        ae = AE(ae_title=self.calling_aet)
-        ae.connection_timeout = self.node.acse_timeout_s
-        ae.acse_timeout = self.node.acse_timeout_s
-        ae.dimse_timeout = self.node.dimse_timeout_s
-        ae.network_timeout = self.node.network_timeout_s
+        ae = make_ae(self.calling_aet, self.node)
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, [syntax])
         if self.destination.tls and self._tls is None:
@@ -352,11 +349,7 @@ class Peer:
             raise QueryError(str(exc)) from None
 
     def _ae(self) -> AE:
-        ae = AE(ae_title=self.node.ae_title)
-        ae.connection_timeout = self.node.acse_timeout_s
-        ae.acse_timeout = self.node.acse_timeout_s
-        ae.dimse_timeout = self.node.dimse_timeout_s
-        ae.network_timeout = self.node.network_timeout_s
+        ae = make_ae(self.node.ae_title, self.node)
         return ae
 
     def _associate(self, ae: AE, ext_neg: list[Any] | None = None,
@@ -431,9 +424,7 @@ class Peer:
             sop = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
             target = folder / f"{sop}.dcm"
             try:
-                tmp = target.with_suffix(".part")
-                tmp.write_bytes(event.encoded_dataset())
-                os.replace(tmp, target)
+                atomic_write(target, event.encoded_dataset())
             except OSError as exc:
                 log.warning("C-GET from %s: instance %s not written: %s", self.name, sop,
                             exc.strerror)

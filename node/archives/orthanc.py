@@ -33,11 +33,10 @@ import requests
 from orthanc_api_client import OrthancApiClient
 from orthanc_api_client import exceptions as orthanc_errors
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
 from node.archives.base import Archive, ArchiveError, FoundSeries, FoundStudy, StudyGone
-from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver
+from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver, difference
 from node.archives.retry import Outcome, RoundFn, permanent, sent, transient
 from node.config import (
     DestinationKind,
@@ -47,6 +46,7 @@ from node.config import (
     Settings,
 )
 from node.dicom import own_output
+from node.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -234,47 +234,6 @@ class OrthancDispatcher:
                         job_id, outcome.reason)
 
 
-# Stamped with the time an output is made, so a re-made output differs there only.
-_STAMPS = frozenset({
-    0x00080012, 0x00080013,  # Instance Creation Date, Time
-    0x00080023, 0x00080033,  # Content Date, Time
-    0x00181012, 0x00181014,  # Date, Time of Secondary Capture
-    0x0018A002,  # Contribution DateTime (in Contributing Equipment items)
-})
-_PIXEL_DATA = 0x7FE00010
-
-
-def difference(stored: Dataset, sent: Dataset) -> str:
-    """The first attribute (keyword, or tag) in which ``sent`` differs from ``stored``, ""
-    when none does: the time stamps of :data:`_STAMPS` aside, and Pixel Data aside where both
-    are generated (Synthetic Data YES, Conversion Type SYN), whose Derivation Description
-    records the model, weights, seed and every parameter."""
-    generated = all(str(d.get("SyntheticData", "")).upper() == "YES"
-                    and str(d.get("ConversionType", "")).upper() == "SYN" for d in (stored, sent))
-    return _first_difference(stored, sent, skip_pixels=generated)
-
-
-def _first_difference(a: Dataset, b: Dataset, skip_pixels: bool) -> str:
-    tags = sorted(set(a.keys()) | set(b.keys()))
-    for tag in tags:
-        if tag in _STAMPS or (skip_pixels and tag == _PIXEL_DATA) or tag.element == 0:
-            continue
-        name = (a[tag] if tag in a else b[tag]).keyword or str(tag)
-        if tag not in a or tag not in b:
-            return name
-        x, y = a[tag], b[tag]
-        if x.VR == "SQ" and y.VR == "SQ":
-            if len(x.value) != len(y.value):
-                return name
-            for p, q in zip(x.value, y.value, strict=True):
-                inner = _first_difference(p, q, skip_pixels)
-                if inner:
-                    return f"{name} > {inner}"
-        elif x.value != y.value:
-            return name
-    return ""
-
-
 def has_labels(version: str) -> bool:
     """Whether an Orthanc of this ``/system`` Version has labels (1.12+, or a mainline build)."""
     if version.startswith("mainline"):
@@ -429,7 +388,7 @@ class OrthancArchive(Archive):
                 (folder / series_uid).mkdir(parents=True, exist_ok=True)
                 for instance in series["Instances"]:
                     path = folder / series_uid / f"{instance}.dcm"
-                    path.write_bytes(self._get(f"/instances/{instance}/file"))
+                    atomic_write(path, self._get(f"/instances/{instance}/file"))
                     files.append(path)
         except LookupError:
             raise StudyGone(f"study {study} is no longer in {self.label}") from None

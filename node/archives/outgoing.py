@@ -140,3 +140,44 @@ def deliver(
     failed = sum(1 for r in results if not r.ok)
     log.info("%s: %d sent, %d failed", what, len(results) - failed, failed)
     return results
+
+
+# Stamped with the time an output is made, so a re-made output differs there only.
+_STAMPS = frozenset({
+    0x00080012, 0x00080013,  # Instance Creation Date, Time
+    0x00080023, 0x00080033,  # Content Date, Time
+    0x00181012, 0x00181014,  # Date, Time of Secondary Capture
+    0x0018A002,  # Contribution DateTime (in Contributing Equipment items)
+})
+_PIXEL_DATA = 0x7FE00010
+
+
+def difference(stored: Dataset, sent: Dataset) -> str:
+    """The first attribute (keyword, or tag) in which ``sent`` differs from ``stored``, ""
+    when none does: the time stamps of :data:`_STAMPS` aside, and Pixel Data aside where both
+    are generated (Synthetic Data YES, Conversion Type SYN), whose Derivation Description
+    records the model, weights, seed and every parameter."""
+    generated = all(str(d.get("SyntheticData", "")).upper() == "YES"
+                    and str(d.get("ConversionType", "")).upper() == "SYN" for d in (stored, sent))
+    return _first_difference(stored, sent, skip_pixels=generated)
+
+
+def _first_difference(a: Dataset, b: Dataset, skip_pixels: bool) -> str:
+    tags = sorted(set(a.keys()) | set(b.keys()))
+    for tag in tags:
+        if tag in _STAMPS or (skip_pixels and tag == _PIXEL_DATA) or tag.element == 0:
+            continue
+        name = (a[tag] if tag in a else b[tag]).keyword or str(tag)
+        if tag not in a or tag not in b:
+            return name
+        x, y = a[tag], b[tag]
+        if x.VR == "SQ" and y.VR == "SQ":
+            if len(x.value) != len(y.value):
+                return name
+            for p, q in zip(x.value, y.value, strict=True):
+                inner = _first_difference(p, q, skip_pixels)
+                if inner:
+                    return f"{name} > {inner}"
+        elif x.value != y.value:
+            return name
+    return ""
