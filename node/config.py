@@ -572,6 +572,22 @@ class DeidSettings(_Section):
         return value
 
 
+class WeightsDtype(StrEnum):
+    """The torch dtype the diffusion models' weights are loaded in (``[generate] dtype``)."""
+
+    AUTO = "auto"
+    """bfloat16 on a CUDA GPU that supports it, else float16 on a GPU; float32 on the CPU."""
+
+    FLOAT32 = "float32"
+    """Full precision: the CPU's (half precision is slow or unsupported there)."""
+
+    FLOAT16 = "float16"
+    """Half precision (a GPU)."""
+
+    BFLOAT16 = "bfloat16"
+    """Half precision with float32's range (recent GPUs)."""
+
+
 class GenerateSettings(_Section):
     """``[generate]``: the diffusion models that make synthetic counterparts."""
 
@@ -585,7 +601,7 @@ class GenerateSettings(_Section):
     )
     cache_dir: Path = Path("var/models")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    dtype: str = Field("auto", pattern=r"^(auto|float32|float16|bfloat16)$")
+    dtype: WeightsDtype = WeightsDtype.AUTO
     resolution: int = Field(
         0, ge=0, le=2048, description="model resolution in px (multiple of 8); 0 = the model's own"
     )
