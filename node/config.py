@@ -660,8 +660,19 @@ class JobsSettings(_Section):
     keep_done_s: float = Field(7 * 86400.0, ge=0, description="job records kept after done")
 
 
+class Queue(StrEnum):
+    """A job queue: the workers serving it run its tasks (``synthnode worker --queue``)."""
+
+    CPU = "cpu"
+    """De-identification and forwarding (``[jobs] cpu_workers``)."""
+
+    GPU = "gpu"
+    """Generation with the diffusion models (``[jobs] gpu_workers``)."""
+
+
 class TaskKind(StrEnum):
-    """What a rule's task makes of the matched series."""
+    """What a rule's task makes of the matched series (the synthesis tasks also name how a
+    synthetic output was made, in its provenance)."""
 
     DEIDENTIFY = "deidentify"
     """De-identified counterparts (``[deid]``), every instance."""
@@ -682,9 +693,30 @@ class TaskKind(StrEnum):
     """The original instances, unchanged (to a research PACS that may hold them)."""
 
     @property
-    def queue(self) -> str:
-        """The queue whose workers run it: "gpu" for generation, "cpu" otherwise."""
-        return "cpu" if self in (TaskKind.DEIDENTIFY, TaskKind.FORWARD) else "gpu"
+    def synthetic(self) -> bool:
+        """Whether it makes synthetic images (a diffusion model: text2img, inpaint, outpaint,
+        img2img)."""
+        return self in SYNTHESIS_TASKS
+
+    @property
+    def uses_source_pixels(self) -> bool:
+        """Whether its outputs keep or derive from the source's pixels (all but text2img)."""
+        return self is not TaskKind.TEXT2IMG
+
+    @property
+    def inpaints(self) -> bool:
+        """Whether it runs the inpainting model (inpaint, outpaint)."""
+        return self in (TaskKind.INPAINT, TaskKind.OUTPAINT)
+
+    @property
+    def queue(self) -> Queue:
+        """The queue whose workers run it: gpu for generation, cpu otherwise."""
+        return Queue.GPU if self.synthetic else Queue.CPU
+
+
+SYNTHESIS_TASKS = frozenset({TaskKind.TEXT2IMG, TaskKind.INPAINT, TaskKind.OUTPAINT,
+                             TaskKind.IMG2IMG})
+"""The tasks that make synthetic images (the generation stage's, on the gpu queue)."""
 
 
 class RuleTask(_Section):
