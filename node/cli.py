@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from node import __version__
-from node.config import ENV_CONFIG, ConfigError, DicomDestination, Settings, load_settings
+from node.config import (
+    ENV_CONFIG,
+    ConfigError,
+    DicomDestination,
+    Queue,
+    Settings,
+    TaskKind,
+    load_settings,
+)
 
 log = logging.getLogger("node")
 
@@ -519,7 +527,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from node.deid import DeidentificationError, Deidentifier, Quarantined
-    from node.dicom import SeriesSpec, SynthesisTask, save_checked
+    from node.dicom import SeriesSpec, save_checked
     from node.generate.tasks import Generation, Request, deidentifier, synthesize
 
     settings = _settings(args)
@@ -530,7 +538,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level)
     try:
         request = Request(
-            SynthesisTask(args.task), prompt=args.prompt or "",
+            TaskKind(args.task), prompt=args.prompt or "",
             negative_prompt=args.negative_prompt, regions=tuple(args.region or ()),
             polygons=tuple(args.polygon or ()),
             margins=args.margins or (0, 0, 0, 0), strength=args.strength, seed=args.seed,
@@ -744,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("worker", help="run jobs of one queue against the shared backend")
-    p.add_argument("--queue", required=True, choices=["cpu", "gpu"],
+    p.add_argument("--queue", required=True, choices=[q.value for q in Queue],
                    help="cpu: de-identify and forward; gpu: generation")
     p.add_argument("--workers", type=int, default=1,
                    help="jobs at once (processes when > 1; default 1)")
@@ -821,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deidentify)
 
     p = sub.add_parser("generate", help="make synthetic images with a diffusion model (SC + PNG)")
-    p.add_argument("--task", required=True, choices=["text2img", "inpaint", "outpaint", "img2img"])
+    p.add_argument("--task", required=True, choices=[t.value for t in TaskKind if t.synthetic])
     p.add_argument("--prompt", default="", help="default: the template for the source's modality")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--source", type=Path, help="source DICOM file (needed except for text2img)")

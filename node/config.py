@@ -585,6 +585,22 @@ class DeidSettings(_Section):
         return value
 
 
+class WeightsDtype(StrEnum):
+    """The torch dtype the diffusion models' weights are loaded in (``[generate] dtype``)."""
+
+    AUTO = "auto"
+    """bfloat16 on a CUDA GPU that supports it, else float16 on a GPU; float32 on the CPU."""
+
+    FLOAT32 = "float32"
+    """Full precision: the CPU's (half precision is slow or unsupported there)."""
+
+    FLOAT16 = "float16"
+    """Half precision (a GPU)."""
+
+    BFLOAT16 = "bfloat16"
+    """Half precision with float32's range (recent GPUs)."""
+
+
 class GenerateSettings(_Section):
     """``[generate]``: the diffusion models that make synthetic counterparts."""
 
@@ -598,7 +614,7 @@ class GenerateSettings(_Section):
     )
     cache_dir: Path = Path("var/models")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    dtype: str = Field("auto", pattern=r"^(auto|float32|float16|bfloat16)$")
+    dtype: WeightsDtype = WeightsDtype.AUTO
     resolution: int = Field(
         0, ge=0, le=2048, description="model resolution in px (multiple of 8); 0 = the model's own"
     )
@@ -657,8 +673,19 @@ class JobsSettings(_Section):
     keep_done_s: float = Field(7 * 86400.0, ge=0, description="job records kept after done")
 
 
+class Queue(StrEnum):
+    """A job queue: the workers serving it run its tasks (``synthnode worker --queue``)."""
+
+    CPU = "cpu"
+    """De-identification and forwarding (``[jobs] cpu_workers``)."""
+
+    GPU = "gpu"
+    """Generation with the diffusion models (``[jobs] gpu_workers``)."""
+
+
 class TaskKind(StrEnum):
-    """What a rule's task makes of the matched series."""
+    """What a rule's task makes of the matched series (the synthesis tasks also name how a
+    synthetic output was made, in its provenance)."""
 
     DEIDENTIFY = "deidentify"
     """De-identified counterparts (``[deid]``), every instance."""
@@ -679,9 +706,30 @@ class TaskKind(StrEnum):
     """The original instances, unchanged (to a research PACS that may hold them)."""
 
     @property
-    def queue(self) -> str:
-        """The queue whose workers run it: "gpu" for generation, "cpu" otherwise."""
-        return "cpu" if self in (TaskKind.DEIDENTIFY, TaskKind.FORWARD) else "gpu"
+    def synthetic(self) -> bool:
+        """Whether it makes synthetic images (a diffusion model: text2img, inpaint, outpaint,
+        img2img)."""
+        return self in SYNTHESIS_TASKS
+
+    @property
+    def uses_source_pixels(self) -> bool:
+        """Whether its outputs keep or derive from the source's pixels (all but text2img)."""
+        return self is not TaskKind.TEXT2IMG
+
+    @property
+    def inpaints(self) -> bool:
+        """Whether it runs the inpainting model (inpaint, outpaint)."""
+        return self in (TaskKind.INPAINT, TaskKind.OUTPAINT)
+
+    @property
+    def queue(self) -> Queue:
+        """The queue whose workers run it: gpu for generation, cpu otherwise."""
+        return Queue.GPU if self.synthetic else Queue.CPU
+
+
+SYNTHESIS_TASKS = frozenset({TaskKind.TEXT2IMG, TaskKind.INPAINT, TaskKind.OUTPAINT,
+                             TaskKind.IMG2IMG})
+"""The tasks that make synthetic images (the generation stage's, on the gpu queue)."""
 
 
 class RuleTask(_Section):

@@ -118,7 +118,7 @@ def needs_deid_key(settings: Settings) -> list[str]:
 def needs_model(settings: Settings) -> list[str]:
     """The rules whose tasks generate images (and so need ``[generate] model``)."""
     return [r.name for r in settings.rules
-            if any(t.task.queue == "gpu" for t in r.tasks)]
+            if any(t.task.synthetic for t in r.tasks)]
 
 
 def destinations_in_use(settings: Settings) -> set[str]:

@@ -14,9 +14,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from node.config import DeidSettings, OutputSettings, PixelRule, Settings
+from node.config import DeidSettings, OutputSettings, PixelRule, Settings, TaskKind
 from node.deid import Deidentifier, Quarantined
-from node.dicom import SynthesisTask, validate_file
+from node.dicom import validate_file
 from node.generate.pixels import display_frames, to_output
 from node.generate.tasks import Generation, Request, deid_inpainter, prompt_for, synthesize
 from tests.nodeproc import SYNTHNODE, sample_file, write_config
@@ -66,12 +66,12 @@ def test_text2img_from_a_template_and_without_a_source(
     generation: Generation, tmp_path: Path
 ) -> None:
     ct = source("CT_small.dcm")
-    (ds,) = generation.run(Request(SynthesisTask.TEXT2IMG, seed=1), ct)
+    (ds,) = generation.run(Request(TaskKind.TEXT2IMG, seed=1), ct)
     assert ds.StudyInstanceUID == ct.StudyInstanceUID  # a new series in the source's study
     assert 'prompt "A CT image of the' in ds.DerivationDescription
     assert (ds.Rows, ds.Columns) == (64, 64)
     assert_synthetic(ds, tmp_path, uses_source=False, src=ct, seed=1)
-    (alone,) = generation.run(Request(SynthesisTask.TEXT2IMG, prompt="An X-ray of the chest"))
+    (alone,) = generation.run(Request(TaskKind.TEXT2IMG, prompt="An X-ray of the chest"))
     assert str(alone.PatientName).startswith("SYNTHETIC^")
     assert_synthetic(alone, tmp_path, uses_source=False, src=ct, seed=0)
 
@@ -80,9 +80,9 @@ def test_img2img_keeps_geometry_and_is_reproducible(
     generation: Generation, tmp_path: Path
 ) -> None:
     ct = source("CT_small.dcm")
-    a, b = (generation.run(Request(SynthesisTask.IMG2IMG, seed=7, strength=0.5), ct)[0]
+    a, b = (generation.run(Request(TaskKind.IMG2IMG, seed=7, strength=0.5), ct)[0]
             for _ in range(2))
-    (c,) = generation.run(Request(SynthesisTask.IMG2IMG, seed=8, strength=0.5), ct)
+    (c,) = generation.run(Request(TaskKind.IMG2IMG, seed=8, strength=0.5), ct)
     assert (a.Rows, a.Columns) == (ct.Rows, ct.Columns)
     assert [float(v) for v in a.PixelSpacing] == [float(v) for v in ct.PixelSpacing]
     assert np.array_equal(a.pixel_array, b.pixel_array)  # same seed, same pixels
@@ -95,7 +95,7 @@ def test_img2img_keeps_geometry_and_is_reproducible(
 def test_inpaint_changes_only_the_regions(generation: Generation, tmp_path: Path) -> None:
     ct = source("CT_small.dcm")
     region = (20, 30, 40, 24)  # x, y, w, h
-    (ds,) = generation.run(Request(SynthesisTask.INPAINT, regions=(region,), seed=3), ct)
+    (ds,) = generation.run(Request(TaskKind.INPAINT, regions=(region,), seed=3), ct)
     out = ds.pixel_array
     inside = expected_inside(ct, int(ds.BitsStored))
     keep = np.ones(out.shape, bool)
@@ -111,7 +111,7 @@ def test_outpaint_extends_by_the_margins_and_keeps_the_original(
 ) -> None:
     ct = source("CT_small.dcm")
     top, right, bottom, left = 8, 16, 4, 12
-    (ds,) = generation.run(Request(SynthesisTask.OUTPAINT, margins=(top, right, bottom, left),
+    (ds,) = generation.run(Request(TaskKind.OUTPAINT, margins=(top, right, bottom, left),
                                    seed=5), ct)
     assert (ds.Rows, ds.Columns) == (ct.Rows + top + bottom, ct.Columns + left + right)
     assert [float(v) for v in ds.PixelSpacing] == [float(v) for v in ct.PixelSpacing]
@@ -122,17 +122,17 @@ def test_outpaint_extends_by_the_margins_and_keeps_the_original(
 
 def test_monochrome1_16_bit_and_colour_sources(generation: Generation, tmp_path: Path) -> None:
     cr = source("RG1_UNCR.dcm")  # MONOCHROME1, 15 bits, 1955 x 1841
-    (ds,) = generation.run(Request(SynthesisTask.IMG2IMG, seed=2, strength=0.3), cr)
+    (ds,) = generation.run(Request(TaskKind.IMG2IMG, seed=2, strength=0.3), cr)
     assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 15
     assert (ds.Rows, ds.Columns) == (cr.Rows, cr.Columns)
     assert_synthetic(ds, tmp_path, uses_source=True, src=cr, seed=2)
     rgb = source("US1_UNCR.dcm")
-    (ds,) = generation.run(Request(SynthesisTask.INPAINT, regions=((0, 0, 100, 40),), seed=2),
+    (ds,) = generation.run(Request(TaskKind.INPAINT, regions=((0, 0, 100, 40),), seed=2),
                            rgb)
     assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
     assert_synthetic(ds, tmp_path, uses_source=True, src=rgb, seed=2)
     mr = source("emri_small.dcm")  # 10 frames
-    (ds,) = generation.run(Request(SynthesisTask.IMG2IMG, seed=2, strength=0.4), mr)
+    (ds,) = generation.run(Request(TaskKind.IMG2IMG, seed=2, strength=0.4), mr)
     assert ds.NumberOfFrames == mr.NumberOfFrames
     assert_synthetic(ds, tmp_path, uses_source=True, src=mr, seed=2)
 
@@ -148,9 +148,9 @@ def test_prompt_templates_and_bad_requests() -> None:
     assert prompt_for(ct, templates, "big right-sided pleural effusion") == (
         "big right-sided pleural effusion")
     with pytest.raises(ValueError, match="inpaint needs at least one region"):
-        Request(SynthesisTask.INPAINT)
+        Request(TaskKind.INPAINT)
     with pytest.raises(ValueError, match="outpaint needs non-negative margins"):
-        Request(SynthesisTask.OUTPAINT)
+        Request(TaskKind.OUTPAINT)
 
 
 def test_deidentification_inpaints_burned_in_text(generation: Generation) -> None:
@@ -190,10 +190,10 @@ def test_cli_generate_writes_sc_and_png(settings: Settings, tmp_path: Path) -> N
 def test_requests_batched_together_give_what_each_gives_alone(generation: Generation) -> None:
     ct, cr = source("CT_small.dcm"), source("RG1_UNCR.dcm")
     jobs = [
-        (Request(SynthesisTask.IMG2IMG, seed=7, strength=0.5), ct),
-        (Request(SynthesisTask.TEXT2IMG, seed=1, num=2), None),
-        (Request(SynthesisTask.IMG2IMG, seed=9, strength=0.5), cr),
-        (Request(SynthesisTask.INPAINT, regions=((10, 10, 20, 20),), seed=4), ct),
+        (Request(TaskKind.IMG2IMG, seed=7, strength=0.5), ct),
+        (Request(TaskKind.TEXT2IMG, seed=1, num=2), None),
+        (Request(TaskKind.IMG2IMG, seed=9, strength=0.5), cr),
+        (Request(TaskKind.INPAINT, regions=((10, 10, 20, 20),), seed=4), ct),
     ]
     together = generation.run_many(jobs)
     assert [len(outputs) for outputs in together] == [1, 2, 1, 1]
@@ -246,12 +246,12 @@ def test_task_parameters_make_distinct_outputs_and_are_recorded(generation: Gene
     """Two inpaintings of one source with one seed but different regions are different objects:
     the same UIDs would make Orthanc keep the first and drop the second."""
     ct = source("CT_small.dcm")
-    (a,) = generation.run(Request(SynthesisTask.INPAINT, regions=((10, 10, 20, 20),), seed=4), ct)
-    (b,) = generation.run(Request(SynthesisTask.INPAINT, regions=((30, 30, 20, 20),), seed=4), ct)
+    (a,) = generation.run(Request(TaskKind.INPAINT, regions=((10, 10, 20, 20),), seed=4), ct)
+    (b,) = generation.run(Request(TaskKind.INPAINT, regions=((30, 30, 20, 20),), seed=4), ct)
     assert a.SOPInstanceUID != b.SOPInstanceUID
     assert "regions 10,10,20,20" in a.DerivationDescription
-    (c,) = generation.run(Request(SynthesisTask.OUTPAINT, margins=(8, 8, 8, 8), seed=4), ct)
-    (d,) = generation.run(Request(SynthesisTask.OUTPAINT, margins=(8, 8, 8, 16), seed=4), ct)
+    (c,) = generation.run(Request(TaskKind.OUTPAINT, margins=(8, 8, 8, 8), seed=4), ct)
+    (d,) = generation.run(Request(TaskKind.OUTPAINT, margins=(8, 8, 8, 16), seed=4), ct)
     assert c.SOPInstanceUID != d.SOPInstanceUID
     assert "margins 8,8,8,16 (top,right,bottom,left)" in d.DerivationDescription
     # How the source's values were mapped into the model's input is recorded too.
@@ -382,9 +382,9 @@ def test_synthesize_marks_kept_burned_in_text_and_scans_what_it_made(
     us = source("US1_UNCR.dcm")
     us.PatientName = PLANTED["PatientName"]
     varied, fresh, named = synthesize(generation, [
-        (Request(SynthesisTask.IMG2IMG, seed=1, strength=0.3), copy.deepcopy(us)),
-        (Request(SynthesisTask.TEXT2IMG, seed=1), copy.deepcopy(us)),
-        (Request(SynthesisTask.TEXT2IMG, prompt=f"an image of {PLANTED['PatientName']}"),
+        (Request(TaskKind.IMG2IMG, seed=1, strength=0.3), copy.deepcopy(us)),
+        (Request(TaskKind.TEXT2IMG, seed=1), copy.deepcopy(us)),
+        (Request(TaskKind.TEXT2IMG, prompt=f"an image of {PLANTED['PatientName']}"),
          copy.deepcopy(us)),
     ], deid)
     assert not isinstance(varied, Quarantined) and not isinstance(fresh, Quarantined)

@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.sequence import Sequence as DicomSequence
 
-from node.config import OutputSettings
-from node.dicom import Pixels, Synthesis, SynthesisTask, build_sc, carried_spacing
+from node.config import OutputSettings, TaskKind
+from node.dicom import Pixels, Synthesis, build_sc, carried_spacing
 from node.generate.pixels import (
     Placement,
     VoiKind,
@@ -79,7 +79,7 @@ def test_monochrome1_output_is_monochrome2_through_the_writer() -> None:
     out = to_output(display, color=False, bits=15)
     assert out.dtype == np.uint16 and int(out.max()) <= 2**15 - 1
     sc = build_sc([ds], Pixels(out, "MONOCHROME2", bits_stored=15), Synthesis(
-        SynthesisTask.IMG2IMG, "tiny", "0f" * 32, "DDIMScheduler", 2, 7.5, 1, prompt="x",
+        TaskKind.IMG2IMG, "tiny", "0f" * 32, "DDIMScheduler", 2, 7.5, 1, prompt="x",
         strength=0.5), OutputSettings())
     assert sc.PhotometricInterpretation == "MONOCHROME2"
     written = sc.pixel_array

@@ -12,14 +12,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from node.config import OutputSettings
+from node.config import OutputSettings, TaskKind
 from node.dicom import (
     Deidentification,
     NewIdentity,
     Pixels,
     SeriesSpec,
     Synthesis,
-    SynthesisTask,
     TemporalInformation,
     build_sc,
     carried_spacing,
@@ -32,7 +31,7 @@ from tests.nodeproc import sample_file
 RNG = np.random.default_rng(7)
 
 
-def synthesis(task: SynthesisTask = SynthesisTask.IMG2IMG, seed: int = 42) -> Synthesis:
+def synthesis(task: TaskKind = TaskKind.IMG2IMG, seed: int = 42) -> Synthesis:
     return Synthesis(
         task, "tiny-random-sd", "0f" * 32, "DDIMScheduler", 10, 7.5, seed,
         prompt="An X-ray of the CHEST", strength=0.6 if task.uses_source_pixels else None,
@@ -60,7 +59,7 @@ def kinds() -> dict[str, tuple[list[Dataset], Pixels, object, NewIdentity | None
     rgb, mr = source("SC_rgb_rle.dcm"), source("emri_small.dcm")
     return {
         "8-bit": ([ct], Pixels(RNG.integers(0, 256, (1, 64, 64), dtype=np.uint8)),
-                  synthesis(SynthesisTask.TEXT2IMG), None),
+                  synthesis(TaskKind.TEXT2IMG), None),
         "16-bit": ([ct], Pixels(RNG.integers(0, 4096, (1, 64, 64), dtype=np.uint16),
                                 bits_stored=12, pixel_spacing=(0.5, 0.5)), synthesis(), None),
         "MONOCHROME1 source": ([cr], Pixels(cr.pixel_array[None, :128, :96], "MONOCHROME1",
@@ -142,7 +141,7 @@ def test_synthetic_flavour_tags(tmp_path: Path) -> None:
     assert (ds.PatientID, ds.SeriesDescription, ds.SeriesNumber) == (
         ct.PatientID, "synthetic CT", 9101)
     # text2img used no source pixels: no Source Image Sequence.
-    t2i = build_sc([ct], pixels, synthesis(SynthesisTask.TEXT2IMG), OutputSettings())
+    t2i = build_sc([ct], pixels, synthesis(TaskKind.TEXT2IMG), OutputSettings())
     assert "SourceImageSequence" not in t2i and "ReferencedSeriesSequence" not in t2i
 
 

@@ -68,7 +68,7 @@ from node.deid.pixels import (
     clean_pixels,
     likely_recognizable,
 )
-from node.deid.profile import CODE, Profile, iod_type
+from node.deid.profile import CODE, Action, Profile, iod_type
 from node.deid.text import shared_finder
 from node.dicom import Deidentification, TemporalInformation, mark_deidentified
 from node.errors import NodeError, describe
@@ -440,7 +440,7 @@ class Deidentifier:
             if action is None and tag in _CONTENT_VALUES:
                 self._clean_content_value(ds, tag, work.shift)
                 continue
-            if action is None or action == "K":
+            if action is None or action is Action.KEEP:
                 if self._is_sequence(ds, tag):
                     self._descend(ds[tag], work, tag)
                 continue
@@ -474,53 +474,58 @@ class Deidentifier:
             return False
         return (str(creator.value).strip(), group, element & 0xFF) in self._safe_private
 
-    def _resolve(self, action: str, sop_class: str, tag: int, parent: int | None) -> str:
-        if action == "X":  # conditional Types (1C, 2C) do not require it: removed
+    def _resolve(self, action: Action, sop_class: str, tag: int,
+                 parent: int | None) -> Action:
+        """The single action (D, Z, X, K, C or U) that ``action`` comes to for this attribute
+        where it stands, by its Type."""
+        if action is Action.REMOVE:  # conditional Types (1C, 2C) do not require it: removed
             required = self.type_of(sop_class, tag, parent)
-            return "D" if required == "1" else "Z" if required == "2" else "X"
-        if "/" not in action:
+            return (Action.DUMMY if required == "1" else Action.EMPTY if required == "2"
+                    else Action.REMOVE)
+        if not action.compound:
             return action
-        choices = action.split("/")
-        if "U*" in choices:
-            return "K"  # a reference sequence: kept, its UIDs remapped inside
+        if action is Action.REMOVE_EMPTY_OR_NEW_UIDS:
+            return Action.KEEP  # a reference sequence: kept, its UIDs remapped inside
+        choices = action.choices
         attr_type = self.type_of(sop_class, tag, parent)
-        if attr_type and attr_type.startswith("1") and "D" in choices:
-            return "D"
-        if attr_type and attr_type.startswith("2") and "Z" in choices:
-            return "Z"
+        if attr_type and attr_type.startswith("1") and Action.DUMMY in choices:
+            return Action.DUMMY
+        if attr_type and attr_type.startswith("2") and Action.EMPTY in choices:
+            return Action.EMPTY
         if attr_type and attr_type.startswith("3"):
             return choices[0]
-        return "D" if "D" in choices else "Z"  # Type unknown: present, empty or dummy
+        # Type unknown: present, empty or dummy
+        return Action.DUMMY if Action.DUMMY in choices else Action.EMPTY
 
     def _descend(self, elem: DataElement, work: _Pass, tag: int) -> None:
         if elem.VR == "SQ":
             for item in elem.value:
                 self._clean(item, work, parent=tag)
 
-    def _apply(self, ds: Dataset, tag: int, action: str, work: _Pass,
+    def _apply(self, ds: Dataset, tag: int, action: Action, work: _Pass,
                parent: int | None = None) -> None:
         elem = ds[tag]
         vr = elem.VR
-        if action == "K":
+        if action is Action.KEEP:
             self._descend(elem, work, tag)
-        elif action == "X":
+        elif action is Action.REMOVE:
             del ds[tag]
-        elif action == "Z":
+        elif action is Action.EMPTY:
             elem.value = DicomSequence() if vr == "SQ" else None
-        elif action == "D":
+        elif action is Action.DUMMY:
             if vr == "SQ":
                 self._descend(elem, work, tag)
             elif vr == "UI":
                 self._remap(elem, parent)
             else:
                 elem.value = _DUMMY.get(vr)
-        elif action == "C":
+        elif action is Action.CLEAN:
             self._clean_value(elem, work, tag)
-        elif action == "U":
+        elif action is Action.NEW_UID:
             self._remap(elem, parent)
         else:
-            raise DeidentificationError(f"unknown action {action!r} for ({tag >> 16:04X},"
-                                        f"{tag & 0xFFFF:04X})")
+            raise DeidentificationError(f'action "{action}" is not a single action, for '
+                                        f"({tag >> 16:04X},{tag & 0xFFFF:04X})")
 
     def _clean_value(self, elem: DataElement, work: _Pass, tag: int) -> None:
         """C: replace with values of similar meaning that identify nobody."""

@@ -1,15 +1,16 @@
 """PS3.15 Table E.1-1 as the project keeps it, and the action each attribute gets under the
 options in force.
 
-Action codes (PS3.15 E.1-1): D dummy, Z empty or dummy, X remove, K keep (sequences still
-cleaned), C clean, U new UID; compound codes (X/Z, X/D, Z/D, X/Z/D, X/Z/U*) are resolved by the
-engine against the attribute's Type.
+Action codes (:class:`Action`, PS3.15 E.1-1): D dummy, Z empty or dummy, X remove, K keep
+(sequences still cleaned), C clean, U new UID; compound codes (X/Z, X/D, Z/D, X/Z/D, X/Z/U*) are
+resolved by the engine against the attribute's Type.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -54,9 +55,59 @@ CODE: dict[DeidOption, Code] = {
 }
 """CID 7050 code recorded in De-identification Method Code Sequence for each option."""
 
+
+class Action(StrEnum):
+    """An action code of PS3.15 Table E.1-1 (its value the code as the table writes it)."""
+
+    DUMMY = "D"
+    """D: replaced with a dummy value of the same VR (a UID: remapped)."""
+
+    EMPTY = "Z"
+    """Z: emptied (zero length), or a dummy value."""
+
+    REMOVE = "X"
+    """X: removed."""
+
+    KEEP = "K"
+    """K: kept (a sequence's items still cleaned)."""
+
+    CLEAN = "C"
+    """C: replaced with values of similar meaning that identify nobody."""
+
+    NEW_UID = "U"
+    """U: replaced with a new UID, the same for the same original."""
+
+    REMOVE_OR_EMPTY = "X/Z"
+    """X/Z: X unless Z is needed to conform to the IOD (by the attribute's Type)."""
+
+    REMOVE_OR_DUMMY = "X/D"
+    """X/D: X unless D is needed to conform to the IOD."""
+
+    EMPTY_OR_DUMMY = "Z/D"
+    """Z/D: Z unless D is needed to conform to the IOD."""
+
+    REMOVE_EMPTY_OR_DUMMY = "X/Z/D"
+    """X/Z/D: X unless Z or D is needed to conform to the IOD."""
+
+    REMOVE_EMPTY_OR_NEW_UIDS = "X/Z/U*"
+    """X/Z/U*: X unless Z, or a sequence of references with its UIDs replaced (U), is needed
+    to conform to the IOD."""
+
+    @property
+    def choices(self) -> tuple[Action, ...]:
+        """The single actions a compound code chooses among, the first preferred; a single
+        code alone."""
+        return tuple(Action(code.rstrip("*")) for code in self.value.split("/"))
+
+    @property
+    def compound(self) -> bool:
+        """Whether it chooses among actions by the attribute's Type (X/Z, X/D, ...)."""
+        return "/" in self.value
+
+
 # Where two enabled options disagree (the table only uses C and K in option columns),
 # cleaning wins over keeping.
-_OPTION_RANK = {"C": 2, "K": 1}
+_OPTION_RANK = {Action.CLEAN: 2, Action.KEEP: 1}
 
 
 @dataclass(frozen=True)
@@ -65,8 +116,17 @@ class Row:
 
     tag: str
     name: str
-    basic: str
-    options: dict[str, str]
+    basic: Action
+    options: dict[str, Action]
+    """The action per option column, where the option changes it."""
+
+
+def _action(code: str, tag: str) -> Action:
+    try:
+        return Action(code)
+    except ValueError:
+        raise ValueError(f'{TABLE_FILE}: row {tag}: action "{code}" is not a code of PS3.15 '
+                         f'Table E.1-1 ({", ".join(Action)})') from None
 
 
 @cache
@@ -75,11 +135,15 @@ def table() -> tuple[str, tuple[Row, ...]]:
     raw: dict[str, Any] = json.loads(
         resources.files("node.deid").joinpath(TABLE_FILE).read_text(encoding="utf-8")
     )
-    rows = tuple(Row(r["tag"], r["name"], r["basic"], dict(r["options"])) for r in raw["rows"])
+    rows = tuple(
+        Row(r["tag"], r["name"], _action(r["basic"], r["tag"]),
+            {column: _action(code, r["tag"]) for column, code in r["options"].items()})
+        for r in raw["rows"]
+    )
     return str(raw["edition"]), rows
 
 
-def resolve(row: Row, options: frozenset[DeidOption]) -> str:
+def resolve(row: Row, options: frozenset[DeidOption]) -> Action:
     """The action for ``row`` with ``options`` in force: an enabled option's column overrides
     the Basic Profile; between options, C (clean) beats K (keep)."""
     chosen = [row.options[COLUMN[o]] for o in options if COLUMN.get(o) in row.options]
@@ -94,12 +158,12 @@ class Profile:
     def __init__(self, options: frozenset[DeidOption]) -> None:
         self.options = options
         self.edition, rows = table()
-        self.actions: dict[int, str] = {}
+        self.actions: dict[int, Action] = {}
         for row in rows:  # group-pattern rows (50xx, 60xx, odd groups): the engine's own
             if len(row.tag) == 8 and "X" not in row.tag.upper():
                 self.actions[int(row.tag, 16)] = resolve(row, options)
 
-    def action(self, tag: int) -> str | None:
+    def action(self, tag: int) -> Action | None:
         """The action for a standard attribute, or None: not in the table, kept."""
         return self.actions.get(tag)
 

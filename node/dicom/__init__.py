@@ -5,7 +5,6 @@ from node.dicom.provenance import (
     NewIdentity,
     SeriesSpec,
     Synthesis,
-    SynthesisTask,
     TemporalInformation,
 )
 from node.dicom.validate import Saved, Validation, quarantine, save_checked, validate_file
@@ -26,7 +25,6 @@ __all__ = [
     "Saved",
     "SeriesSpec",
     "Synthesis",
-    "SynthesisTask",
     "TemporalInformation",
     "Validation",
     "build_sc",

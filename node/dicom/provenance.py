@@ -15,32 +15,15 @@ from typing import Any
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-
-class SynthesisTask(StrEnum):
-    """How synthetic pixels were made."""
-
-    TEXT2IMG = "text2img"
-    """From a text prompt alone; no source pixels used."""
-
-    INPAINT = "inpaint"
-    """Regions of a source image regenerated; the rest of its pixels kept."""
-
-    OUTPAINT = "outpaint"
-    """A source image extended beyond its borders; its own pixels kept inside."""
-
-    IMG2IMG = "img2img"
-    """A variation of a whole source image."""
-
-    @property
-    def uses_source_pixels(self) -> bool:
-        return self is not SynthesisTask.TEXT2IMG
+from node.config import SYNTHESIS_TASKS, TaskKind
 
 
 @dataclass(frozen=True)
 class Synthesis:
     """A diffusion model made these pixels (PS3.3: Synthetic Data YES, Conversion Type SYN)."""
 
-    task: SynthesisTask
+    task: TaskKind
+    """One of the synthesis tasks (:attr:`TaskKind.synthetic`)."""
     model_id: str
     weights_hash: str
     scheduler: str
@@ -56,6 +39,13 @@ class Synthesis:
     source_values: str = ""
     """How the source's stored values were mapped into the model's input (rescale, window,
     MONOCHROME1 inversion): recorded only."""
+
+    def __post_init__(self) -> None:
+        task = TaskKind(self.task)
+        if not task.synthetic:
+            raise ValueError(f'task "{task}" makes no synthetic pixels: a synthesis is one of '
+                             f'{", ".join(sorted(SYNTHESIS_TASKS))}')
+        object.__setattr__(self, "task", task)
 
     def series_key(self) -> dict[str, Any]:
         """Parameters shared by every output of one series (all but the seed)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from node.config import GenerateSettings
+from node.config import GenerateSettings, WeightsDtype
 from node.files import atomic_write
 from node.generate.tiny import INPAINT_SUBFOLDER, build_tiny
 
@@ -87,16 +87,16 @@ def resolve_device(spec: str) -> str:
     return "cpu"
 
 
-def resolve_dtype(spec: str, device: str) -> torch.dtype:
-    """``[generate] dtype`` as a torch dtype: "auto" = bfloat16 on a GPU that supports it, else
+def resolve_dtype(spec: WeightsDtype, device: str) -> torch.dtype:
+    """``[generate] dtype`` as a torch dtype: auto = bfloat16 on a GPU that supports it, else
     float16 on a GPU, float32 on the CPU (half precision is slow or unsupported there)."""
     import torch
 
-    if spec == "auto":
+    if spec is WeightsDtype.AUTO:
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    dtype = getattr(torch, spec, None)
+    dtype = getattr(torch, spec.value, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f'[generate] dtype "{spec}" is not a torch dtype')
     return dtype

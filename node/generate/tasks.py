@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.config import DeidOption, DeidSettings, OutputSettings, Settings
+from node.config import (
+    SYNTHESIS_TASKS,
+    DeidOption,
+    DeidSettings,
+    OutputSettings,
+    Settings,
+    TaskKind,
+)
 from node.deid import Deidentifier, Quarantined
 from node.deid.identifiers import Identifiers
 from node.deid.profile import CODE
@@ -35,7 +42,6 @@ from node.dicom import (
     Pixels,
     SeriesSpec,
     Synthesis,
-    SynthesisTask,
     build_sc,
     carried_spacing,
     mark_deidentified,
@@ -62,7 +68,7 @@ if TYPE_CHECKING:
 class Request:
     """One generation task on one source (or none, for text2img)."""
 
-    task: SynthesisTask
+    task: TaskKind
     prompt: str = ""
     """The prompt; "" = the template for the source's Modality over its attributes."""
     negative_prompt: str | None = None
@@ -76,9 +82,13 @@ class Request:
     series: SeriesSpec = field(default_factory=lambda: SeriesSpec("synthnode synthetic"))
 
     def __post_init__(self) -> None:
-        if self.task is SynthesisTask.INPAINT and not (self.regions or self.polygons):
+        object.__setattr__(self, "task", TaskKind(self.task))
+        if not self.task.synthetic:
+            raise ValueError(f'task "{self.task}" is not a generation task: one of '
+                             f'{", ".join(sorted(SYNTHESIS_TASKS))}')
+        if self.task is TaskKind.INPAINT and not (self.regions or self.polygons):
             raise ValueError("inpaint needs at least one region or polygon")
-        if self.task is SynthesisTask.OUTPAINT and (
+        if self.task is TaskKind.OUTPAINT and (
             min(self.margins) < 0 or not any(self.margins)
         ):
             raise ValueError(f"outpaint needs non-negative margins, not all zero: {self.margins}")
@@ -124,7 +134,7 @@ def synthetic_source(request: Request, prompt: str, modality: str = "OT") -> Dat
 class _Unit:
     """One image through the model: a frame of one output of one request."""
 
-    kind: SynthesisTask
+    kind: TaskKind
     prompt: str
     negative: str
     seed: int
@@ -134,11 +144,11 @@ class _Unit:
     finish: Callable[[np.ndarray], np.ndarray]  # model output -> frame in [0, 1]
     result: np.ndarray | None = None
 
-    def group(self) -> tuple[str, str, float | None]:
-        """Units with the same group share model calls (batched by [generate] batch_size)."""
-        model = "inpaint" if self.kind in (SynthesisTask.INPAINT, SynthesisTask.OUTPAINT) else (
-            self.kind.value)
-        return model, self.negative, self.strength
+    def group(self) -> tuple[TaskKind, str, float | None]:
+        """Units with the same group share model calls (batched by [generate] batch_size):
+        the pipeline (text2img, img2img or inpaint), the negative prompt, the strength."""
+        pipeline = TaskKind.INPAINT if self.kind.inpaints else self.kind
+        return pipeline, self.negative, self.strength
 
 
 @dataclass
@@ -180,13 +190,13 @@ class Generation:
 
     def _plan(self, request: Request, source: Dataset | None) -> list[_Output]:
         gen = self.settings.generate
-        if source is None and request.task is not SynthesisTask.TEXT2IMG:
+        if source is None and request.task is not TaskKind.TEXT2IMG:
             raise ValueError(f"{request.task.value} needs a source image")
         prompt = prompt_for(source, gen.prompt_templates, request.prompt)
         negative = gen.negative_prompt if request.negative_prompt is None else (
             request.negative_prompt)
         frames01, values = None, ""
-        if request.task is not SynthesisTask.TEXT2IMG:
+        if request.task is not TaskKind.TEXT2IMG:
             assert source is not None
             frames01, window = display_frames(source)  # once per request, not per output
             values = window.describe()
@@ -207,7 +217,7 @@ class Generation:
         self, request: Request, frame: np.ndarray, prompt: str, negative: str, seed: int
     ) -> _Unit:
         resolution = self.models.info.resolution
-        if request.task is SynthesisTask.IMG2IMG:
+        if request.task is TaskKind.IMG2IMG:
             prepared = to_model(frame, resolution)
             strength = request.strength or self.settings.generate.strength
 
@@ -216,7 +226,7 @@ class Generation:
 
             return _Unit(request.task, prompt, negative, seed, strength, prepared.image, None,
                          finish_variation)
-        if request.task is SynthesisTask.INPAINT:
+        if request.task is TaskKind.INPAINT:
             keep = ~region_mask(frame.shape[:2], request.regions, request.polygons)
             canvas = frame
         else:  # OUTPAINT
@@ -235,16 +245,16 @@ class Generation:
     # -- the model -------------------------------------------------------------------------
 
     def _execute(self, units: list[_Unit]) -> None:
-        groups: dict[tuple[str, str, float | None], list[_Unit]] = {}
+        groups: dict[tuple[TaskKind, str, float | None], list[_Unit]] = {}
         for unit in units:
             groups.setdefault(unit.group(), []).append(unit)
         models = self.models
-        for (model, negative, strength), members in groups.items():
+        for (pipeline, negative, strength), members in groups.items():
             prompts = [u.prompt for u in members]
             seeds = [u.seed for u in members]
-            if model == SynthesisTask.TEXT2IMG.value:
+            if pipeline is TaskKind.TEXT2IMG:
                 made = models.text2img(prompts, seeds, negative_prompt=negative)
-            elif model == SynthesisTask.IMG2IMG.value:
+            elif pipeline is TaskKind.IMG2IMG:
                 images = np.stack([u.image for u in members])  # type: ignore[misc]
                 made = models.img2img(images, prompts, seeds, strength=strength,
                                       negative_prompt=negative)
@@ -272,7 +282,7 @@ class Generation:
             reference = source
         frames01 = np.stack([u.result for u in out.units])  # type: ignore[misc]
         bits = _output_bits(source)
-        if request.task is SynthesisTask.TEXT2IMG:
+        if request.task is TaskKind.TEXT2IMG:
             gray = source is None or int(source.get("SamplesPerPixel", 1)) == 1
             if gray:
                 frames01 = frames01.mean(axis=-1)
@@ -280,13 +290,12 @@ class Generation:
         else:
             assert source is not None
             pixels = _as_pixels(frames01, frames01.ndim == 3, bits, carried_spacing(source))
-        uses_inpainting = request.task in (SynthesisTask.INPAINT, SynthesisTask.OUTPAINT)
-        info = self.models.inpaint_info if uses_inpainting else self.models.info
+        info = self.models.inpaint_info if request.task.inpaints else self.models.info
         provenance = Synthesis(
             task=request.task, model_id=info.model_id, weights_hash=info.weights_hash,
             scheduler=gen.scheduler, steps=gen.steps, guidance=gen.guidance, seed=out.seed,
             prompt=out.prompt, negative_prompt=out.negative,
-            strength=out.units[0].strength if request.task is SynthesisTask.IMG2IMG else None,
+            strength=out.units[0].strength if request.task is TaskKind.IMG2IMG else None,
             parameters=_parameters(request), source_values=out.source_values,
         )
         return build_sc([reference], pixels, provenance, self.settings.output,
@@ -295,7 +304,7 @@ class Generation:
 
 def _parameters(request: Request) -> tuple[tuple[str, str], ...]:
     """The task's own parameters, as recorded in the output (and part of its UIDs)."""
-    if request.task is SynthesisTask.INPAINT:
+    if request.task is TaskKind.INPAINT:
         found = []
         if request.regions:
             found.append(("regions", " ".join(",".join(map(str, r)) for r in request.regions)))
@@ -303,7 +312,7 @@ def _parameters(request: Request) -> tuple[tuple[str, str], ...]:
             found.append(("polygons", " ".join(
                 ",".join(f"{x:g},{y:g}" for x, y in polygon) for polygon in request.polygons)))
         return tuple(found)
-    if request.task is SynthesisTask.OUTPAINT:
+    if request.task is TaskKind.OUTPAINT:
         return (("margins", ",".join(map(str, request.margins)) + " (top,right,bottom,left)"),)
     return ()
 
@@ -390,7 +399,7 @@ def deid_inpainter(generation: Generation, prompt: str = "") -> Inpainter:
         bits = 8 if frames.dtype == np.uint8 else int(ds.get("BitsStored", 16))
         top = float((1 << bits) - 1)
         out = np.empty_like(frames)  # every frame is written below
-        request = Request(SynthesisTask.INPAINT, prompt=prompt or prompt_for(
+        request = Request(TaskKind.INPAINT, prompt=prompt or prompt_for(
             ds, generation.settings.generate.prompt_templates), regions=tuple(regions))
         units = [generation._frame_unit(request, frame.astype(np.float32) / top,
                                         request.prompt, "", i)

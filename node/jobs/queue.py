@@ -14,12 +14,11 @@ from collections.abc import Callable
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.api import TaskWrapper
 
-from node.config import JobsSettings, QueueBackend
+from node.config import JobsSettings, Queue, QueueBackend
 from node.jobs.state import Job, JobState, JobStore
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("cpu", "gpu")
 TASK_NAME = "synthnode.run_job"
 
 
@@ -55,9 +54,9 @@ class Queues:
         if run is not None:
             _runner = run
         self.settings = settings
-        self.huey = {q: make_huey(settings, q) for q in QUEUES}
+        self.huey = {q: make_huey(settings, q) for q in Queue}
         self.store = JobStore(make_huey(settings, "jobs").storage)
-        self._tasks: dict[str, TaskWrapper] = {
+        self._tasks: dict[Queue, TaskWrapper] = {
             q: h.task(name=TASK_NAME)(run_job) for q, h in self.huey.items()
         }
 
@@ -126,6 +125,6 @@ class Queues:
         log.info("job %s re-queued by hand on queue %s", job.id, job.queue)
         return job
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self) -> dict[Queue, int]:
         """Messages waiting per queue (scheduled retries not counted)."""
         return {q: h.pending_count() for q, h in self.huey.items()}

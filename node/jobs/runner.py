@@ -33,7 +33,7 @@ from node.archives.outgoing import load
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import DeidentificationError, Deidentifier, Quarantined
 from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
-from node.dicom import SeriesSpec, SynthesisTask, own_output, save_checked
+from node.dicom import SeriesSpec, own_output, save_checked
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState
 
@@ -350,11 +350,11 @@ class Runner:
         from node.generate.tasks import Request, synthesize
 
         task = job.task
-        kind = SynthesisTask(task.task.value)
+        kind = task.task
         series = SeriesSpec(task.series_description or f"synthnode {kind.value}",
                             9000 + job.task_index if task.series_number is None
                             else task.series_number)
-        if kind is SynthesisTask.TEXT2IMG:  # one request per series: its first instance
+        if kind is TaskKind.TEXT2IMG:  # one request per series: its first instance
             seen: set[str] = set()
             firsts = []
             for p in sources:
@@ -366,7 +366,7 @@ class Runner:
             request = Request(kind, prompt=task.prompt, negative_prompt=task.negative_prompt,
                               regions=tuple(task.regions), margins=task.margins,
                               strength=task.strength, seed=task.seed,
-                              num=task.num if kind is SynthesisTask.TEXT2IMG else 1,
+                              num=task.num if kind is TaskKind.TEXT2IMG else 1,
                               series=series)
         except ValueError as exc:
             raise JobFailed(f"rule {job.rule} task {job.task_index}: {exc}", permanent=True) \

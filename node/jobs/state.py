@@ -23,7 +23,7 @@ from huey.constants import EmptyData
 from huey.storage import BaseStorage
 
 from node.archives.base import SPOOL, Source, SourceKind
-from node.config import ORTHANC, RuleTask
+from node.config import ORTHANC, Queue, RuleTask
 
 _JOB = "job:"
 _BEAT = "hb:"
@@ -65,7 +65,7 @@ class Job:
     task_index: int
     task: RuleTask
     """The rule's task as configured when the job was made."""
-    queue: str
+    queue: Queue
     series_uids: tuple[str, ...]
     destinations: tuple[str, ...]
     state: JobState = JobState.PENDING
@@ -98,6 +98,7 @@ class Job:
         data = json.loads(raw)
         data["state"] = JobState(data["state"])
         data["task"] = RuleTask.model_validate(data["task"])
+        data["queue"] = Queue(data["queue"])
         for name in ("series_uids", "destinations", "notes"):
             data[name] = tuple(data.get(name, ()))
         data["source"] = _source(data)

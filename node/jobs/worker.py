@@ -24,9 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from node.config import ENV_CONFIG, Settings
+from node.config import ENV_CONFIG, Queue, Settings
 from node.files import atomic_write
-from node.jobs.queue import QUEUES, Queues
+from node.jobs.queue import Queues
 from node.jobs.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,15 @@ def _die_with_parent(parent: int) -> bool:
     return True
 
 
-def run_worker(settings: Settings, queue: str, workers: int = 1, nice: int = 0,
+def run_worker(settings: Settings, queue: Queue | str, workers: int = 1, nice: int = 0,
                parent: int | None = None) -> int:
     """Consume ``queue`` until SIGINT (finish the jobs in hand, then stop) or SIGTERM (stop
     now: the jobs in hand are retried elsewhere), at ``nice`` more niceness. Returns the exit
     status. With ``parent`` (``serve``'s pid; stdin a pipe from it), end when it ends."""
-    if queue not in QUEUES:
-        raise ValueError(f'queue "{queue}" is not one of {", ".join(QUEUES)}')
+    try:
+        queue = Queue(queue)
+    except ValueError:
+        raise ValueError(f'queue "{queue}" is not one of {", ".join(Queue)}') from None
     if parent is not None and not _die_with_parent(parent):
         log.warning("serve pid %d is gone before worker pid %d started: not starting", parent,
                     os.getpid())
@@ -115,11 +117,11 @@ class WorkerPool:
         self.config = config
         self.record = record
         """Where the workers' pids are kept (:data:`WORKERS_NAME` in the spool), or None."""
-        self.wanted = {"cpu": settings.jobs.cpu_workers, "gpu": settings.jobs.gpu_workers}
-        self.procs: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
-        self._restarts: dict[tuple[str, int], float] = {}
+        self.wanted = {Queue.CPU: settings.jobs.cpu_workers, Queue.GPU: settings.jobs.gpu_workers}
+        self.procs: dict[tuple[Queue, int], subprocess.Popen[bytes]] = {}
+        self._restarts: dict[tuple[Queue, int], float] = {}
 
-    def _spawn(self, queue: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, queue: Queue) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         if self.config is not None:
             env[ENV_CONFIG] = str(self.config)
