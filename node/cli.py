@@ -608,23 +608,23 @@ def cmd_model_init_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
-    from node.route import route, series_facts
+    from node.route import evaluate, series_facts
 
     settings = _settings(args)
     configure_logging(settings.log.level)
     scan = series_facts(args.paths, calling_aet=args.calling_aet, called_aet=args.called_aet)
-    routings = route(settings.rules, settings.route.mode, scan.series)
+    evaluations = evaluate(settings.rules, settings.route.mode, scan.series)
     origin = "configured" if "rules" in settings.model_fields_set else "default"
     print(f"{len(settings.rules)} {origin} rules, mode {settings.route.mode.value}")
-    for routing in routings:
-        print("\n".join(routing.explain()))
+    for evaluation in evaluations:
+        print("\n".join(evaluation.explain()))
     for item in scan.unreadable:
         print(f"unreadable: {item.path}: {item.reason}")
-    if not routings:
+    if not evaluations:
         print("synthnode rules test: no DICOM file found", file=sys.stderr)
         return 2
-    unmatched = sum(1 for r in routings if not r.applied())
-    print(f"{len(routings)} stud{'y' if len(routings) == 1 else 'ies'}, {unmatched} matched "
+    unmatched = sum(1 for r in evaluations if not r.applied())
+    print(f"{len(evaluations)} stud{'y' if len(evaluations) == 1 else 'ies'}, {unmatched} matched "
           f"by no rule, {len(scan.unreadable)} unreadable files")
     return 0 if unmatched == 0 else 1
 

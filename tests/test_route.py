@@ -21,7 +21,7 @@ from node.config import (
     TaskKind,
     load_settings,
 )
-from node.route import Routing, SeriesFacts, route, series_facts
+from node.route import Evaluation, SeriesFacts, evaluate, series_facts
 from tests.nodeproc import make_study
 
 PLANTED_NAME = "Plantedname^Jane"
@@ -59,13 +59,13 @@ def rule(name: str, *tasks: TaskKind, **match: Any) -> Rule:
                 tasks=[RuleTask(task=t) for t in tasks or (TaskKind.DEIDENTIFY,)])
 
 
-def only(routings: list[Routing]) -> Routing:
-    assert len(routings) == 1
-    return routings[0]
+def only(evaluations: list[Evaluation]) -> Evaluation:
+    assert len(evaluations) == 1
+    return evaluations[0]
 
 
-def applied(routing: Routing) -> dict[str, tuple[str, ...]]:
-    return {r.name: uids for r, uids in routing.applied()}
+def applied(evaluation: Evaluation) -> dict[str, tuple[str, ...]]:
+    return {r.name: uids for r, uids in evaluation.applied()}
 
 
 def test_series_facts_groups_files_by_series(tmp_path: Path) -> None:
@@ -128,25 +128,25 @@ def chest(tmp_path: Path) -> SeriesFacts:
 ])
 def test_each_criterion(chest: SeriesFacts, match: dict[str, Any], ok: bool,
                         detail: str) -> None:
-    routing = only(route([rule("r", **match)], RouteMode.ALL, [chest]))
-    (verdict,) = routing.verdicts
+    evaluation = only(evaluate([rule("r", **match)], RouteMode.ALL, [chest]))
+    (verdict,) = evaluation.verdicts
     (criterion,) = verdict.criteria
     key = next(iter(match))
     assert criterion.name == (f"tags.{next(iter(match['tags']))}" if key == "tags" else key)
     assert (criterion.ok, verdict.matched, verdict.applied) == (ok, ok, ok)
     assert criterion.detail.startswith(detail), criterion.detail
-    assert bool(routing.applied()) is ok
+    assert bool(evaluation.applied()) is ok
 
 
 def test_missing_attributes_and_unknown_aets_fail_as_absent(tmp_path: Path) -> None:
     (series,) = facts(study(tmp_path, "CT", BodyPartExamined=None))  # CT_small has none
     match = RuleMatch(body_part=["CHEST"], study_description=".", calling_aet=["CT1"])
-    details = [c.detail for c in route([Rule(name="r", match=match, tasks=[
+    details = [c.detail for c in evaluate([Rule(name="r", match=match, tasks=[
         RuleTask(task=TaskKind.FORWARD)])], RouteMode.ALL, [series])[0].verdicts[0].criteria]
     assert details == ["BodyPartExamined is absent (wanted one of CHEST)",
                        "StudyDescription matches /./",  # CT_small's own "e+1"
                        "calling AE title is absent (wanted one of CT1)"]
-    assert route([rule("any")], RouteMode.ALL, [series])[0].verdicts[0].criteria == ()
+    assert evaluate([rule("any")], RouteMode.ALL, [series])[0].verdicts[0].criteria == ()
 
 
 def test_rules_apply_per_series_of_a_mixed_study(tmp_path: Path) -> None:
@@ -155,9 +155,9 @@ def test_rules_apply_per_series_of_a_mixed_study(tmp_path: Path) -> None:
     mr = tuple(s.series_uid for s in series if s.header.Modality == "MR")
     rules = [rule("radiographs", TaskKind.IMG2IMG, modality=["CR"]),
              rule("mr", TaskKind.FORWARD, modality=["MR"]), rule("ct", modality=["CT"])]
-    routing = only(route(rules, RouteMode.ALL, series))
-    assert applied(routing) == {"radiographs": cr, "mr": mr}
-    assert [r.name for r, _ in routing.applied()] == ["radiographs", "mr"]
+    evaluation = only(evaluate(rules, RouteMode.ALL, series))
+    assert applied(evaluation) == {"radiographs": cr, "mr": mr}
+    assert [r.name for r, _ in evaluation.applied()] == ["radiographs", "mr"]
 
 
 def test_mode_first_shadows_later_rules_mode_all_applies_every_match(tmp_path: Path) -> None:
@@ -165,12 +165,12 @@ def test_mode_first_shadows_later_rules_mode_all_applies_every_match(tmp_path: P
     cr, mr = (next(s.series_uid for s in series if s.header.Modality == m) for m in ("CR", "MR"))
     rules = [rule("radiographs", TaskKind.IMG2IMG, modality=["CR"]), rule("everything"),
              rule("also-everything", TaskKind.FORWARD)]
-    every = only(route(rules, RouteMode.ALL, series))
+    every = only(evaluate(rules, RouteMode.ALL, series))
     assert applied(every) == {"radiographs": (cr,), "everything": tuple(
         s.series_uid for s in series), "also-everything": tuple(s.series_uid for s in series)}
     assert all(v.shadowed_by is None for v in every.verdicts)
 
-    first = only(route(rules, RouteMode.FIRST, series))
+    first = only(evaluate(rules, RouteMode.FIRST, series))
     assert applied(first) == {"radiographs": (cr,), "everything": (mr,)}
     shadowed = {(v.rule, v.series_uid): v.shadowed_by for v in first.verdicts if v.shadowed_by}
     assert shadowed == {("everything", cr): "radiographs", ("also-everything", cr): "radiographs",
@@ -184,10 +184,10 @@ def test_mode_first_shadows_later_rules_mode_all_applies_every_match(tmp_path: P
 def test_default_rules_deidentify_all_and_make_synthetic_radiographs(tmp_path: Path) -> None:
     series = facts(study(tmp_path, "CR", "MR"))
     cr, mr = (next(s.series_uid for s in series if s.header.Modality == m) for m in ("CR", "MR"))
-    routing = only(route(Settings().rules, Settings().route.mode, series))
-    assert applied(routing) == {"deidentify-all": tuple(s.series_uid for s in series),
+    evaluation = only(evaluate(Settings().rules, Settings().route.mode, series))
+    assert applied(evaluation) == {"deidentify-all": tuple(s.series_uid for s in series),
                                 "synthetic-radiographs": (cr,)}
-    lines = routing.explain()
+    lines = evaluation.explain()
     assert '  rule "synthetic-radiographs" applies to 1 of 2 series: img2img -> orthanc' in lines
     assert f'    series {mr} (MR, 1 file): no: Modality "MR" is not one of CR, DX' in lines
 
@@ -199,14 +199,14 @@ def test_explanations_name_failing_criteria_and_never_patient_data(tmp_path: Pat
     rules = [rule("knees", study_description="knee", series_description="^t1",
                   tags={"PatientName": "^Doe", "PatientID": "^X"}),
              rule("heads", modality=["CT"], tags={"PatientName": "jane", "PatientID": "77$"})]
-    routings = route(rules, RouteMode.FIRST, facts(paths))
-    assert len(routings) == 2
-    for routing in routings:
-        text = "\n".join(routing.explain())
+    evaluations = evaluate(rules, RouteMode.FIRST, facts(paths))
+    assert len(evaluations) == 2
+    for evaluation in evaluations:
+        text = "\n".join(evaluation.explain())
         for planted in (PLANTED_NAME, "Plantedname", PLANTED_ID, "PLANTED", "MR head"):
             assert planted.casefold() not in text.casefold()
-    (mr,) = [r for r in routings if r.series[0].header.Modality == "MR"]
-    (ct,) = [r for r in routings if r is not mr]
+    (mr,) = [r for r in evaluations if r.series[0].header.Modality == "MR"]
+    (ct,) = [r for r in evaluations if r is not mr]
     assert [r.name for r, _ in ct.applied()] == ["heads"]
     assert ct.explain()[-1].endswith(': Modality "CT" is one of CT; PatientName matches /jane/; '
                                      "PatientID matches /77$/")

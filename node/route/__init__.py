@@ -5,14 +5,14 @@ that matches it or every one."""
 from node.route.router import Routed, Router, StudyLike
 from node.route.rules import (
     Criterion,
-    Routing,
+    Evaluation,
     Scan,
     SeriesFacts,
     Unreadable,
     Verdict,
     criteria,
+    evaluate,
     facts_of,
-    route,
     series_facts,
 )
 
@@ -20,7 +20,7 @@ __all__ = [
     "Criterion",
     "Routed",
     "Router",
-    "Routing",
+    "Evaluation",
     "Scan",
     "SeriesFacts",
     "StudyLike",
@@ -28,6 +28,6 @@ __all__ = [
     "Verdict",
     "criteria",
     "facts_of",
-    "route",
+    "evaluate",
     "series_facts",
 ]

@@ -121,9 +121,9 @@ class Backfill:
         if facts:
             log.debug("backfill from %s: study %s: %d series, %d the node's own",
                       self.source, facts[0].study_uid, len(series), len(series) - len(facts))
-            routed = self.router.route_series(facts[0].study_uid, instances, facts,
-                                              Source(self.kind, self.source, study.key),
-                                              via="backfill")
+            routed = self.router.submit(facts[0].study_uid, instances, facts,
+                                        Source(self.kind, self.source, study.key),
+                                        via="backfill")
             step, ids = Step.QUEUED, routed.job_ids
         else:
             log.info("backfill from %s: study %s holds only synthnode outputs (%d series); "

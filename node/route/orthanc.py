@@ -123,8 +123,8 @@ class OrthancStudies:
             log.info("orthanc study %s: only synthnode outputs (%d series); not routed",
                      study_id, facts.outputs)
             return None
-        return self.router.route_series(facts.study_uid, generation, facts.series,
-                                        Source(SourceKind.ORTHANC, self.name, study_id), via)
+        return self.router.submit(facts.study_uid, generation, facts.series,
+                                  Source(SourceKind.ORTHANC, self.name, study_id), via)
 
     def reconcile(self) -> int:
         """ORTHANC_STARTED: route the studies seen but never routed; returns how many."""

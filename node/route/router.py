@@ -18,7 +18,7 @@ from node.archives import SPOOL, Source
 from node.config import RuleTask, Settings
 from node.dicom import own_output
 from node.jobs import Job, Queues, job_id
-from node.route.rules import SeriesFacts, facts_of, route
+from node.route.rules import SeriesFacts, evaluate, facts_of
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ class Router:
         for bad in scan.unreadable:
             log.warning("study %s: spooled file %s skipped by the router: %s",
                         study.study_uid, bad.path.name, bad.reason)
-        return self.route_series(study.study_uid, study.generation, scan.series)
+        return self.submit(study.study_uid, study.generation, scan.series)
 
-    def route_series(self, study_uid: str, generation: int, series: Sequence[SeriesFacts],
-                     source: Source = SPOOL, via: str = "") -> Routed:
+    def submit(self, study_uid: str, generation: int, series: Sequence[SeriesFacts],
+               source: Source = SPOOL, via: str = "") -> Routed:
         """Apply the rules to ``series`` of one study and submit the jobs, whose workers read
         the study from ``source``; ``via`` names how the study came when its facts don't (for
         ``[rules.match] source``: "orthanc", "backfill")."""
@@ -94,8 +94,8 @@ class Router:
                 return Routed((), f"own outputs ({len(own)} series): not routed again")
         jobs: list[Job] = []
         rules_used: list[str] = []
-        for routing in route(self.settings.rules, self.settings.route.mode, series):
-            for rule, series_uids in routing.applied():
+        for evaluation in evaluate(self.settings.rules, self.settings.route.mode, series):
+            for rule, series_uids in evaluation.applied():
                 rules_used.append(rule.name)
                 for index, task in enumerate(rule.tasks):
                     jobs.append(make_job(study_uid, generation, rule.name, index, task,

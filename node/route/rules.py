@@ -90,7 +90,7 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Routing:
+class Evaluation:
     """Every rule's verdict on every series of one study."""
 
     study_uid: str
@@ -249,13 +249,14 @@ def criteria(match: RuleMatch, facts: SeriesFacts) -> tuple[Criterion, ...]:
     return tuple(out)
 
 
-def route(rules: Sequence[Rule], mode: RouteMode, series: Sequence[SeriesFacts]) -> list[Routing]:
-    """Every rule's verdict on every series, one :class:`Routing` per study (in the order the
+def evaluate(rules: Sequence[Rule], mode: RouteMode, series: Sequence[SeriesFacts]
+             ) -> list[Evaluation]:
+    """Every rule's verdict on every series, one :class:`Evaluation` per study (in the order the
     studies first appear). Mode first: a series gets only the first rule that matches it."""
     studies: dict[str, list[SeriesFacts]] = {}
     for facts in series:
         studies.setdefault(facts.study_uid, []).append(facts)
-    routings = []
+    evaluations = []
     for study_uid, members in studies.items():
         taken: dict[str, str] = {}  # series UID -> the first rule that matched it
         verdicts = []
@@ -267,5 +268,5 @@ def route(rules: Sequence[Rule], mode: RouteMode, series: Sequence[SeriesFacts])
                 shadowed_by = first if mode is RouteMode.FIRST and first != rule.name else None
                 verdicts.append(Verdict(rule.name, facts.series_uid, matched, checked,
                                         matched and shadowed_by is None, shadowed_by))
-        routings.append(Routing(study_uid, tuple(rules), tuple(members), tuple(verdicts)))
-    return routings
+        evaluations.append(Evaluation(study_uid, tuple(rules), tuple(members), tuple(verdicts)))
+    return evaluations
