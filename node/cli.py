@@ -65,10 +65,12 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from node.process import configure_pynetdicom
     from node.server import Server
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    configure_pynetdicom(settings.node, scp=True)
     return Server(settings, _config_path(args)).run()
 
 
@@ -140,9 +142,11 @@ def cmd_key(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from node.jobs import run_worker
     from node.keys import KeyRecord, key_problem
+    from node.process import configure_pynetdicom
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    configure_pynetdicom(settings.node, scp=False)
     if settings.deid.key:
         # A worker on another machine sees the spool's record where the spool is shared; where
         # it is not, serve's own check stands for the node.
@@ -413,9 +417,11 @@ def send_files(paths: Sequence[Path]) -> tuple[list[Path], int]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from node.archives import send_to, send_to_peer
+    from node.process import configure_pynetdicom
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    configure_pynetdicom(settings.node, scp=False)
     args.files, skipped = send_files(args.files)
     if skipped:
         print(f"skipped {skipped} non-DICOM file{'s' if skipped != 1 else ''} in folders",

@@ -11,8 +11,8 @@ is sent as stored, never decoded). Status classes (PS3.4 B.2.3, PS3.7 C):
 - Everything else (0xA9xx, 0xCxxx, 0x0122 SOP class not supported, 0x0124 not authorised, ...),
   and a context the peer did not accept: permanent.
 
-Sending sets pynetdicom's process-wide ``_config.STORE_SEND_CHUNKED_DATASET`` (files are sent
-raw, never decoded); nothing else in the node sends C-STOREs from files.
+Files are sent raw, never decoded, in a process that set pynetdicom's process-wide
+``_config.STORE_SEND_CHUNKED_DATASET`` at its start (:mod:`node.process`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
@@ -184,10 +184,8 @@ class PeerDispatcher:
              stop: threading.Event | None = None) -> list[DispatchResult]:
         """C-STORE ``objects``; one result per object, in order. Never raises for a failed
         object: its result says why. ``stop`` set during a backoff wait cancels the retries."""
-        # Files go out as stored: pynetdicom then sends the data set bytes after the file meta
-        # (only an exactly matching context will do, which is what we propose).
-        _config.STORE_SEND_CHUNKED_DATASET = True
-
+        # Files go out as stored (node.process): pynetdicom sends the data set bytes after the
+        # file meta (only an exactly matching context will do, which is what we propose).
         def make_round(items: list[Outgoing | None]) -> RoundFn:
             def attempt_round(pending: list[int]) -> dict[int, Outcome]:
                 by_context: dict[Context, list[int]] = {}
