@@ -73,10 +73,12 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from node.process import configure_pynetdicom
     from node.server import Server
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    configure_pynetdicom(settings.node, scp=True)
     return Server(settings, _config_path(args)).run()
 
 
@@ -148,9 +150,11 @@ def cmd_key(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from node.jobs import run_worker
     from node.keys import KeyRecord, key_problem
+    from node.process import configure_pynetdicom
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    configure_pynetdicom(settings.node, scp=False)
     if settings.deid.key:
         # A worker on another machine sees the spool's record where the spool is shared; where
         # it is not, serve's own check stands for the node.
@@ -420,9 +424,11 @@ def send_files(paths: Sequence[Path]) -> tuple[list[Path], int]:
 def cmd_send(args: argparse.Namespace) -> int:
     from node.archives import send_to
     from node.archives.dimse import send_to_peer
+    from node.process import configure_pynetdicom
 
     settings = _settings(args)
     configure_logging(settings.log.level)
+    configure_pynetdicom(settings.node, scp=False)
     args.files, skipped = send_files(args.files)
     if skipped:
         print(f"skipped {skipped} non-DICOM file{'s' if skipped != 1 else ''} in folders",
@@ -631,7 +637,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 def _reserve_report(settings: Settings) -> tuple[dict[str, Any], list[str]]:
     """The disk reserve as ``status`` shows it: JSON, and lines of text."""
-    from node.spool.reserve import DiskReserve
+    from node.reserve import DiskReserve
 
     levels = DiskReserve.for_settings(settings).levels()
     paused = any(level.short for level in levels)

@@ -625,6 +625,10 @@ class GenerateSettings(_Section):
         description="a diffusers scheduler class name",
     )
     batch_size: int = Field(4, ge=1, le=256)
+    compile: bool = Field(
+        True, description="on CUDA, torch.compile the UNet and the VAE decoder (faster after a "
+                          "minute's compiling per new shape, once per worker); false = eager",
+    )
     strength: float = Field(0.6, gt=0, le=1, description="img2img: how far from the source")
     negative_prompt: str = ""
     prompt_templates: dict[str, str] = Field(

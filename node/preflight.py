@@ -250,7 +250,7 @@ def check_ports(addresses: Iterable[tuple[str, str, int]]) -> list[Finding]:
 
 def check_folders(settings: Settings) -> list[Finding]:
     """The spool, work and quarantine folders can be written, with room above the reserve."""
-    from node.spool.reserve import DiskReserve
+    from node.reserve import DiskReserve
 
     found: list[Finding] = []
     for setting, path in (("[spool] dir", settings.spool.dir),

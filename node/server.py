@@ -4,11 +4,12 @@ Start-up: lock the spool (one node per spool; a second ``serve`` stops at once),
 (:mod:`node.preflight`; a fatal problem stops the start here, before anything runs), kill
 workers a previous run left alive, recover the spool (before any port opens), listen (a port in
 use stops the start here, before any worker exists), then start the worker processes (``[jobs]
-cpu_workers``, ``gpu_workers``), the job scheduler and the stability monitor (stable studies ->
-rules -> jobs). Fatal start problems print one line naming the fix and return 2.
+cpu_workers``, ``gpu_workers``), the stability monitor (stable studies -> rules -> jobs) and,
+on a thread of its own, the schedule (the job reaper and the spool's retention). Fatal start
+problems print one line naming the fix and return 2.
 Shutdown on SIGTERM/SIGINT: stop accepting associations, let in-flight ones finish (up to
 ``shutdown_timeout_s``, then abort them: nothing unacknowledged is lost, the peer resends),
-stop the monitor and the scheduler, let workers finish the job in hand (up to
+stop the monitor and the schedule, let workers finish the job in hand (up to
 ``shutdown_timeout_s``, then kill them: their jobs are retried on the next start), close the
 index, return 0.
 """
@@ -21,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,9 +39,9 @@ from node.receive.scp import (
     peer_name,
     start_listeners,
 )
+from node.reserve import DiskReserve
 from node.route import Router
 from node.spool import Retention, Spool, SpoolInUse, SpoolLock, StabilityMonitor
-from node.spool.reserve import DiskReserve
 from node.tls import TLSError
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,42 @@ def _listen_error(exc: ListenError) -> StartError | None:
         return StartError(f"{where}: {exc.host} is not an address of this machine: set "
                           "[node] host")
     return None
+
+
+class Schedule:
+    """A thread that runs ``tasks`` (the job reaper, the spool's retention) with the time, every
+    ``interval_s``: apart from the stability monitor, so that a slow job store (Redis) delays
+    them, never a stable study's hand-off. A task that fails is logged and run again on the
+    next pass."""
+
+    def __init__(self, interval_s: float, tasks: Sequence[Callable[[float], object]]) -> None:
+        self.interval_s = interval_s
+        self.tasks = tuple(tasks)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="schedule", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def tick(self, now: float | None = None) -> None:
+        """One pass of every task."""
+        now = time.time() if now is None else now
+        for task in self.tasks:
+            try:
+                task(now)
+            except Exception:
+                log.exception("periodic task %s failed; retrying on the next pass",
+                              getattr(task, "__qualname__", task))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.interval_s)
 
 
 class Server:
@@ -122,17 +160,16 @@ class Server:
             if error is None:
                 raise
             raise error from None
-        # 5. Workers, scheduler and the stability monitor.
+        # 5. Workers, the stability monitor and the schedule.
         queues = Queues(self.settings.jobs)
         pool = WorkerPool(self.settings, self.config, record)
-        monitor = StabilityMonitor(
-            spool, Router(self.settings, queues).on_stable,
-            also=(Reaper(self.settings.jobs, queues).tick,
-                  Retention(spool, queues.store).tick),
-        )
+        monitor = StabilityMonitor(spool, Router(self.settings, queues).on_stable)
+        schedule = Schedule(self.settings.spool.check_interval_s, (
+            Reaper(self.settings.jobs, queues).tick, Retention(spool, queues.store).tick))
         try:
             pool.start()
             monitor.start()
+            schedule.start()
             ports = ", ".join(f"{s.server_address[0]}:{s.server_address[1]}"
                               + (" (TLS)" if s.is_tls else "") for s in servers)
             log.info(
@@ -143,11 +180,11 @@ class Server:
             while not self.should_exit.wait(0.5):
                 pool.check()
         finally:
-            self._shutdown(servers, monitor, spool, pool)
+            self._shutdown(servers, monitor, schedule, spool, pool)
         return 0
 
-    def _shutdown(self, servers: list[NodeServer], monitor: StabilityMonitor, spool: Spool,
-                  pool: WorkerPool) -> None:
+    def _shutdown(self, servers: list[NodeServer], monitor: StabilityMonitor,
+                  schedule: Schedule, spool: Spool, pool: WorkerPool) -> None:
         log.info("shutting down: no new associations")
         for server in servers:
             server.shutdown()  # closes the listening socket; accepted associations continue
@@ -159,6 +196,7 @@ class Server:
             log.warning("aborting association from %s at shutdown timeout", peer_name(assoc))
             assoc.abort()
         monitor.stop()
+        schedule.stop()
         pool.stop(self.settings.node.shutdown_timeout_s)
         spool.close()
         c = self.counters

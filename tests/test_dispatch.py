@@ -25,8 +25,9 @@ from node.archives import DispatchResult
 from node.archives.dimse import send_to_peer, status_outcome
 from node.archives.orthanc import has_labels, send_to_orthanc
 from node.archives.retry import Outcome, backoff_delays, run_rounds, transient
-from node.config import DicomDestination, DispatchSettings, Settings
+from node.config import DicomDestination, DispatchSettings, NodeSettings, Settings
 from node.localorthanc import OrthancProcess
+from node.process import configure_pynetdicom
 from tests.conftest import free_port
 from tests.nodeproc import SYNTHNODE, StoreSCP, dataset_bytes, make_study, sample_file
 
@@ -34,10 +35,11 @@ FAST_RETRIES = {"max_attempts": 8, "backoff_initial_s": 0.2, "backoff_max_s": 1.
 
 
 @pytest.fixture(autouse=True)
-def _restore_pynetdicom_config() -> Iterator[None]:
-    # The C-STORE dispatcher switches pynetdicom to sending files raw; other tests expect the
-    # default.
+def _sending_process() -> Iterator[None]:
+    # Set up as the node's sending processes are at their start (files sent raw); other tests
+    # expect pynetdicom's default.
     before = _config.STORE_SEND_CHUNKED_DATASET
+    configure_pynetdicom(NodeSettings(), scp=False)
     yield
     _config.STORE_SEND_CHUNKED_DATASET = before
 

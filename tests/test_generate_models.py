@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from node.config import GenerateSettings
-from node.generate.models import ModelError, Models, _in_batches, weights_hash
+from node.generate.models import (
+    ModelError,
+    Models,
+    _compiled_modules,
+    _in_batches,
+    _speed_up,
+    _uncompile,
+    weights_hash,
+)
 from node.generate.tiny import build_tiny
 
 R = 64  # the tiny model's resolution in px
@@ -257,3 +265,18 @@ def test_out_of_memory_halves_the_batch() -> None:
 
     with pytest.raises(ModelError, match="model m: out of GPU memory with a batch of 1"):
         _in_batches(3, 2, never, "model m")
+
+
+def test_compile_setting_decides_whether_the_cuda_speed_ups_compile(cache_dir: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    assert GenerateSettings().compile is True
+    assert settings(cache_dir, compile=False).compile is False
+    # What Models applies to a pipeline on CUDA, run on the CPU here: compiling is only marked
+    # on the modules (it happens on their first call), so nothing is compiled in this test.
+    for compile in (False, True):
+        pipe = StableDiffusionPipeline.from_pretrained(cache_dir / "tiny")
+        _speed_up(pipe, compile)
+        assert [getattr(m, "_compiled_call_impl", None) is not None
+                for m in _compiled_modules(pipe)] == [compile, compile]
+        assert _uncompile(pipe) is compile

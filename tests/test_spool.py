@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -102,3 +103,50 @@ def test_monitor_hands_each_generation_once_and_retries_failures(
     (study,) = seen
     assert (study.study_uid, study.generation, len(study.instances)) == (row.study_uid, 1, 1)
     assert study.series_uids == (row.series_uid,)
+
+
+def test_hand_off_goes_on_while_a_periodic_task_is_slow_and_retention_asks_the_job_store(
+    tmp_path: Path,
+) -> None:
+    from node.config import JobsSettings
+    from node.jobs import Job, JobState, Queues
+    from node.route import Routed
+    from node.server import Schedule
+    from node.spool import Retention, StudyState
+
+    spool = Spool(SpoolSettings(dir=tmp_path / "spool", stable_after_s=0.01, retention_s=3600,
+                                check_interval_s=0.05))
+    (path,) = make_study(tmp_path / "in")
+    data, row = _row(path)
+    spool.store(data, row, "MOD", "SYNTHNODE")
+    store = Queues(JobsSettings(sqlite_file=tmp_path / "queue.sqlite3")).store
+    release = threading.Event()
+    monitor = StabilityMonitor(spool, lambda study: Routed(("job-1",), "1 job from rules r"))
+    schedule = Schedule(0.05, (lambda now: release.wait(30), Retention(spool, store).tick))
+
+    def state() -> StudyState:
+        (summary,) = spool.summaries()
+        return summary.state
+
+    def wait_for(wanted: StudyState) -> bool:
+        deadline = time.monotonic() + 10
+        while state() is not wanted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return state() is wanted
+
+    schedule.start()
+    monitor.start()
+    try:
+        assert wait_for(StudyState.HANDED)  # while the schedule's first task still blocks
+        release.set()
+        time.sleep(0.3)
+        assert state() is StudyState.HANDED  # its job is not done: the study stays
+        store.put(Job(id="job-1", study_uid=row.study_uid, generation=1, rule="r",
+                      task_index=0, task={}, queue="cpu", series_uids=(row.series_uid,),
+                      destinations=(), state=JobState.DONE))
+        assert wait_for(StudyState.DONE)
+    finally:
+        release.set()
+        monitor.stop()
+        schedule.stop()
+        spool.close()

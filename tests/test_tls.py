@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from node.archives.dimse import send_to_peer
 from node.config import ConfigError, DicomDestination, NodeTLS, Settings, load_settings
@@ -336,12 +336,8 @@ def test_echo_and_send_to_a_closed_port_say_connection_refused(tmp_path: Path) -
     assert f"connection refused at 127.0.0.1:{port}" in res.stdout, res.stdout + res.stderr
     # A host name that does not resolve: a clear reason, not an exception.
     settings = Settings.model_validate({"dispatch": {"max_attempts": 1}})
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    try:
-        (result,) = send_to_peer([path], DicomDestination(
-            name="x", ae_title="X", host="nowhere.invalid", port=104), settings)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = before
+    (result,) = send_to_peer([path], DicomDestination(
+        name="x", ae_title="X", host="nowhere.invalid", port=104), settings)
     assert not result.ok
     assert "cannot resolve host nowhere.invalid" in result.reason
 

@@ -97,7 +97,8 @@ class FoundSeries:
     calling_aet: str = ""
     called_aet: str = ""
     own: bool = False
-    """The archive knows it for the node's output (e.g. Orthanc's job metadata)."""
+    """The archive knows it for the node's output (e.g. Orthanc's job metadata); the mark in
+    the header (:func:`node.dicom.own_output`) is for the reader to check."""
 
 
 class ArchiveError(Exception):

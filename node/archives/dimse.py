@@ -19,8 +19,8 @@ knows, unlike C-MOVE); the storage contexts proposed are the SOP classes the ser
 (an image-level C-FIND says which), each with every transfer syntax pydicom knows, in the SCP
 role.
 
-Sending sets pynetdicom's process-wide ``_config.STORE_SEND_CHUNKED_DATASET`` (files are sent
-raw, never decoded); nothing else in the node sends C-STOREs from files.
+Files are sent raw, never decoded, in a process that set pynetdicom's process-wide
+``_config.STORE_SEND_CHUNKED_DATASET`` at its start (:mod:`node.process`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -211,10 +211,8 @@ class PeerDispatcher:
              stop: threading.Event | None = None) -> list[DispatchResult]:
         """C-STORE ``objects``; one result per object, in order. Never raises for a failed
         object: its result says why. ``stop`` set during a backoff wait cancels the retries."""
-        # Files go out as stored: pynetdicom then sends the data set bytes after the file meta
-        # (only an exactly matching context will do, which is what we propose).
-        _config.STORE_SEND_CHUNKED_DATASET = True
-
+        # Files go out as stored (node.process): pynetdicom sends the data set bytes after the
+        # file meta (only an exactly matching context will do, which is what we propose).
         def make_round(items: list[Outgoing | None]) -> RoundFn:
             def attempt_round(pending: list[int]) -> dict[int, Outcome]:
                 by_context: dict[Context, list[int]] = {}

@@ -45,7 +45,6 @@ from node.config import (
     OrthancSettings,
     Settings,
 )
-from node.dicom import own_output
 from node.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -349,13 +348,12 @@ class OrthancArchive(Archive):
 
     def series(self, study: FoundStudy) -> list[FoundSeries]:
         """One header per series (its first instance's), with the AE titles Orthanc recorded;
-        series the node made are marked ``own``."""
+        series the node sent with its job metadata are marked ``own``."""
         try:
             found = self._json(f"/studies/{study.key}")
         except LookupError:
             raise StudyGone(f'{self.label} has no study "{study.key}"') from None
         series: list[FoundSeries] = []
-        manufacturer = self.settings.output.manufacturer
         for series_id in found["Series"]:
             try:
                 instances = self._json(f"/series/{series_id}")["Instances"]
@@ -365,12 +363,11 @@ class OrthancArchive(Archive):
                                  stop_before_pixels=True)
             except LookupError:  # (deleted between the two reads)
                 continue
-            own = (self.rest_settings.job_metadata in metadata
-                   or own_output(header, manufacturer))
             series.append(FoundSeries(
                 str(header.SeriesInstanceUID), header, len(instances),
                 calling_aet=str(metadata.get("RemoteAET", "")),
-                called_aet=str(metadata.get("CalledAET", "")), own=own,
+                called_aet=str(metadata.get("CalledAET", "")),
+                own=self.rest_settings.job_metadata in metadata,
             ))
         return series
 

@@ -251,21 +251,17 @@ def _in_batches(
 
 # --- CUDA speed-ups ----------------------------------------------------------------------------
 
-COMPILE_ENV = "SYNTHNODE_COMPILE"
-"""Environment variable: "0" keeps the CUDA pipelines uncompiled (no torch.compile)."""
-
-
 def _compiled_modules(pipe: Any) -> list[Any]:
     """The modules :func:`_speed_up` compiles: the UNet (every denoising step) and the VAE's
     decoder (once per image)."""
     return [pipe.unet, pipe.vae.decoder]
 
 
-def _speed_up(pipe: Any) -> None:
+def _speed_up(pipe: Any, compile: bool) -> None:
     """Make a pipeline on a CUDA GPU faster without changing what it computes (the results
     differ by rounding only): cuDNN picks the fastest convolution algorithms for each shape;
     query/key/value projections run as one matrix product (``fuse_qkv_projections``); and,
-    unless ``SYNTHNODE_COMPILE=0``, the UNet and the VAE decoder are compiled with
+    with ``compile`` (``[generate] compile``), the UNet and the VAE decoder are compiled with
     ``torch.compile`` (static shapes). Compiling happens on a module's first call with a new
     input shape (about a minute for an SD-1.5 UNet: each new batch size, resolution or
     guidance on/off pays it once per process); if it fails, :meth:`Models._run` undoes it and
@@ -278,7 +274,7 @@ def _speed_up(pipe: Any) -> None:
     pipe.vae.to(memory_format=torch.channels_last)
     with contextlib.suppress(ValueError, AttributeError):  # added-KV attention: no fusion
         pipe.fuse_qkv_projections()
-    if os.environ.get(COMPILE_ENV, "1").strip() == "0":
+    if not compile:
         return
     import torch._inductor.config
 
@@ -389,7 +385,7 @@ class Models:
         if self._device.startswith("cuda"):
             # SDPA attention is diffusers' default; channels_last speeds up the UNet's convs.
             pipe.unet.to(memory_format=torch.channels_last)
-            _speed_up(pipe)
+            _speed_up(pipe, self.settings.compile)
         return _no_progress_bar(pipe)
 
     def _inpaint_pipe(self) -> Any:

@@ -32,33 +32,28 @@ def make_huey(settings: JobsSettings, suffix: str) -> Huey:
                       fsync=True, timeout=30)
 
 
-_runner: Callable[[str], None] | None = None
-
-
-def run_job(job_id: str) -> None:
-    """The one Huey task (registered by this module's name in producers and consumers alike):
-    hands the job id to the worker's runner."""
-    if _runner is None:
-        raise RuntimeError("this process enqueues jobs; it does not run them")
-    _runner(job_id)
-
-
 class Queues:
     """The cpu and gpu queues and the job store of one backend.
 
-    ``run`` is what a worker process executes for a job id (one per process); producers (the
-    router, the ``jobs`` command) leave it unset."""
+    ``run`` is what a worker process executes for a job id (its consumer's task body);
+    producers (the router, the ``jobs`` command) leave it unset."""
 
     def __init__(self, settings: JobsSettings, run: Callable[[str], None] | None = None) -> None:
-        global _runner
-        if run is not None:
-            _runner = run
         self.settings = settings
+        self.run = run
         self.huey = {q: make_huey(settings, q) for q in Queue}
         self.store = JobStore(make_huey(settings, "jobs").storage)
         self._tasks: dict[Queue, TaskWrapper] = {
-            q: h.task(name=TASK_NAME)(run_job) for q, h in self.huey.items()
+            q: h.task(name=TASK_NAME)(self.run_job) for q, h in self.huey.items()
         }
+
+    def run_job(self, job_id: str) -> None:
+        """The one Huey task (registered under :data:`TASK_NAME` in producers and consumers
+        alike): hands the job id to ``run``."""
+        if self.run is None:
+            raise RuntimeError("this process enqueues jobs; it does not run them: pass run= "
+                               "to Queues in a worker")
+        self.run(job_id)
 
     def enqueue(self, job: Job, delay_s: float = 0.0) -> None:
         """Put ``job``'s id on its queue, now or after ``delay_s`` (Huey's schedule)."""

@@ -36,10 +36,10 @@ from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappin
 from node.dicom import SeriesSpec, own_output, save_checked
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState
+from node.reserve import DiskReserve
 
 if TYPE_CHECKING:
     from node.generate.tasks import Generation
-    from node.spool.reserve import DiskReserve
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,6 @@ class Runner:
         self.stop = threading.Event()
         self._deid: dict[tuple[str, ...], Deidentifier] = {}
         self._generation: Generation | None = None
-        # (imported here: node.spool imports the router, which imports this stage)
-        from node.spool.reserve import DiskReserve
-
         self.reserve: DiskReserve = DiskReserve.for_settings(settings)
         # jobs that wait for space: how many times in a row (one log line each, and a wait
         # that grows so that a long backlog does not churn the queue every few seconds)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -144,6 +144,13 @@ class JobStore:
         keys = [_JOB + j for j in job_ids]
         found = self.storage.peek_many(keys) if keys else {}
         return {k[len(_JOB):]: Job.from_json(v) for k, v in found.items()}
+
+    def all_done(self, job_ids: Sequence[str], generation: int) -> bool:
+        """Whether every one of ``job_ids`` is done, for ``generation`` of its study or a
+        later one (the spool's retention asks this: :class:`node.spool.retention.JobLedger`)."""
+        found = self.get_many(job_ids)
+        return all(j in found and found[j].state is JobState.DONE
+                   and found[j].generation >= generation for j in job_ids)
 
     def put(self, job: Job) -> None:
         self.storage.put_data(_JOB + job.id, job.to_json())

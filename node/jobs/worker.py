@@ -87,14 +87,8 @@ def run_worker(settings: Settings, queue: Queue | str, workers: int = 1, nice: i
         return PARENT_GONE
     if nice:
         os.nice(nice)
-    runner: Runner | None = None
-
-    def run(job_id: str) -> None:
-        assert runner is not None
-        runner.run(job_id)
-
-    queues = Queues(settings.jobs, run=run)
-    runner = Runner(settings, queues)
+    queues = Queues(settings.jobs)
+    queues.run = Runner(settings, queues).run  # the runner needs the queues it takes jobs from
     consumer = queues.huey[queue].create_consumer(
         workers=workers, worker_type="thread" if workers == 1 else "process", periodic=False,
         # Poll an idle SQLite queue every 0.25 s at most (Huey's default grows to 10 s):

@@ -32,7 +32,7 @@ import pynetdicom.dimse_messages
 from pynetdicom import AE, _config
 from pynetdicom.dul import DULServiceProvider
 
-from node.spool.reserve import DiskReserve
+from node.reserve import DiskReserve
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +112,31 @@ def _temporary_file(*args: Any, **kwargs: Any) -> Any:
     return Incoming(target.tmp_dir, refused=short)
 
 
-def receive_into(ae: AE, target: ReceiveTarget) -> None:
-    """From now on, data sets ``ae`` receives are written into ``target.tmp_dir``.
-
-    Sets pynetdicom's process-wide chunked-receive switch: every pynetdicom SCP in the process
-    (a C-GET's storage sub-operations included) then gets its data sets as files
-    (``event.dataset_path``), not in memory."""
+def receive_chunked() -> None:
+    """Process-wide, once, at the start of a process that runs the node's SCP (see
+    :mod:`node.process`): pynetdicom's chunked-receive switch, and its temporary files made
+    here. Every pynetdicom SCP in the process (a C-GET's storage sub-operations included) then
+    gets its data sets as files (``event.dataset_path``), not in memory; those of an SCP given
+    to :func:`receive_into` land in its spool."""
     _config.STORE_RECV_CHUNKED_DATASET = True
     messages: ModuleType = pynetdicom.dimse_messages
     messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
+
+
+def receives_chunked() -> bool:
+    """Whether this process was set up by :func:`receive_chunked`."""
+    messages: ModuleType = pynetdicom.dimse_messages
+    return bool(_config.STORE_RECV_CHUNKED_DATASET) and (
+        getattr(messages, "NamedTemporaryFile", None) is _temporary_file)
+
+
+def receive_into(ae: AE, target: ReceiveTarget) -> None:
+    """From now on, data sets ``ae`` receives are written into ``target.tmp_dir``.
+    RuntimeError when the process was not set up for it (:func:`receive_chunked`)."""
+    if not receives_chunked():
+        raise RuntimeError("receiving data sets into files needs the process set up for it "
+                           "at its start: call node.process.configure_pynetdicom(settings.node, "
+                           "scp=True) first, or start the listeners with chunked=False")
     _targets[ae] = target
 
 

@@ -45,9 +45,8 @@ from node.receive.chunked import (
     receive_into,
 )
 from node.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
-from node.receive.tuning import tune_pynetdicom
+from node.reserve import DiskReserve, Shortfall
 from node.spool import InstanceRow, Spool, SpoolError, StoreOutcome
-from node.spool.reserve import DiskReserve, Shortfall
 from node.tls import describe_failure, server_context
 
 log = logging.getLogger(__name__)
@@ -376,10 +375,10 @@ def start_listeners(
 
     ``reserve``: refuse new instances (0xA700) while it is short. ``chunked``: receive data
     sets into files in the spool's temporary folder as they arrive (bounded memory whatever
-    the size) rather than in memory."""
+    the size) rather than in memory; the process must have been set up for it at its start
+    (:func:`node.receive.chunked.receive_chunked`), RuntimeError otherwise."""
     tls = server_context(settings.tls) if settings.tls is not None else None
     counters = counters or ReceiveCounters()
-    tune_pynetdicom(settings.poll_interval_s)
     ae = build_ae(settings)
     policy = CallingPolicy.of(settings)
     handlers = [

@@ -1,4 +1,5 @@
-"""Two throughput adjustments to pynetdicom's acceptor, applied when the SCP starts.
+"""Two throughput adjustments to pynetdicom's acceptor, applied once at the start of the process
+that runs the node's SCP (:mod:`node.process`), never by a library call.
 
 pynetdicom (3.0) moves data between the socket and our handler through two polling loops per
 association, and measured here they, not our code, bounded ingest (pynetdicom issues #120 and

@@ -26,6 +26,7 @@ from enum import StrEnum
 
 from node.archives import ArchiveError, FoundStudy, Source, SourceKind, StudyGone, open_archive
 from node.config import Settings
+from node.dicom import own_output
 from node.jobs import Job, JobState, Queues
 from node.route.router import Router
 from node.route.rules import SeriesFacts
@@ -82,6 +83,7 @@ class Backfill:
             raise BackfillError(f'"{source}" is a {self.archive.kind.value} destination, '
                                 "which cannot be searched")
         self.kind = SourceKind(self.archive.kind.value)
+        self.settings = settings
         self.router = Router(settings, queues)
 
     def close(self) -> None:
@@ -117,7 +119,8 @@ class Backfill:
         facts = [SeriesFacts(study.study_uid or str(s.header.get("StudyInstanceUID", "")),
                              s.series_uid, s.header, calling_aet=s.calling_aet,
                              called_aet=s.called_aet)
-                 for s in series if not s.own]
+                 for s in series
+                 if not (s.own or own_output(s.header, self.settings.output.manufacturer))]
         if facts:
             log.debug("backfill from %s: study %s: %d series, %d the node's own",
                       self.source, facts[0].study_uid, len(series), len(series) - len(facts))

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from node.archives import FoundStudy, Source, SourceKind, StudyGone
 from node.archives.orthanc import OrthancArchive, RestGet
 from node.config import ORTHANC, OrthancDestination, RuleTask, Settings
+from node.dicom import own_output
 from node.jobs import Job, Queues
 from node.route.router import Routed, Router, make_job
 from node.route.rules import SeriesFacts
@@ -149,7 +150,8 @@ class OrthancStudies:
             raise StudyNotFound(f'Orthanc has no study "{study_id}"') from None
         series = [SeriesFacts(str(s.header.StudyInstanceUID), s.series_uid, s.header,
                               calling_aet=s.calling_aet, called_aet=s.called_aet)
-                  for s in found if not s.own]
+                  for s in found
+                  if not (s.own or own_output(s.header, self.settings.output.manufacturer))]
         study_uid = series[0].study_uid if series else (
             str(found[0].header.StudyInstanceUID) if found else "")
         return StudyFacts(study_uid, series, len(found) - len(series))

@@ -5,6 +5,7 @@ from node.spool.lock import SpoolInUse, SpoolLock
 from node.spool.monitor import StabilityMonitor, log_stable_study
 from node.spool.retention import Retention
 from node.spool.spool import (
+    HandedOn,
     Spool,
     SpoolError,
     StableStudy,
@@ -13,6 +14,7 @@ from node.spool.spool import (
 )
 
 __all__ = [
+    "HandedOn",
     "InstanceRow",
     "Retention",
     "Spool",

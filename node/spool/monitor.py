@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
 
-from node.route import Routed
-from node.spool.spool import Spool, StableStudy, StableStudyHandler
+from node.spool.spool import HandedOn, Spool, StableStudy, StableStudyHandler
 
 log = logging.getLogger(__name__)
 
 
-def log_stable_study(study: StableStudy) -> Routed | None:
+def log_stable_study(study: StableStudy) -> HandedOn | None:
     """The hand-off used until a later stage is plugged in: one log line (UIDs and counts)."""
     log.info(
         "study stable study_uid=%s generation=%d series=%d instances=%d",
@@ -23,16 +21,14 @@ def log_stable_study(study: StableStudy) -> Routed | None:
 
 
 class StabilityMonitor:
-    """A thread that, every ``check_interval_s``, marks quiet studies stable, hands stable
-    studies to ``handler``, then runs each of ``also`` (e.g. the job reaper and retention) with
-    the time. State lives in the spool index, so it survives restarts: a study that was stable
-    before a crash is handed on after it, unless it was handed already."""
+    """A thread that, every ``check_interval_s``, marks quiet studies stable and hands stable
+    studies to ``handler``, and does nothing else (nothing slower can delay a hand-off). State
+    lives in the spool index, so it survives restarts: a study that was stable before a crash
+    is handed on after it, unless it was handed already."""
 
-    def __init__(self, spool: Spool, handler: StableStudyHandler = log_stable_study,
-                 also: Sequence[Callable[[float], object]] = ()) -> None:
+    def __init__(self, spool: Spool, handler: StableStudyHandler = log_stable_study) -> None:
         self.spool = spool
         self.handler = handler
-        self.also = tuple(also)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stability-monitor", daemon=True)
 
@@ -48,14 +44,7 @@ class StabilityMonitor:
         """One pass; returns the number of studies handed on."""
         now = time.time() if now is None else now
         self.spool.mark_stable(now)
-        handed = self.spool.hand_off(self.handler)
-        for task in self.also:
-            try:
-                task(now)
-            except Exception:
-                log.exception("periodic task %s failed; retrying on the next pass",
-                              getattr(task, "__qualname__", task))
-        return handed
+        return self.spool.hand_off(self.handler)
 
     def _run(self) -> None:
         interval = self.spool.settings.check_interval_s

@@ -2,25 +2,36 @@
 
 Handed studies whose jobs are all done (for their generation) become done, or unrouted when no
 rule matched; ``[spool] retention_s`` later their files are removed. A dead job keeps its study
-until it is retried and done.
+until it is retried and done. Retention asks the jobs stage through :class:`JobLedger`, which
+``serve`` gives it (the job store), and runs on ``serve``'s schedule.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Protocol
 
-from node.jobs import JobState, JobStore
 from node.spool.spool import Spool
 
 log = logging.getLogger(__name__)
 
 
+class JobLedger(Protocol):
+    """What retention asks of the stage that runs a study's jobs."""
+
+    def all_done(self, job_ids: Sequence[str], generation: int) -> bool:
+        """Whether every one of ``job_ids`` is done, for ``generation`` of its study or a
+        later one (a job that is unknown, pending, running or dead is not)."""
+        ...
+
+
 class Retention:
     """Marks studies done as their jobs finish, and removes them after retention."""
 
-    def __init__(self, spool: Spool, store: JobStore) -> None:
+    def __init__(self, spool: Spool, jobs: JobLedger) -> None:
         self.spool = spool
-        self.store = store
+        self.jobs = jobs
 
     def tick(self, now: float) -> None:
         self.finish(now)
@@ -29,10 +40,8 @@ class Retention:
     def finish(self, now: float) -> None:
         """Studies whose jobs are all done for their generation become done."""
         for study_uid, generation, ids in self.spool.index.handed():
-            found = self.store.get_many(ids)
-            if all(j in found and found[j].state is JobState.DONE
-                   and found[j].generation >= generation for j in ids
-                   ) and self.spool.index.mark_done(study_uid, generation, now):
+            if self.jobs.all_done(ids, generation) and self.spool.index.mark_done(
+                    study_uid, generation, now):
                 log.info("study %s generation %d: all %d jobs done", study_uid, generation,
                          len(ids))
 

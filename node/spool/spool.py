@@ -17,16 +17,16 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from pydicom.filereader import read_file_meta_info
 
 from node.config import DuplicatePolicy, SpoolSettings
 from node.files import fsync_dir, move_into_place, temporary_path, write_file
-from node.route import Routed
 from node.spool.index import Index, InstanceRow, StudySummary
 from node.uids import is_valid_uid
 
@@ -88,7 +88,18 @@ class StableStudy:
         return tuple(sorted({i.series_uid for i in self.instances}))
 
 
-StableStudyHandler = Callable[[StableStudy], Routed | None]
+class HandedOn(Protocol):
+    """What the next stage made of a stable study, recorded with it (the router's ``Routed``):
+    the ids of its jobs (none: no rule matched) and why."""
+
+    @property
+    def job_ids(self) -> Sequence[str]: ...
+
+    @property
+    def note(self) -> str: ...
+
+
+StableStudyHandler = Callable[[StableStudy], HandedOn | None]
 """The interface later stages plug into (the router). Called at least once for each generation
 of a stable study, from the spool's monitor thread; it must be idempotent on (study_uid,
 generation) and return quickly (enqueue, don't process). What it returns (the study's jobs, or
