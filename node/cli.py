@@ -316,7 +316,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             elif j.state is JobState.PENDING and j.not_before > now:
                 extra += f"  (retry in {_age(j.not_before - now)})"
             print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
-                  f"gen {j.generation}  attempts {j.attempts}  {_age(now - j.updated_at)} ago"
+                  f"rev {j.revision}  attempts {j.attempts}  {_age(now - j.updated_at)} ago"
                   f"{extra}")
     return 0
 
@@ -678,7 +678,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "studies": [
                     {
                         "study_uid": s.study_uid, "state": s.state.value,
-                        "generation": s.generation, "series": s.series,
+                        "revision": s.revision, "series": s.series,
                         "instances": s.instances, "size_bytes": s.size_bytes,
                         "last_received_at": s.last_received_at, "note": s.note,
                     }
@@ -700,7 +700,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("\n".join(reserve_lines))
     now = time.time()
     for s in studies:
-        print(f"  {s.study_uid}  {s.state.value:<9} gen {s.generation}  {s.series} series  "
+        print(f"  {s.study_uid}  {s.state.value:<9} rev {s.revision}  {s.series} series  "
               f"{s.instances} instances  {s.size_bytes / 1e6:.1f} MB  "
               f"last {now - s.last_received_at:.0f} s ago" + (f"  {s.note}" if s.note else ""))
     return 0

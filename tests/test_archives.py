@@ -43,7 +43,7 @@ def test_each_kind_opens_its_own_archive() -> None:
 
 def test_a_job_record_keeps_its_typed_source_and_task() -> None:
     task = RuleTask.model_validate({"task": "img2img", "strength": 0.3})
-    job = Job(id="j", study_uid="1.2.3", generation=1, rule="r", task_index=0, task=task,
+    job = Job(id="j", study_uid="1.2.3", revision=1, rule="r", task_index=0, task=task,
               queue=Queue.CPU, series_uids=("1.2.3.4",), destinations=("orthanc",),
               source=Source(SourceKind.DICOM, "pacs", "1.2.3"))
     back = Job.from_json(job.to_json())
@@ -53,11 +53,12 @@ def test_a_job_record_keeps_its_typed_source_and_task() -> None:
 
 def test_records_written_before_sources_were_typed_still_read() -> None:
     """A node upgraded with jobs in its queue keeps reading them from where they came."""
-    base = {"id": "j", "study_uid": "1.2.3", "generation": 1, "rule": "r", "task_index": 0,
+    base = {"id": "j", "study_uid": "1.2.3", "generation": 2, "rule": "r", "task_index": 0,
             "task": {"task": "deidentify"}, "queue": "cpu", "series_uids": ["4"],
             "destinations": ["orthanc"], "state": "pending"}
     orthanc = Job.from_json(json.dumps({**base, "orthanc_study": "abc", "orthanc_source": ""}))
     assert orthanc.source == Source(SourceKind.ORTHANC, "orthanc", "abc")
+    assert orthanc.revision == 2
     pacs = Job.from_json(json.dumps({**base, "orthanc_study": "", "pacs_source": "pacs"}))
     assert pacs.source == Source(SourceKind.DICOM, "pacs", "1.2.3")
     spool = Job.from_json(json.dumps({**base, "orthanc_study": "", "pacs_source": ""}))

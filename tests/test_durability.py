@@ -143,20 +143,20 @@ def test_stable_state_survives_kill9_neither_lost_nor_handed_twice(
     log = node.log()
     assert _handed(log, uid_a) == 1, "a study handed before the crash was handed again"
     assert _handed(log, uid_b) == 1
-    states = {s["study_uid"]: (s["state"], s["generation"]) for s in node.status()["studies"]}
+    states = {s["study_uid"]: (s["state"], s["revision"]) for s in node.status()["studies"]}
     # rules = []: handed on, nothing made of them, and status says so.
     assert states == {uid_a: ("unrouted", 1), uid_b: ("unrouted", 1), uid_s: ("unrouted", 1)}
     notes = {s["note"] for s in node.status()["studies"]}
     assert notes == {"no rule matched: nothing made of this study"}
 
-    # More instances for a handed study start a new generation, handed on once more.
+    # More instances for a handed study start a new revision, handed on once more.
     extra = make_study(tmp_path / "c", per_series=1)
     ds = dcmread(extra[0])
     ds.StudyInstanceUID = uid_a
     ds.save_as(extra[0])
     assert _store(node.port, extra) == [0]
     _wait_for(lambda: _handed(node.log(), uid_a) == 2)
-    assert "generation=2" in node.log()
+    assert "revision=2" in node.log()
 
 
 def _store(port: int, files: list[Path], ae_title: str = "SYNTHNODE") -> list[int]:

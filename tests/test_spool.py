@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from node.config import DuplicatePolicy, SpoolSettings
+from node.config import DuplicatePolicy, Queue, RuleTask, SpoolSettings, TaskKind
 from node.spool import InstanceRow, Spool, StabilityMonitor, StableStudy, StoreOutcome
 from tests.nodeproc import make_study
 
@@ -55,7 +55,7 @@ def test_replace_policy_overwrites_and_reopens_the_study(tmp_path: Path) -> None
     changed = data[:-4] + b"\x01\x02\x03\x04"
     assert spool.store(changed, row, "MOD", "SYNTHNODE") is StoreOutcome.REPLACED
     (summary,) = spool.summaries()
-    assert (summary.state.value, summary.generation, summary.instances) == ("receiving", 2, 1)
+    assert (summary.state.value, summary.revision, summary.instances) == ("receiving", 2, 1)
     assert (spool.dir / row.study_uid / row.series_uid / f"{row.sop_instance_uid}.dcm"
             ).read_bytes() == changed
     spool.close()
@@ -101,7 +101,7 @@ def test_monitor_hands_each_generation_once_and_retries_failures(
     assert monitor.tick(now + 11) == 1
     assert monitor.tick(now + 12) == 0  # handed: not again
     (study,) = seen
-    assert (study.study_uid, study.generation, len(study.instances)) == (row.study_uid, 1, 1)
+    assert (study.study_uid, study.revision, len(study.instances)) == (row.study_uid, 1, 1)
     assert study.series_uids == (row.series_uid,)
 
 
@@ -141,9 +141,9 @@ def test_hand_off_goes_on_while_a_periodic_task_is_slow_and_retention_asks_the_j
         release.set()
         time.sleep(0.3)
         assert state() is StudyState.HANDED  # its job is not done: the study stays
-        store.put(Job(id="job-1", study_uid=row.study_uid, generation=1, rule="r",
-                      task_index=0, task={}, queue="cpu", series_uids=(row.series_uid,),
-                      destinations=(), state=JobState.DONE))
+        store.put(Job(id="job-1", study_uid=row.study_uid, revision=1, rule="r",
+                      task_index=0, task=RuleTask(task=TaskKind.DEIDENTIFY), queue=Queue.CPU,
+                      series_uids=(row.series_uid,), destinations=(), state=JobState.DONE))
         assert wait_for(StudyState.DONE)
     finally:
         release.set()

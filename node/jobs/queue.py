@@ -65,17 +65,17 @@ class Queues:
 
     def submit(self, job: Job) -> bool:
         """Record ``job`` as pending and enqueue it, unless the same job was already made for
-        this generation of its study (running, done, dead, or waiting for a retry). Returns
+        this revision of its study (running, done, dead, or waiting for a retry). Returns
         whether it was enqueued."""
         existing = self.store.get(job.id)
-        if existing is not None and existing.generation >= job.generation and (
+        if existing is not None and existing.revision >= job.revision and (
             existing.state is not JobState.PENDING or existing.not_before > time.time()
         ):
             return False
         self.store.put(job)
         self.enqueue(job)
-        log.info("job %s queued on %s: %s of rule %s, study %s generation %d", job.id,
-                 job.queue, job.kind, job.rule, job.study_uid, job.generation)
+        log.info("job %s queued on %s: %s of rule %s, study %s revision %d", job.id,
+                 job.queue, job.kind, job.rule, job.study_uid, job.revision)
         return True
 
     def fail(self, job: Job, reason: str, permanent: bool = False) -> Job:

@@ -163,7 +163,7 @@ class Runner:
             self.queues.fail(job, f"internal error: {type(exc).__name__}", permanent=False)
         else:
             current = store.get(job.id)
-            if current is not None and current.generation > job.generation:
+            if current is not None and current.revision > job.revision:
                 log.info("job %s: study changed while it ran; the newer run follows", job.id)
             else:
                 store.put(job.but(state=JobState.DONE, last_error="", outputs=len(made.files),
@@ -257,7 +257,7 @@ class Runner:
             manifest = json.loads((work / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
-        if manifest.get("generation") != job.generation:
+        if manifest.get("revision") != job.revision:
             return None
         files = [Outgoing(work / name, sop_class, sop_instance, ts)
                  for name, sop_class, sop_instance, ts in manifest["files"]]
@@ -273,7 +273,7 @@ class Runner:
         kind = job.task.task
         made = (self._deidentify(job, sources, work) if kind is TaskKind.DEIDENTIFY
                 else self._synthesize(job, sources, work))
-        manifest = {"generation": job.generation,
+        manifest = {"revision": job.revision,
                     "files": [[Path(str(f.source)).name, f.sop_class_uid, f.sop_instance_uid,
                                f.transfer_syntax_uid] for f in made.files],
                     "quarantined": made.quarantined, "notes": made.notes}

@@ -59,8 +59,8 @@ class Job:
 
     id: str
     study_uid: str
-    generation: int
-    """The spool generation of the study it was made for."""
+    revision: int
+    """The spool revision of the study it was made for."""
     rule: str
     task_index: int
     task: RuleTask
@@ -102,6 +102,8 @@ class Job:
         for name in ("series_uids", "destinations", "notes"):
             data[name] = tuple(data.get(name, ()))
         data["source"] = _source(data)
+        if "generation" in data:  # (its name in records of 0.1)
+            data["revision"] = data.pop("generation")
         return cls(**data)
 
     def but(self, **changes: Any) -> Job:
@@ -145,12 +147,12 @@ class JobStore:
         found = self.storage.peek_many(keys) if keys else {}
         return {k[len(_JOB):]: Job.from_json(v) for k, v in found.items()}
 
-    def all_done(self, job_ids: Sequence[str], generation: int) -> bool:
-        """Whether every one of ``job_ids`` is done, for ``generation`` of its study or a
+    def all_done(self, job_ids: Sequence[str], revision: int) -> bool:
+        """Whether every one of ``job_ids`` is done, for ``revision`` of its study or a
         later one (the spool's retention asks this: :class:`node.spool.retention.JobLedger`)."""
         found = self.get_many(job_ids)
         return all(j in found and found[j].state is JobState.DONE
-                   and found[j].generation >= generation for j in job_ids)
+                   and found[j].revision >= revision for j in job_ids)
 
     def put(self, job: Job) -> None:
         self.storage.put_data(_JOB + job.id, job.to_json())

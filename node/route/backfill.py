@@ -9,7 +9,7 @@ a PACS: the series-level C-FIND answer, with Modality, Series Description, Body 
 Examined); the workers fetch the series from the archive.
 
 Resumable: each study gets a marker (``backfill:<source>:<study id>``) with the jobs made of it
-and its instance count, which is also the jobs' generation. A re-run skips studies whose jobs
+and its instance count, which is also the jobs' revision. A re-run skips studies whose jobs
 are done for that many instances, re-submits the others (jobs already queued or running are
 left alone), and routes a study again when it has gained instances since. Job ids and output
 UIDs are deterministic, so nothing reaches the research archive twice.
@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from node.archives import ArchiveError, FoundStudy, Source, SourceKind, StudyGone, open_archive
 from node.config import Settings
@@ -109,7 +110,7 @@ class Backfill:
             raise BackfillError(str(exc)) from None
         instances = study.instances or sum(s.instances for s in series)
         marker = store.get_record(key)
-        if marker is not None and int(marker.get("generation", 0)) >= instances:
+        if marker is not None and _instances(marker) >= instances:
             if marker.get("state") == Step.OWN_OUTPUT:
                 return Step.OWN_OUTPUT, ()
             ids = tuple(marker.get("jobs", ()))
@@ -132,7 +133,7 @@ class Backfill:
             log.info("backfill from %s: study %s holds only synthnode outputs (%d series); "
                      "not routed", self.source, study.key, len(series))
             step, ids = Step.OWN_OUTPUT, ()
-        store.put_record(key, {"state": step.value, "generation": instances,
+        store.put_record(key, {"state": step.value, "instances": instances,
                                "jobs": list(ids), "at": time.time()})
         return step, ids
 
@@ -149,6 +150,11 @@ class Backfill:
                  "%d gone", self.source, len(studies), walk.count(Step.QUEUED),
                  walk.count(Step.DONE), walk.count(Step.OWN_OUTPUT), walk.count(Step.GONE))
         return walk
+
+
+def _instances(marker: dict[str, Any]) -> int:
+    """The instance count a marker was made for (``generation`` in markers of 0.1)."""
+    return int(marker.get("instances", marker.get("generation", 0)))
 
 
 def follow(queues: Queues, job_ids: list[str], interval_s: float = 0.2

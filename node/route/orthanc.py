@@ -52,6 +52,11 @@ class MarkerState(StrEnum):
     """It holds only the node's outputs: never routed."""
 
 
+def _revision(marker: dict[str, Any]) -> int:
+    """How many times the study became stable (``generation`` in markers of 0.1)."""
+    return int(marker.get("revision", marker.get("generation", 0)))
+
+
 class StudyNotFound(LookupError):
     """Orthanc has no such study (HTTP 404)."""
 
@@ -93,29 +98,29 @@ class OrthancStudies:
     def seen(self, study_id: str) -> None:
         """NEW_STUDY: remember the study until it is routed."""
         self.queues.store.put_record(MARKER + study_id, {"state": MarkerState.SEEN.value,
-                                                         "generation": 0, "at": time.time()},
+                                                         "revision": 0, "at": time.time()},
                                      if_empty=True)
 
     def stable(self, study_id: str) -> Routed | None:
-        """STABLE_STUDY: route the study (a new generation each time it becomes stable);
+        """STABLE_STUDY: route the study (a new revision each time it becomes stable);
         None when it is gone or consists of the node's own outputs."""
         key = MARKER + study_id
-        marker = self.queues.store.get_record(key) or {"generation": 0}
+        marker = self.queues.store.get_record(key) or {"revision": 0}
         try:
             facts = self.facts(study_id)
         except StudyNotFound:
             self.queues.store.delete_record(key)
             return None
-        generation = int(marker.get("generation", 0)) + 1
-        routed = self.route(study_id, generation, "orthanc", facts)
+        revision = _revision(marker) + 1
+        routed = self.route(study_id, revision, "orthanc", facts)
         state = MarkerState.OWN_OUTPUT if routed is None else MarkerState.ROUTED
         self.queues.store.put_record(key, {
-            "state": state.value, "generation": generation, "at": time.time(),
+            "state": state.value, "revision": revision, "at": time.time(),
             **({"jobs": list(routed.job_ids), "note": routed.note} if routed else {}),
         })
         return routed
 
-    def route(self, study_id: str, generation: int, via: str,
+    def route(self, study_id: str, revision: int, via: str,
               facts: StudyFacts | None = None) -> Routed | None:
         """Apply the rules to the study and submit its jobs (workers fetch it from this
         Orthanc); None when it holds only the node's outputs. :class:`StudyNotFound`."""
@@ -124,7 +129,7 @@ class OrthancStudies:
             log.info("orthanc study %s: only synthnode outputs (%d series); not routed",
                      study_id, facts.outputs)
             return None
-        return self.router.submit(facts.study_uid, generation, facts.series,
+        return self.router.submit(facts.study_uid, revision, facts.series,
                                   Source(SourceKind.ORTHANC, self.name, study_id), via)
 
     def reconcile(self) -> int:
@@ -195,7 +200,7 @@ class OrthancStudies:
         marker = self.queues.store.get_record(MARKER + study_id) or {}
         spec = json.dumps([task.model_dump(mode="json"), sorted(uids)], sort_keys=True)
         rule = f"{MANUAL_RULE}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
-        job = make_job(facts.study_uid, max(1, int(marker.get("generation", 0))), rule, 0,
+        job = make_job(facts.study_uid, max(1, _revision(marker)), rule, 0,
                        task, tuple(uids), destinations,
                        Source(SourceKind.ORTHANC, self.name, study_id))
         self.queues.submit(job)

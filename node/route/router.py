@@ -1,7 +1,7 @@
 """The router: a stable study in, its jobs on the queues out (the spool's hand-off).
 
 For each series, the rules that apply (:func:`route`); for each (rule, task), one job with a
-deterministic id, submitted to its queue. Idempotent: the same study and generation name the
+deterministic id, submitted to its queue. Idempotent: the same study and revision name the
 same jobs, and jobs already made for them are not made again.
 """
 
@@ -37,7 +37,7 @@ class StudyLike(Protocol):
     @property
     def study_uid(self) -> str: ...
     @property
-    def generation(self) -> int: ...
+    def revision(self) -> int: ...
     @property
     def path(self) -> Path: ...
     @property
@@ -72,9 +72,9 @@ class Router:
         for bad in scan.unreadable:
             log.warning("study %s: spooled file %s skipped by the router: %s",
                         study.study_uid, bad.path.name, bad.reason)
-        return self.submit(study.study_uid, study.generation, scan.series)
+        return self.submit(study.study_uid, study.revision, scan.series)
 
-    def submit(self, study_uid: str, generation: int, series: Sequence[SeriesFacts],
+    def submit(self, study_uid: str, revision: int, series: Sequence[SeriesFacts],
                source: Source = SPOOL, via: str = "") -> Routed:
         """Apply the rules to ``series`` of one study and submit the jobs, whose workers read
         the study from ``source``; ``via`` names how the study came when its facts don't (for
@@ -98,7 +98,7 @@ class Router:
             for rule, series_uids in evaluation.applied():
                 rules_used.append(rule.name)
                 for index, task in enumerate(rule.tasks):
-                    jobs.append(make_job(study_uid, generation, rule.name, index, task,
+                    jobs.append(make_job(study_uid, revision, rule.name, index, task,
                                          series_uids,
                                          tuple(task.destinations or rule.destinations),
                                          source))
@@ -108,19 +108,19 @@ class Router:
             note = f"{len(jobs)} jobs from rules {', '.join(rules_used)}"
         else:
             note = "no rule matched: nothing made of this study"
-        log.info("study stable study_uid=%s generation=%d series=%d: %s", study_uid,
-                 generation, len(series), note)
+        log.info("study stable study_uid=%s revision=%d series=%d: %s", study_uid,
+                 revision, len(series), note)
         return Routed(tuple(j.id for j in jobs), note)
 
 
-def make_job(study_uid: str, generation: int, rule: str, index: int, task: RuleTask,
+def make_job(study_uid: str, revision: int, rule: str, index: int, task: RuleTask,
              series_uids: tuple[str, ...], destinations: tuple[str, ...],
              source: Source = SPOOL) -> Job:
     """The job of task ``index`` of ``rule`` on these series of one study, read from
     ``source``."""
     return Job(
         id=job_id(study_uid, rule, index, task.task.value),
-        study_uid=study_uid, generation=generation, rule=rule, task_index=index, task=task,
+        study_uid=study_uid, revision=revision, rule=rule, task_index=index, task=task,
         queue=task.task.queue, series_uids=series_uids, destinations=destinations,
         source=source,
     )

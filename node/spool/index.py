@@ -34,11 +34,11 @@ CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS studies (
     study_uid        TEXT PRIMARY KEY,
     state            TEXT NOT NULL,
-    generation       INTEGER NOT NULL,
+    revision         INTEGER NOT NULL,
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL,
     stable_at        REAL,
-    handed_generation INTEGER NOT NULL DEFAULT 0
+    handed_revision  INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
 CREATE TABLE IF NOT EXISTS study_jobs (
@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS study_jobs (
     PRIMARY KEY (study_uid, job_id)
 );
 """
+# Columns renamed after the first release: (table, old name, new name).
+RENAMED = (
+    ("studies", "generation", "revision"),
+    ("studies", "handed_generation", "handed_revision"),
+)
 # Columns added after the first release: (table, column, definition).
 MIGRATIONS = (
     ("studies", "note", "TEXT NOT NULL DEFAULT ''"),
@@ -64,18 +69,18 @@ class StudyState(StrEnum):
     """No instance for ``stable_after_s`` seconds; waiting to be handed to the next stage."""
 
     HANDED = "handed"
-    """Handed to the next stage for its current generation (its jobs are queued or running);
-    a new instance starts a new generation."""
+    """Handed to the next stage for its current revision (its jobs are queued or running);
+    a new instance starts a new revision."""
 
     DONE = "done"
-    """Every job of the current generation is done; the files go after ``retention_s``."""
+    """Every job of the current revision is done; the files go after ``retention_s``."""
 
     UNROUTED = "unrouted"
     """No rule matched: nothing was made of it; the files go after ``retention_s``."""
 
     REMOVED = "removed"
-    """Its files were removed after retention; the row keeps the generation count, so a
-    study sent again is a new generation and its jobs run again."""
+    """Its files were removed after retention; the row keeps the revision count, so a
+    study sent again is a new revision and its jobs run again."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ class StudySummary:
 
     study_uid: str
     state: StudyState
-    generation: int
+    revision: int
     series: int
     instances: int
     size_bytes: int
@@ -113,6 +118,10 @@ class Index:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
+        for table, old, new in RENAMED:  # (before the schema: its indexes name new columns)
+            columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if old in columns:
+                self._db.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
         self._db.executescript(SCHEMA)
         for table, column, definition in MIGRATIONS:
             columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
@@ -150,7 +159,7 @@ class Index:
     def record_instance(
         self, row: InstanceRow, calling_aet: str, called_aet: str, now: float | None = None
     ) -> None:
-        """Insert or replace an instance row and mark its study as receiving (a new generation
+        """Insert or replace an instance row and mark its study as receiving (a new revision
         if the study had become stable)."""
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -162,10 +171,10 @@ class Index:
                 ),
             )
             db.execute(
-                "INSERT INTO studies (study_uid, state, generation, first_received_at,"
+                "INSERT INTO studies (study_uid, state, revision, first_received_at,"
                 " last_received_at) VALUES (?, 'receiving', 1, ?, ?)"
                 " ON CONFLICT (study_uid) DO UPDATE SET"
-                "  generation = generation + (state != 'receiving'),"
+                "  revision = revision + (state != 'receiving'),"
                 "  state = 'receiving', stable_at = NULL,"
                 "  last_received_at = excluded.last_received_at",
                 (row.study_uid, now, now),
@@ -183,20 +192,20 @@ class Index:
         return [r[0] for r in rows]
 
     def pending_handoffs(self) -> list[tuple[str, int]]:
-        """(study UID, generation) of stable studies not yet handed on, oldest first."""
+        """(study UID, revision) of stable studies not yet handed on, oldest first."""
         with self._lock:
             return self._db.execute(
-                "SELECT study_uid, generation FROM studies WHERE state = 'stable'"
+                "SELECT study_uid, revision FROM studies WHERE state = 'stable'"
                 " ORDER BY stable_at"
             ).fetchall()
 
-    def mark_handed(self, study_uid: str, generation: int) -> bool:
-        """Record the hand-off of one generation; False if the study changed meanwhile."""
+    def mark_handed(self, study_uid: str, revision: int) -> bool:
+        """Record the hand-off of one revision; False if the study changed meanwhile."""
         with self.transaction() as db:
             cur = db.execute(
-                "UPDATE studies SET state = 'handed', handed_generation = generation"
-                " WHERE study_uid = ? AND generation = ? AND state = 'stable'",
-                (study_uid, generation),
+                "UPDATE studies SET state = 'handed', handed_revision = revision"
+                " WHERE study_uid = ? AND revision = ? AND state = 'stable'",
+                (study_uid, revision),
             )
             return cur.rowcount == 1
 
@@ -213,7 +222,7 @@ class Index:
     def summaries(self) -> list[StudySummary]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT s.study_uid, s.state, s.generation, COUNT(DISTINCT i.series_uid),"
+                "SELECT s.study_uid, s.state, s.revision, COUNT(DISTINCT i.series_uid),"
                 " COUNT(i.sop_instance_uid), COALESCE(SUM(i.size_bytes), 0),"
                 " s.first_received_at, s.last_received_at, s.note"
                 " FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid"
@@ -244,10 +253,10 @@ class Index:
             db.execute("UPDATE studies SET note = ? WHERE study_uid = ?", (note, study_uid))
 
     def handed(self) -> list[tuple[str, int, list[str]]]:
-        """(study UID, generation, job ids) of studies whose jobs are under way."""
+        """(study UID, revision, job ids) of studies whose jobs are under way."""
         with self._lock:
             studies = self._db.execute(
-                "SELECT study_uid, generation FROM studies WHERE state = 'handed'"
+                "SELECT study_uid, revision FROM studies WHERE state = 'handed'"
             ).fetchall()
             jobs: dict[str, list[str]] = {}
             for study_uid, job in self._db.execute(
@@ -257,33 +266,33 @@ class Index:
                 jobs.setdefault(study_uid, []).append(job)
         return [(s, g, jobs.get(s, [])) for s, g in studies]
 
-    def mark_done(self, study_uid: str, generation: int, now: float | None = None) -> bool:
-        """Jobs of this generation all done (or none made): done, or unrouted."""
+    def mark_done(self, study_uid: str, revision: int, now: float | None = None) -> bool:
+        """Jobs of this revision all done (or none made): done, or unrouted."""
         now = time.time() if now is None else now
         with self.transaction() as db:
             cur = db.execute(
                 "UPDATE studies SET done_at = ?, state = CASE WHEN EXISTS (SELECT 1 FROM"
                 " study_jobs j WHERE j.study_uid = studies.study_uid) THEN 'done'"
-                " ELSE 'unrouted' END WHERE study_uid = ? AND generation = ?"
+                " ELSE 'unrouted' END WHERE study_uid = ? AND revision = ?"
                 " AND state = 'handed'",
-                (now, study_uid, generation),
+                (now, study_uid, revision),
             )
             return cur.rowcount == 1
 
     def removable(self, done_before: float) -> list[tuple[str, int]]:
-        """(study UID, generation) of done or unrouted studies done before ``done_before``."""
+        """(study UID, revision) of done or unrouted studies done before ``done_before``."""
         with self._lock:
             return self._db.execute(
-                "SELECT study_uid, generation FROM studies WHERE state IN ('done', 'unrouted')"
+                "SELECT study_uid, revision FROM studies WHERE state IN ('done', 'unrouted')"
                 " AND done_at <= ?", (done_before,),
             ).fetchall()
 
-    def forget_instance(self, study_uid: str, generation: int, sop_instance_uid: str) -> bool:
-        """Delete an instance row if its study is still done/unrouted at ``generation``."""
+    def forget_instance(self, study_uid: str, revision: int, sop_instance_uid: str) -> bool:
+        """Delete an instance row if its study is still done/unrouted at ``revision``."""
         with self.transaction() as db:
             still = db.execute(
-                "SELECT 1 FROM studies WHERE study_uid = ? AND generation = ?"
-                " AND state IN ('done', 'unrouted')", (study_uid, generation),
+                "SELECT 1 FROM studies WHERE study_uid = ? AND revision = ?"
+                " AND state IN ('done', 'unrouted')", (study_uid, revision),
             ).fetchone()
             if still is None:
                 return False
@@ -291,10 +300,10 @@ class Index:
                        (sop_instance_uid, study_uid))
             return True
 
-    def mark_removed(self, study_uid: str, generation: int) -> bool:
+    def mark_removed(self, study_uid: str, revision: int) -> bool:
         with self.transaction() as db:
             cur = db.execute(
-                "UPDATE studies SET state = 'removed' WHERE study_uid = ? AND generation = ?"
-                " AND state IN ('done', 'unrouted')", (study_uid, generation),
+                "UPDATE studies SET state = 'removed' WHERE study_uid = ? AND revision = ?"
+                " AND state IN ('done', 'unrouted')", (study_uid, revision),
             )
             return cur.rowcount == 1

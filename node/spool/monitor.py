@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 def log_stable_study(study: StableStudy) -> HandedOn | None:
     """The hand-off used until a later stage is plugged in: one log line (UIDs and counts)."""
     log.info(
-        "study stable study_uid=%s generation=%d series=%d instances=%d",
-        study.study_uid, study.generation, len(study.series_uids), len(study.instances),
+        "study stable study_uid=%s revision=%d series=%d instances=%d",
+        study.study_uid, study.revision, len(study.series_uids), len(study.instances),
     )
     return None
 

@@ -77,7 +77,7 @@ class StableStudy:
     """A study handed to the next stage: no new instance for ``stable_after_s`` seconds."""
 
     study_uid: str
-    generation: int
+    revision: int
     path: Path
     instances: tuple[InstanceRow, ...]
     aets: Mapping[str, tuple[str, str]] = field(default_factory=dict)
@@ -100,9 +100,9 @@ class HandedOn(Protocol):
 
 
 StableStudyHandler = Callable[[StableStudy], HandedOn | None]
-"""The interface later stages plug into (the router). Called at least once for each generation
+"""The interface later stages plug into (the router). Called at least once for each revision
 of a stable study, from the spool's monitor thread; it must be idempotent on (study_uid,
-generation) and return quickly (enqueue, don't process). What it returns (the study's jobs, or
+revision) and return quickly (enqueue, don't process). What it returns (the study's jobs, or
 None when it made none to track) is recorded with the study. If it raises, the hand-off is
 retried on the next tick."""
 
@@ -337,10 +337,10 @@ class Spool:
     def hand_off(self, handler: StableStudyHandler) -> int:
         """Hand every stable study not yet handed on to ``handler``; return how many were."""
         handed = 0
-        for study_uid, generation in self.index.pending_handoffs():
+        for study_uid, revision in self.index.pending_handoffs():
             study = StableStudy(
                 study_uid,
-                generation,
+                revision,
                 self.dir / study_uid,
                 tuple(self.index.study_instances(study_uid)),
                 self.index.instance_aets(study_uid),
@@ -350,26 +350,26 @@ class Spool:
                 if routed is not None:
                     self.index.set_routed(study_uid, list(routed.job_ids), routed.note)
             except Exception:
-                log.exception("hand-off of study %s generation %d failed; will retry",
-                              study_uid, generation)
+                log.exception("hand-off of study %s revision %d failed; will retry",
+                              study_uid, revision)
                 continue
-            if self.index.mark_handed(study_uid, generation):
+            if self.index.mark_handed(study_uid, revision):
                 handed += 1
         return handed
 
-    def remove_study(self, study_uid: str, generation: int) -> int:
+    def remove_study(self, study_uid: str, revision: int) -> int:
         """Remove the files of a done (or unrouted) study, instance by instance, each under its
         store lock so that a resend of the same instance cannot be acknowledged and then
         removed. Stops if the study receives something meanwhile. Returns files removed."""
         removed = 0
         for row in self.index.study_instances(study_uid):
             with self._locks[hash(row.sop_instance_uid) % len(self._locks)]:
-                if not self.index.forget_instance(study_uid, generation, row.sop_instance_uid):
-                    return removed  # a new generation began: it keeps what is left
+                if not self.index.forget_instance(study_uid, revision, row.sop_instance_uid):
+                    return removed  # a new revision began: it keeps what is left
                 self.instance_path(row.study_uid, row.series_uid,
                                    row.sop_instance_uid).unlink(missing_ok=True)
                 removed += 1
-        if self.index.mark_removed(study_uid, generation):
+        if self.index.mark_removed(study_uid, revision):
             study = self.dir / study_uid
             with self._dirs_lock:
                 for folder in [*(p for p in study.glob("*") if p.is_dir()), study]:
