@@ -150,3 +150,28 @@ def test_hand_off_goes_on_while_a_periodic_task_is_slow_and_retention_asks_the_j
         monitor.stop()
         schedule.stop()
         spool.close()
+
+
+def test_an_index_from_before_the_rename_keeps_its_studies_revisions(tmp_path: Path) -> None:
+    """A spool made by 0.1 (columns "generation", "handed_generation") opens with its counts
+    under their new names, so a study handed on twice stays at revision 2."""
+    import sqlite3
+
+    from node.spool.index import Index
+
+    path = tmp_path / "index.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE studies (study_uid TEXT PRIMARY KEY, state TEXT NOT NULL, generation "
+        "INTEGER NOT NULL, first_received_at REAL NOT NULL, last_received_at REAL NOT NULL, "
+        "stable_at REAL, handed_generation INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO studies VALUES ('1.2.3', 'handed', 2, 0, 0, 0, 2);")
+    db.close()
+    index = Index(path)
+    try:
+        (summary,) = index.summaries()
+        assert (summary.study_uid, summary.state.value, summary.revision) == ("1.2.3", "handed", 2)
+        columns = {r[1] for r in index._db.execute("PRAGMA table_info(studies)")}
+        assert {"revision", "handed_revision"} <= columns and "generation" not in columns
+    finally:
+        index.close()
