@@ -110,7 +110,7 @@ def test_hand_off_goes_on_while_a_periodic_task_is_slow_and_retention_asks_the_j
 ) -> None:
     from node.config import JobsSettings
     from node.jobs import Job, JobState, Queues
-    from node.route import Routed
+    from node.route import Submitted
     from node.server import Schedule
     from node.spool import Retention, StudyState
 
@@ -121,7 +121,7 @@ def test_hand_off_goes_on_while_a_periodic_task_is_slow_and_retention_asks_the_j
     spool.store(data, row, "MOD", "SYNTHNODE")
     store = Queues(JobsSettings(sqlite_file=tmp_path / "queue.sqlite3")).store
     release = threading.Event()
-    monitor = StabilityMonitor(spool, lambda study: Routed(("job-1",), "1 job from rules r"))
+    monitor = StabilityMonitor(spool, lambda study: Submitted(("job-1",), "1 job from rules r"))
     schedule = Schedule(0.05, (lambda now: release.wait(30), Retention(spool, store).tick))
 
     def state() -> StudyState:

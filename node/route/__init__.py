@@ -2,7 +2,7 @@
 don't. Matching is per series; ``[route] mode`` says whether a series gets the first rule
 that matches it or every one."""
 
-from node.route.router import Routed, Router, StudyLike
+from node.route.router import Router, StudyLike, Submitted
 from node.route.rules import (
     Criterion,
     Evaluation,
@@ -18,7 +18,7 @@ from node.route.rules import (
 
 __all__ = [
     "Criterion",
-    "Routed",
+    "Submitted",
     "Router",
     "Evaluation",
     "Scan",

@@ -30,7 +30,7 @@ from node.archives.orthanc import OrthancArchive, RestGet
 from node.config import ORTHANC, OrthancDestination, RuleTask, Settings
 from node.dicom import own_output
 from node.jobs import Job, Queues
-from node.route.router import Routed, Router, make_job
+from node.route.router import Router, Submitted, make_job
 from node.route.rules import SeriesFacts
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class OrthancStudies:
                                                          "revision": 0, "at": time.time()},
                                      if_empty=True)
 
-    def stable(self, study_id: str) -> Routed | None:
+    def stable(self, study_id: str) -> Submitted | None:
         """STABLE_STUDY: route the study (a new revision each time it becomes stable);
         None when it is gone or consists of the node's own outputs."""
         key = MARKER + study_id
@@ -112,7 +112,7 @@ class OrthancStudies:
             self.queues.store.delete_record(key)
             return None
         revision = _revision(marker) + 1
-        routed = self.route(study_id, revision, "orthanc", facts)
+        routed = self.submit(study_id, revision, "orthanc", facts)
         state = MarkerState.OWN_OUTPUT if routed is None else MarkerState.ROUTED
         self.queues.store.put_record(key, {
             "state": state.value, "revision": revision, "at": time.time(),
@@ -120,8 +120,8 @@ class OrthancStudies:
         })
         return routed
 
-    def route(self, study_id: str, revision: int, via: str,
-              facts: StudyFacts | None = None) -> Routed | None:
+    def submit(self, study_id: str, revision: int, via: str,
+              facts: StudyFacts | None = None) -> Submitted | None:
         """Apply the rules to the study and submit its jobs (workers fetch it from this
         Orthanc); None when it holds only the node's outputs. :class:`StudyNotFound`."""
         facts = facts or self.facts(study_id)

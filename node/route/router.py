@@ -47,7 +47,7 @@ class StudyLike(Protocol):
 
 
 @dataclass(frozen=True)
-class Routed:
+class Submitted:
     """What became of a study: the ids of its jobs (none: no rule matched) and why."""
 
     job_ids: tuple[str, ...]
@@ -61,7 +61,7 @@ class Router:
         self.settings = settings
         self.queues = queues
 
-    def on_stable(self, study: StudyLike) -> Routed:
+    def on_stable(self, study: StudyLike) -> Submitted:
         """Route ``study`` and submit its jobs; return quickly (workers do the work)."""
         members: dict[tuple[str, str], list[tuple[Path, str]]] = {}
         for row in study.instances:  # the index knows the series: one header read per series
@@ -75,7 +75,7 @@ class Router:
         return self.submit(study.study_uid, study.revision, scan.series)
 
     def submit(self, study_uid: str, revision: int, series: Sequence[SeriesFacts],
-               source: Source = SPOOL, via: str = "") -> Routed:
+               source: Source = SPOOL, via: str = "") -> Submitted:
         """Apply the rules to ``series`` of one study and submit the jobs, whose workers read
         the study from ``source``; ``via`` names how the study came when its facts don't (for
         ``[rules.match] source``: "orthanc", "backfill")."""
@@ -91,7 +91,7 @@ class Router:
                      'by "%s" with the node\'s mark): not routed again', study_uid, len(own),
                      manufacturer)
             if not series:
-                return Routed((), f"own outputs ({len(own)} series): not routed again")
+                return Submitted((), f"own outputs ({len(own)} series): not routed again")
         jobs: list[Job] = []
         rules_used: list[str] = []
         for evaluation in evaluate(self.settings.rules, self.settings.route.mode, series):
@@ -110,7 +110,7 @@ class Router:
             note = "no rule matched: nothing made of this study"
         log.info("study stable study_uid=%s revision=%d series=%d: %s", study_uid,
                  revision, len(series), note)
-        return Routed(tuple(j.id for j in jobs), note)
+        return Submitted(tuple(j.id for j in jobs), note)
 
 
 def make_job(study_uid: str, revision: int, rule: str, index: int, task: RuleTask,

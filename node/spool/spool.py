@@ -89,7 +89,7 @@ class StableStudy:
 
 
 class HandedOn(Protocol):
-    """What the next stage made of a stable study, recorded with it (the router's ``Routed``):
+    """What the next stage made of a stable study, recorded with it (the router's ``Submitted``):
     the ids of its jobs (none: no rule matched) and why."""
 
     @property
