@@ -41,8 +41,8 @@ Side results (not timed)
     corpus has ``--patients``; more means one patient got several pseudonyms).
 
 Method
-    As bench/ingest.py: the script re-executes itself in a private network namespace (``unshare
-    --net``, only ``lo`` up) so Orthanc listens on nothing real; ``sync`` before each tool;
+    As bench/ingest.py: the script moves itself into a private network namespace (only ``lo``
+    up, ``node.netns``) so Orthanc listens on nothing real; ``sync`` before each tool;
     every wait is bounded; temporary folders are removed at the end. deid and dicognito come
     from their own environment ``bench/.venv-deid`` (see bench/README.md), never the node's.
     Orthanc runs with ``SyncStorageArea`` false, like the other tools, which never fsync.
@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import shutil
 import subprocess
@@ -79,45 +78,51 @@ import time
 import urllib.error
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from common import (
+from harness import (
+    FOREIGN_WARN,
+    KEY_ENV,
     LIVE_PROCESSES,
+    OUT_DIR,
     REPO,
+    SETTLE_BUSY,
     BenchError,
-    first_line,
+    ForeignLoad,
+    NotAvailable,
+    add_out_option,
+    environment,
+    fmt,
+    goal_state,
     launch_orthanc,
     load_template,
-    run_isolated,
-    save_copies,
+    node_snapshot,
+    print_header,
+    probe,
+    run_main,
+    settle,
     stop_orthanc,
     subset,
+    synthnode_exe,
     terminate,
-    write_doc,
+    write_json,
 )
-from common import tail as _tail
+from harness import tail as _tail
 
 from node.localorthanc import OrthancProcess
+from node.samples import save_copies
 
-KEY_ENV = "SYNTHNODE__DEID__KEY"
 DETECT_TEXT_ENV = "SYNTHNODE_BENCH_DETECT_TEXT"
 """The API run's ``[deid] detect_text`` ("true"/"false"), from ``--detect-text``; unset: the
 node's default."""
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-deid"
 BENCH_REQUIREMENTS = Path(__file__).resolve().parent / "requirements-deid.txt"
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "deid.json"
+DEFAULT_OUT = OUT_DIR / "deid.json"
 
-START_TIMEOUT_S = 30.0
 TOOL_TIMEOUT_S = 1800.0
-PROBE_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 600.0
 UPLOAD_TIMEOUT_S = 30.0
-SETTLE_WINDOW_S = 2.0
-SETTLE_BUSY = 0.15
-FOREIGN_WARN = 0.10
-"""Above this share of the CPUs used by other work while timed, a figure is suspect."""
 
 TOOLS = ("synthnode", "synthnode-api", "deid", "dicognito", "orthanc")
 OTHERS = ("deid", "dicognito", "orthanc")
@@ -148,10 +153,6 @@ files = sorted(get_files(sys.argv[1]))
 done = replace_identifiers(dicom_files=files, save=True, output_folder=sys.argv[2])
 print(f"deid: {len(done)} files")
 """
-
-class NotAvailable(Exception):
-    """This tool cannot be measured here; the message says why (reported as n/a)."""
-
 
 # -- children --------------------------------------------------------------------------------
 
@@ -185,133 +186,9 @@ def run_timed(cmd: list[str], env: dict[str, str], log_path: Path,
     return Done(seconds, returncode, tail(log_path), load.share)
 
 
-def probe(cmd: list[str], env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """A short command that must not hang (``--help``, ``--version``)."""
-    try:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd,
-                              timeout=PROBE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{' '.join(cmd)}: not done after {PROBE_TIMEOUT_S:.0f} s") from None
-
-
 def tail(path: Path, lines: int = 15) -> str:
     """The last 15 lines of a log (common.tail, whose default is 20)."""
     return _tail(path, lines)
-
-
-# -- other load on the machine --------------------------------------------------------------
-
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all CPUs have spent busy since boot (/proc/stat: user, nice, system, irq,
-    softirq, steal)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields)) / CLK_TCK
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of one process (0.0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and of its children that have been waited for."""
-    import resource
-
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class PartsMeter:
-    """CPU seconds per named part over one measurement (each part a function giving the CPU
-    seconds it has used so far), plus "other": the machine's busy time minus all the parts
-    (someone else's work)."""
-
-    def __init__(self, parts: dict[str, Callable[[], float]]) -> None:
-        self.parts = parts
-
-    def read(self) -> dict[str, float]:
-        return {**{name: part() for name, part in self.parts.items()},
-                "machine": machine_busy_s()}
-
-    def start(self) -> None:
-        self.before = self.read()
-
-    def stop(self) -> dict[str, float]:
-        after = self.read()
-        used = {k: after[k] - self.before[k] for k in after}
-        machine = used.pop("machine")
-        used["other"] = max(0.0, machine - sum(used.values()))
-        return used
-
-
-def settle(max_wait_s: float, busy_below: float = SETTLE_BUSY) -> float:
-    """Wait (at most ``max_wait_s``) until the machine was less than ``busy_below`` busy over
-    one ``SETTLE_WINDOW_S`` window (other people's tests share these CPUs); the last busy
-    fraction seen."""
-    deadline = time.monotonic() + max_wait_s
-    cpus = os.cpu_count() or 1
-    while True:
-        before = machine_busy_s()
-        time.sleep(SETTLE_WINDOW_S)
-        busy = (machine_busy_s() - before) / (SETTLE_WINDOW_S * cpus)
-        if busy < busy_below or time.monotonic() >= deadline:
-            return busy
-
-
-def settle_or_warn(max_wait_s: float) -> float:
-    """:func:`settle`, saying so when the machine is still busy; the busy fraction."""
-    busy = settle(max_wait_s)
-    if busy >= SETTLE_BUSY:
-        print(f"  (machine still {100 * busy:.0f} % busy after {max_wait_s:g} s: measuring "
-              "anyway)", flush=True)
-    return busy
-
-
-def load_note(share: float) -> str:
-    """", other load N %" for a run's line, flagged above ``FOREIGN_WARN``."""
-    note = f", other load {100 * share:.0f} %"
-    if share > FOREIGN_WARN:
-        note += " (busy machine: figures suspect)"
-    return note
-
-
-class ForeignLoad:
-    """How much CPU the rest of the machine used while a tool ran: machine busy seconds minus
-    this script's and its children's (plus ``extra_pid``'s, a server that is not waited for)."""
-
-    def __init__(self, extra_pid: int | None = None) -> None:
-        self.extra_pid = extra_pid
-
-    def __enter__(self) -> ForeignLoad:
-        self.t0 = time.perf_counter()
-        self.busy0 = machine_busy_s()
-        self.own0 = own_cpu_s() + self._extra()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        own = own_cpu_s() + self._extra() - self.own0
-        self.foreign_s = max(0.0, machine_busy_s() - self.busy0 - own)
-
-    def _extra(self) -> float:
-        return 0.0 if self.extra_pid is None else process_cpu_s(self.extra_pid)
-
-    @property
-    def share(self) -> float:
-        """Foreign CPU as a fraction of all CPU time available during the interval."""
-        return self.foreign_s / max(1e-9, self.seconds * (os.cpu_count() or 1))
 
 
 # -- corpus ----------------------------------------------------------------------------------
@@ -447,11 +324,6 @@ class Result:
         return self.instances / self.seconds
 
 
-def node_exe() -> str:
-    exe = Path(sys.executable).with_name("synthnode")
-    return str(exe) if exe.exists() else "synthnode"
-
-
 def bench_python() -> Path:
     return BENCH_VENV / "bin" / "python"
 
@@ -523,7 +395,7 @@ def detect_text_line(detect_text: str | None) -> str:
 def run_synthnode(corpus: Corpus, work: Path, env: dict[str, str],
                   config_file: Path | None, detect_text: str | None = None) -> Result:
     result = Result("synthnode")
-    helped = probe([node_exe(), "deidentify", "--help"], env, work)
+    helped = probe([synthnode_exe(), "deidentify", "--help"], env, work)
     if helped.returncode != 0:
         raise NotAvailable("`synthnode deidentify` does not exist yet")
     config = config_file or work / "synthnode.toml"
@@ -536,46 +408,12 @@ def run_synthnode(corpus: Corpus, work: Path, env: dict[str, str],
             f'quarantine_dir = "{work / "quarantine"}"\n'
         )
     out_dir = work / "out-synthnode"
-    cmd = [node_exe(), "--config", str(config), "deidentify", str(corpus.folder),
+    cmd = [synthnode_exe(), "--config", str(config), "deidentify", str(corpus.folder),
            "--out", str(out_dir), "--workers", str(WORKERS)]
     result.detail["command"] = " ".join(cmd)
     os.sync()
     done = run_timed(cmd, env, work / "synthnode.log")
     return finish(result, done, out_dir, corpus.instances)
-
-
-def node_snapshot(rev: str, dest: Path) -> Path:
-    """``node/`` as committed at ``rev``, extracted under ``dest`` (for when the working tree's
-    node/ is being edited): put first on PYTHONPATH, it wins over the editable install."""
-    import io
-    import tarfile
-
-    try:
-        done = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev, "node"],
-                              capture_output=True, timeout=PROBE_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BenchError(f"git archive {rev}: {exc}") from None
-    if done.returncode != 0:
-        raise BenchError(f"git archive {rev} node: {done.stderr.decode(errors='replace')}")
-    dest.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
-
-
-def use_node_rev(rev: str | None, dest: Path) -> str | None:
-    """With ``rev``: put ``node/`` as committed at ``rev`` (:func:`node_snapshot` under
-    ``dest``) first on this process's PYTHONPATH, which its children inherit, and say so; the
-    commit (None without ``rev`` or if git cannot name it)."""
-    if not rev:
-        return None
-    snapshot = node_snapshot(rev, dest)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(snapshot), *filter(None, [os.environ.get("PYTHONPATH")])])
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev],
-                            capture_output=True, text=True, timeout=30).stdout.strip()
-    print(f"node/ as committed at {rev} ({commit[:12]}), from {snapshot}")
-    return commit or None
 
 
 def node_origin(env: dict[str, str]) -> str:
@@ -640,7 +478,7 @@ def run_orthanc(corpus: Corpus, work: Path, parallel: int) -> Result:
         raise NotAvailable("`Orthanc` not found on PATH (Debian package orthanc)")
     orthanc = OrthancProcess(work / "orthanc", username=None,
                              overrides={"Name": "synthnode-bench", "SyncStorageArea": False})
-    proc = launch_orthanc(orthanc, START_TIMEOUT_S)
+    proc = launch_orthanc(orthanc)
     try:
         for path in sorted(corpus.folder.rglob("*.dcm")):  # upload: not timed
             orthanc.request("POST", "/instances", path.read_bytes(), UPLOAD_TIMEOUT_S)
@@ -775,10 +613,6 @@ def goal_checks(results: dict[str, Result]) -> list[dict[str, Any]]:
     return checks
 
 
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
 def print_report(corpus: Corpus, results: dict[str, Result],
                  by_tool: dict[str, dict[str, float | None]],
                  checks: list[dict[str, Any]]) -> None:
@@ -786,8 +620,7 @@ def print_report(corpus: Corpus, results: dict[str, Result],
     print(f"corpus: {corpus.instances} instances, {corpus.studies} studies, "
           f"{corpus.patients} patients, {corpus.total_bytes / 1e6:.1f} MB")
     header = f"{'tool':<14} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'other%':>6}  note"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for name in TOOLS:
         r = results.get(name)
         if r is None:
@@ -810,8 +643,7 @@ def print_report(corpus: Corpus, results: dict[str, Result],
     kinds = list(PLANTED)
     print("planted values surviving (output files holding a value of that kind):")
     header = f"{'tool':<14} {'files':>6} {'patients':>8}  " + " ".join(f"{k:>16}" for k in kinds)
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for name in TOOLS:
         r = results.get(name)
         if r is None or r.outputs is None or not r.outputs.files:
@@ -823,29 +655,18 @@ def print_report(corpus: Corpus, results: dict[str, Result],
     print()
     print(GOAL_TEXT)
     for c in checks:
-        state = "n/a" if c["met"] is None else "met" if c["met"] else "NOT met"
+        state = goal_state(c["met"])
         print(f"  {c['synthnode'] or 'synthnode'}/{c['versus']:<10} >= {c['minimum']:.1f}x: "
               f"{fmt(c['ratio'], '.2f', 'x'):>6}  {state}")
     if results.get("synthnode") is not None and results["synthnode"].rate is None:
         print("  (synthnode command n/a: the goal lines use synthnode-api)")
 
 
-def environment(bench: dict[str, str]) -> dict[str, Any]:
-    return {
-        "synthnode": version("synthnode"),
-        "pydicom": version("pydicom"),
-        "bench_venv": bench,
-        "python": platform.python_version(),
-        "orthanc": first_line(["Orthanc", "--version"]),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-    }
-
-
-def write_json(path: Path, args: argparse.Namespace, corpus: Corpus, results: dict[str, Result],
+def result_doc(args: argparse.Namespace, corpus: Corpus, results: dict[str, Result],
                by_tool: dict[str, dict[str, float | None]], checks: list[dict[str, Any]],
-               bench: dict[str, str]) -> None:
-    doc = {
+               bench: dict[str, str]) -> dict[str, Any]:
+    """The JSON result document."""
+    return {
         "benchmark": "deid",
         "goal": GOAL_TEXT,
         "method": "one run per tool, sequential, wall clock of the tool's process (Orthanc: "
@@ -856,7 +677,7 @@ def write_json(path: Path, args: argparse.Namespace, corpus: Corpus, results: di
                      "node_rev": args.node_rev, "settle_s": args.settle,
                      "detect_text": getattr(args, "detect_text_applied", "node default"),
                      "tools": args.tools},
-        "environment": environment(bench),
+        "environment": environment("pydicom", bench_venv=bench, orthanc_version=True),
         "corpus": asdict(corpus) | {"folder": None, "templates": list(TEMPLATES)},
         "results": [
             {"tool": r.tool, "instances": r.instances, "seconds": r.seconds,
@@ -868,7 +689,6 @@ def write_json(path: Path, args: argparse.Namespace, corpus: Corpus, results: di
         "ratios": by_tool,
         "goals": checks,
     }
-    write_doc(path, doc)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -895,7 +715,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="synthnode's [deid] detect_text (burned-in text detection); default: "
                         "the node's")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
+    add_out_option(p, DEFAULT_OUT)
     p.add_argument("--api-run", nargs=2, type=Path, metavar=("CORPUS", "OUT"),
                    help=argparse.SUPPRESS)  # the synthnode-api child process
     args = p.parse_args(argv)
@@ -967,7 +787,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
     by_tool = ratios(results)
     checks = goal_checks(results)
     print_report(corpus, results, by_tool, checks)
-    write_json(args.out, args, corpus, results, by_tool, checks, bench)
+    write_json(args.out, result_doc(args, corpus, results, by_tool, checks, bench))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -975,9 +795,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_run:
         return api_run(*args.api_run)
     args.out = args.out.resolve()
-    return run_isolated("bench/deid.py", "Orthanc", lambda root: run_benchmark(args, root),
-                        tmp_prefix="synthnode-bench-deid-", group=True, keep=args.keep,
-                        error_lead="\n")
+    return run_main("bench/deid.py", lambda root: run_benchmark(args, root),
+                    tmp_prefix="synthnode-bench-deid-", group=True, keep=args.keep,
+                    error_lead="\n")
 
 
 if __name__ == "__main__":

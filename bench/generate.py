@@ -50,17 +50,23 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from common import BenchError, raise_on_sigterm, write_doc  # puts the repo root on sys.path
+from harness import (  # puts the repo root on sys.path
+    OUT_DIR,
+    BenchError,
+    Network,
+    environment,
+    goal_state,
+    print_header,
+    run_main,
+    write_json,
+)
 
 ARCHES = ("tiny", "sd15")
 DEFAULTS = {  # arch: (resolution, steps, count)
@@ -74,7 +80,6 @@ GOAL_RATE = 4.7
 GOAL_RATIO = 2.0
 GOAL_TEXT = ("goal (H100, SD-1.5-sized, 512 px, 50 steps, CFG): >= 4.7 images/s and >= 2x "
              "plain diffusers")
-OUT_DIR = Path(__file__).resolve().parent / "out"
 MARKER = "synthnode-bench.json"
 """File in a ``--model-dir`` folder saying which architecture was built there."""
 PROMPTS = (
@@ -314,8 +319,7 @@ def print_report(results: list[PathResult], ratio: float, goal: dict[str, Any]) 
     print()
     header = (f"{'path':<10} {'dtype':<9} {'batch':>5} {'images':>6} {'seconds':>9} "
               f"{'images/s':>9}   {'load s':>7} {'warm-up s':>9}")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in results:
         print(f"{r.path:<10} {r.dtype:<9} {r.batch:>5} {r.images:>6} {r.seconds:>9.3f} "
               f"{r.images_per_s:>9.3f}   {r.load_s:>7.2f} {r.warmup_s:>9.2f}")
@@ -328,8 +332,7 @@ def print_report(results: list[PathResult], ratio: float, goal: dict[str, Any]) 
             ("images/s", goal["images_per_s"], GOAL_RATE, goal["images_per_s_met"], ""),
             ("synthnode/plain", goal["ratio"], GOAL_RATIO, goal["ratio_met"], "x"),
         ):
-            print(f"  {label:<16} >= {minimum}{unit}: {value:.2f}{unit}  "
-                  f"{'met' if met else 'NOT met'}")
+            print(f"  {label:<16} >= {minimum}{unit}: {value:.2f}{unit}  {goal_state(met)}")
         if not goal["on_h100"]:
             print(f"  (measured on {goal['gpu']}, not an H100: compare with care)")
     else:
@@ -337,25 +340,17 @@ def print_report(results: list[PathResult], ratio: float, goal: dict[str, Any]) 
         print(f"  n/a: this run is not the goal's setup (needs {needs})")
 
 
-def environment(device: str) -> dict[str, Any]:
+def run_environment(device: str) -> dict[str, Any]:
+    """:func:`harness.environment` with torch's and the device's."""
     import torch
 
-    env: dict[str, Any] = {
-        "synthnode": version("synthnode"),
-        "torch": torch.__version__,
-        "diffusers": version("diffusers"),
-        "transformers": version("transformers"),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-    }
+    extra: dict[str, Any] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                             "device": device}
     if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
+        extra |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
     else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
+        extra["cpu"] = platform.processor() or platform.machine()
+    return environment("diffusers", "transformers", **extra)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -433,7 +428,7 @@ def run_benchmark(args: argparse.Namespace, device: str, root: Path) -> None:
     ratio = results[0].images_per_s / results[1].images_per_s
     goal = goal_check(args, device, results[0], ratio)
     print_report(results, ratio, goal)
-    write_doc(args.out, {
+    write_json(args.out, {
         "benchmark": "generate",
         "goal": GOAL_TEXT,
         "method": "text2img, same folder/prompts/seeds/resolution/steps/guidance on both paths; "
@@ -447,7 +442,7 @@ def run_benchmark(args: argparse.Namespace, device: str, root: Path) -> None:
                      "scheduler": "DDIMScheduler"},
         "model": {"folder": str(folder), "reused": reused, "build_s": build_s,
                   "parameters": sizes},
-        "environment": environment(device),
+        "environment": run_environment(device),
         "results": [{**asdict(r), "images_per_s": r.images_per_s} for r in results],
         "ratio_synthnode_over_plain": ratio,
         "goal_check": goal,
@@ -474,19 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(defaulted: {', '.join(args.defaulted)}), e.g. a smoke run: --arch sd15 "
                   "--steps 1 --count 1 --resolution 128 --batch 1", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    root = Path(tempfile.mkdtemp(prefix="synthnode-bench-generate-"))
-    try:
-        run_benchmark(args, device, root)
-    except BenchError as exc:
-        print(f"bench/generate.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench/generate.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return run_main("bench/generate.py", lambda root: run_benchmark(args, device, root),
+                    tmp_prefix="synthnode-bench-generate-", network=Network.HOST)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ Data
     Each copy has a new SOP Instance UID; each size class one Study and Series UID.
 
 Method
-    Every process runs in a private network namespace (the script re-executes itself under
-    ``unshare --net``), so nothing listens on a real interface. Every dcmtk and Orthanc process
-    gets ``TCP_NODELAY=1`` (else Nagle's algorithm costs ~40 ms per C-STORE). Each
+    Every process runs in a private network namespace (the script moves itself into one with
+    ``node.netns.isolate_network``), so nothing listens on a real interface. Every dcmtk and
+    Orthanc process gets ``TCP_NODELAY=1`` (else Nagle's algorithm costs ~40 ms per C-STORE). Each
     (receiver, size) pair is measured ``--repeat`` times (default 3), interleaved, and the
     median is reported; ``sync`` runs before each measurement so that one receiver's dirty pages
     are not written back during the next one's run.
@@ -39,38 +39,35 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from common import (
-    LIVE_PROCESSES,
+from harness import (
+    OUT_DIR,
     BenchError,
-    dcmtk,
-    first_line,
-    launch_orthanc,
-    load_template,
-    run_isolated,
-    save_copies,
+    NodeOptions,
+    NodeServer,
+    OrthancReceiver,
+    Receiver,
+    StorescpReceiver,
+    add_out_option,
+    dicom_environment,
+    goal_state,
+    print_header,
+    run_main,
+    storescu,
     subset,
     tail,
-    terminate,
-    write_doc,
+    write_json,
 )
 
-from node.localorthanc import OrthancProcess, free_port
+from node.samples import make_study
 
-HOST = "127.0.0.1"
-SCU_AET = "BENCHSCU"
-START_TIMEOUT_S = 30.0
 SEND_TIMEOUT_S = 900.0
 COUNT_TIMEOUT_S = 10.0
 POLL_S = 0.1
@@ -82,38 +79,7 @@ GOALS = (  # (size class, other receiver, minimum node/other ratio)
     ("large", "orthanc", 1.0),
 )
 GOAL_TEXT = "goal: node >= 0.8x storescp on large objects and >= 1.0x Orthanc on both sizes"
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "ingest.json"
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def tool_env() -> dict[str, str]:
-    """Environment for every child: Nagle off for dcmtk and Orthanc."""
-    return dict(os.environ, TCP_NODELAY="1")
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout_s: float,
-               proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``check`` until it is true; BenchError after ``timeout_s`` or if ``proc`` exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"{what}: process exited with status {proc.returncode}")
-        if check():
-            return
-        time.sleep(POLL_S)
-    raise BenchError(f"{what}: not done after {timeout_s:.0f} s")
-
-
-def c_echo(ae_title: str, port: int) -> bool:
-    cmd = [dcmtk("echoscu"), "-aet", SCU_AET, "-aec", ae_title, "-to", "2", "-ta", "2", HOST,
-           str(port)]
-    try:
-        done = subprocess.run(cmd, env=tool_env(), capture_output=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return False
-    return done.returncode == 0
-
+DEFAULT_OUT = OUT_DIR / "ingest.json"
 
 # -- data ------------------------------------------------------------------------------------
 
@@ -127,15 +93,12 @@ class DataSet:
 
 
 def make_dataset(size_class: str, template_name: str, count: int, root: Path) -> DataSet:
-    """``count`` copies of a pydicom test file, each with a new SOP Instance UID."""
-    from pydicom.uid import generate_uid
-
-    ds = load_template(template_name)
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    """``count`` copies of a pydicom test file as one study and series."""
     folder = root / size_class
-    folder.mkdir(parents=True)
-    paths = save_copies(ds, count, lambda i: folder / f"{i:05d}.dcm")
+    try:
+        paths = make_study(folder, template_name, per_series=count)
+    except FileNotFoundError as exc:
+        raise BenchError(str(exc)) from None
     total = sum(path.stat().st_size for path in paths)
     return DataSet(size_class, folder, count, total)
 
@@ -143,128 +106,12 @@ def make_dataset(size_class: str, template_name: str, count: int, root: Path) ->
 # -- receivers -------------------------------------------------------------------------------
 
 
-class Receiver:
-    """A receiving server started as a child process with its own storage under ``workdir``."""
-
-    name = ""
-    ae_title = ""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.storage = workdir / "storage"
-        self.port = free_port()
-        self.log_path = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def count_received(self) -> int:
-        raise NotImplementedError
-
-    def prepare(self) -> None:
-        self.storage.mkdir(parents=True)
-
-    def wait_ready(self) -> None:
-        wait_until(lambda: c_echo(self.ae_title, self.port),
-                   f"{self.name}: C-ECHO on port {self.port}", START_TIMEOUT_S, self.proc)
-
-    def start(self) -> None:
-        self.prepare()
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.command(), env=tool_env(), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        LIVE_PROCESSES.add(self.proc)
-        try:
-            self.wait_ready()
-        except BenchError as exc:
-            raise BenchError(f"{exc}\n--- {self.log_path} ---\n{tail(self.log_path)}") from None
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``; the exit status (None if killed)."""
-        proc, self.proc = self.proc, None
-        return None if proc is None else terminate(proc)
-
-
-class NodeReceiver(Receiver):
-    name = "node"
-    ae_title = "SYNTHNODE"
-
-    def __init__(self, workdir: Path, max_pdu_bytes: int = 0) -> None:
-        super().__init__(workdir)
-        self.max_pdu_bytes = max_pdu_bytes
-        self.config = workdir / "node.toml"
-
-    def prepare(self) -> None:
-        super().prepare()
-        # The receiver alone: no rules (it routes nothing and needs no key), no worker
-        # processes (their start-up would share the CPUs with the first C-STOREs).
-        self.config.write_text(
-            "rules = []\n"
-            "[node]\n"
-            f'ae_title = "{self.ae_title}"\n'
-            f'host = "{HOST}"\n'
-            f"port = {self.port}\n"
-            f"max_pdu_bytes = {self.max_pdu_bytes}\n"
-            "[spool]\n"
-            f'dir = "{self.storage}"\n'
-            "fsync = true\n"
-            "stable_after_s = 3600\n"
-            "[jobs]\n"
-            "cpu_workers = 0\n"
-            "gpu_workers = 0\n"
-        )
-
-    def command(self) -> list[str]:
-        exe = Path(sys.executable).with_name("synthnode")
-        return [str(exe) if exe.exists() else "synthnode", "--config", str(self.config), "serve"]
-
-    def count_received(self) -> int:
-        return sum(1 for p in self.storage.rglob("*.dcm") if ".tmp" not in p.parts)
-
-
-class StorescpReceiver(Receiver):
-    name = "storescp"
-    ae_title = "STORESCP"
-
-    def command(self) -> list[str]:
-        return [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.storage), str(self.port)]
-
-    def count_received(self) -> int:
-        return sum(1 for p in self.storage.iterdir() if p.is_file())
-
-
-class OrthancReceiver(Receiver):
-    """Orthanc started by the tests' :class:`OrthancProcess` (one piece of Orthanc start-up
-    code), without authentication."""
-
-    name = "orthanc"
-    ae_title = "ORTHANC"
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
-        http_port = free_port({self.port})
-        self.orthanc = OrthancProcess(
-            workdir, aet=self.ae_title, username=None, http_port=http_port,
-            dicom_port=self.port, overrides={"Name": "synthnode-bench"},
-        )
-        assert self.orthanc.storage == self.storage and self.orthanc.log_path == self.log_path
-
-    def start(self) -> None:
-        self.proc = launch_orthanc(self.orthanc, START_TIMEOUT_S)  # once HTTP /system answers
-        try:
-            self.wait_ready()
-        except BenchError as exc:
-            raise BenchError(f"{exc}\n--- {self.log_path} ---\n{tail(self.log_path)}") from None
-
-    def count_received(self) -> int:
-        return self.orthanc.count_instances()
-
-
 def make_receiver(name: str, workdir: Path, node_max_pdu: int) -> Receiver:
     workdir.mkdir(parents=True)
     if name == "node":
-        return NodeReceiver(workdir, node_max_pdu)
+        # The receiver alone: no rules (it routes nothing and needs no key), no worker
+        # processes (their start-up would share the CPUs with the first C-STOREs).
+        return NodeServer(workdir, NodeOptions(max_pdu_bytes=node_max_pdu))
     if name == "storescp":
         return StorescpReceiver(workdir)
     return OrthancReceiver(workdir)
@@ -285,22 +132,9 @@ class Run:
 
 def send_all(data: DataSet, receiver: Receiver) -> float:
     """storescu every file of ``data`` over one association; seconds of wall clock."""
-    cmd = [dcmtk("storescu"), "-aet", SCU_AET, "-aec", receiver.ae_title,
-           "-R",  # propose only the contexts the files need (with their own transfer syntax)
-           "-to", "10", "-ts", "60",
-           "+sd", HOST, str(receiver.port), str(data.folder)]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True,
-                              timeout=SEND_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise BenchError(
-            f"storescu to {receiver.name}: not done after {SEND_TIMEOUT_S:.0f} s") from None
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise BenchError(f"storescu to {receiver.name} exited {done.returncode}:\n"
-                         f"{done.stderr[-2000:]}{done.stdout[-2000:]}")
-    return seconds
+    started, ended = storescu(receiver.ae_title, receiver.port, [data.folder], SEND_TIMEOUT_S,
+                              receiver.name)
+    return ended - started
 
 
 def wait_for_count(receiver: Receiver, expected: int) -> int:
@@ -394,8 +228,7 @@ def print_report(results: dict[tuple[str, str], Result], node_ratios: dict[str, 
     print()
     header = (f"{'receiver':<9} {'size':<6} {'N':>4} {'MB':>7} {'median s':>9} "
               f"{'inst/s':>8} {'MB/s':>8}  runs (s)")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for size_class in SIZES:
         for receiver in RECEIVERS:
             r = results.get((receiver, size_class))
@@ -411,36 +244,25 @@ def print_report(results: dict[tuple[str, str], Result], node_ratios: dict[str, 
     print()
     print(GOAL_TEXT)
     for c in checks:
-        state = "n/a" if c["met"] is None else "met" if c["met"] else "NOT met"
+        state = goal_state(c["met"])
         ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f}x"
         print(f"  {c['size_class']:<6} node/{c['versus']:<9} >= {c['minimum']:.1f}x: "
               f"{ratio:>6}  {state}")
 
 
-def environment() -> dict[str, Any]:
-    return {
-        "synthnode": version("synthnode"),
-        "pynetdicom": version("pynetdicom"),
-        "pydicom": version("pydicom"),
-        "python": platform.python_version(),
-        "dcmtk": first_line([dcmtk("storescu"), "--version"]),
-        "orthanc": first_line(["Orthanc", "--version"]),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-    }
-
-
-def write_json(path: Path, args: argparse.Namespace, datasets: dict[str, DataSet],
+def result_doc(args: argparse.Namespace, datasets: dict[str, DataSet],
                runs: list[Run], results: dict[tuple[str, str], Result],
-               node_ratios: dict[str, dict[str, float]], checks: list[dict[str, Any]]) -> None:
-    doc = {
+               node_ratios: dict[str, dict[str, float]], checks: list[dict[str, Any]]
+               ) -> dict[str, Any]:
+    """The JSON result document."""
+    return {
         "benchmark": "ingest",
         "goal": GOAL_TEXT,
         "method": "dcmtk storescu, one association per run, loopback in a private netns, "
                   "TCP_NODELAY=1, fresh receiver per run, median of repetitions",
         "settings": {"repeat": args.repeat, "node_max_pdu_bytes": args.node_max_pdu,
                      "node_fsync": True, "receivers": args.receivers},
-        "environment": environment(),
+        "environment": dicom_environment(),
         "datasets": {k: {"instances": d.instances, "total_bytes": d.total_bytes,
                          "template": SIZES[k]} for k, d in datasets.items()},
         "results": [
@@ -453,7 +275,6 @@ def write_json(path: Path, args: argparse.Namespace, datasets: dict[str, DataSet
         "goals": checks,
         "runs": [asdict(run) for run in runs],
     }
-    write_doc(path, doc)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -468,11 +289,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of node,storescp,orthanc")
     p.add_argument("--node-max-pdu", type=int, default=0,
                    help="the node's [node] max_pdu_bytes (default 0 = unlimited)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
+    add_out_option(p, DEFAULT_OUT)
     args = p.parse_args(argv)
     args.receivers = subset(p, "--receivers", args.receivers, RECEIVERS)
     if args.repeat < 1 or args.small < 0 or args.large < 0 or args.small + args.large == 0:
         p.error("--repeat must be >= 1 and --small/--large >= 0, not both 0")
+    args.out = args.out.resolve()
     return args
 
 
@@ -483,6 +305,7 @@ def check_tools() -> None:
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> None:
+    check_tools()
     counts = {"small": args.small, "large": args.large}
     print(f"ingest benchmark: {', '.join(args.receivers)}; {GOAL_TEXT}")
     print(f"making data in {root} ...", flush=True)
@@ -502,18 +325,13 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
     node_ratios = ratios(results)
     checks = goal_checks(node_ratios)
     print_report(results, node_ratios, checks)
-    write_json(args.out, args, datasets, runs, results, node_ratios, checks)
+    write_json(args.out, result_doc(args, datasets, runs, results, node_ratios, checks))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out = args.out.resolve()
-
-    def body(root: Path) -> None:
-        check_tools()
-        run_benchmark(args, root)
-
-    return run_isolated("bench/ingest.py", "its servers", body, tmp_prefix="synthnode-bench-")
+    return run_main("bench/ingest.py", lambda root: run_benchmark(args, root),
+                    tmp_prefix="synthnode-bench-")
 
 
 if __name__ == "__main__":

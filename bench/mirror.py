@@ -63,7 +63,7 @@ Data
 
 Method
     As bench/pipeline.py: every process runs in a private network namespace (the script
-    re-executes itself under ``unshare --net``), every Orthanc and dcmtk process gets
+    moves itself into one, ``node.netns``), every Orthanc and dcmtk process gets
     ``TCP_NODELAY=1``, the paths alternate ``--repeat`` times (default 3) in one invocation and
     medians are reported. CPU seconds are counted per process over the timed interval:
     synthnode's serve process, its workers, the backfill command, the clinical and the research
@@ -98,23 +98,35 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import (
+from harness import (
+    CPUS,
+    OUT_DIR,
     BenchError,
+    NodeOptions,
+    NodeServer,
+    PartsMeter,
     add_run_options,
+    children_of,
     dcmtk,
+    dicom_environment,
     launch_orthanc,
-    load_template,
-    run_isolated,
-    save_copies,
+    load_note,
+    print_goals,
+    print_header,
+    process_cpu_s,
+    run_main,
+    settle_or_warn,
     stop_orthanc,
+    synthnode_exe,
     tail,
-    write_doc,
+    tool_env,
+    usage_s,
+    use_node_rev,
+    write_json,
 )
-from deid import PartsMeter, load_note, process_cpu_s, settle_or_warn, use_node_rev
-from ingest import START_TIMEOUT_S, environment, tool_env
-from pipeline import NodeOptions, PipelineNode, children_of
 
 from node.localorthanc import OrthancProcess
+from node.samples import make_study
 
 DEID_KEY = "synthnode-bench-mirror-key-0123456789abcdef"
 PASSWORD_ENV = "SYNTHNODE_BENCH_MIRROR_PW"
@@ -125,11 +137,10 @@ UPLOAD_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 300.0
 BACKFILL_TIMEOUT_S = 600.0
 ORTHANC_PATH_TIMEOUT_S = 600.0
-CPUS = os.cpu_count() or 1
 GOAL_RATIO = 1.0
 GOAL_TEXT = (f"goal: synthnode backfill >= {GOAL_RATIO:.1f}x Orthanc's anonymize + peer "
              "transfer (instances/s clinical -> research), full profile with options")
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "mirror.json"
+DEFAULT_OUT = OUT_DIR / "mirror.json"
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -138,24 +149,17 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "mirror.json"
 def make_studies(folder: Path, studies: int, per_study: int, patients: int) -> list[list[Path]]:
     """``studies`` studies of ``per_study`` CT_small copies, dealt to ``patients`` patients,
     one week apart; the files, study by study."""
-    from pydicom.uid import generate_uid
-
-    ds = load_template("CT_small.dcm")
-    folder.mkdir(parents=True)
     out = []
     for s in range(studies):
         p = s % patients
         day = (FIRST_DAY + datetime.timedelta(days=7 * s)).strftime("%Y%m%d")
-        ds.PatientName = f"Mirror^Patient{p:03d}"
-        ds.PatientID = f"MRN-BENCH-{p:04d}"
-        ds.AccessionNumber = f"ACC{s:06d}"
-        ds.StudyDescription = f"CT chest Mirror^Patient{p:03d}"
-        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-            setattr(ds, keyword, day)
-        ds.StudyInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = generate_uid()
-        names = [folder / f"{s:03d}_{i:04d}.dcm" for i in range(per_study)]
-        out.append(save_copies(ds, per_study, names.__getitem__))
+        attributes = {"AccessionNumber": f"ACC{s:06d}",
+                      "StudyDescription": f"CT chest Mirror^Patient{p:03d}",
+                      **dict.fromkeys(("StudyDate", "SeriesDate", "AcquisitionDate",
+                                       "ContentDate"), day)}
+        out.append(make_study(folder / f"{s:03d}", per_series=per_study,
+                              patient_name=f"Mirror^Patient{p:03d}",
+                              patient_id=f"MRN-BENCH-{p:04d}", attributes=attributes))
     return out
 
 
@@ -172,12 +176,12 @@ def start_archives(workdir: Path, files: list[Path]) -> Archives:
     """A research Orthanc, and a clinical one (research as its peer) holding ``files``."""
     research = OrthancProcess(workdir / "research", aet="RESEARCH", password=PASSWORD,
                               overrides={"Name": "bench-research"})
-    launch_orthanc(research, START_TIMEOUT_S)
+    launch_orthanc(research)
     clinical = OrthancProcess(workdir / "clinical", aet="CLINICAL", password=PASSWORD,
                               overrides={"Name": "bench-clinical"})
     clinical.config["OrthancPeers"] = {"research": {
         "Url": research.url + "/", "Username": research.username, "Password": PASSWORD}}
-    launch_orthanc(clinical, START_TIMEOUT_S)
+    launch_orthanc(clinical)
     archives = Archives(clinical, research)
     try:
         with ThreadPoolExecutor(4) as pool:  # not timed
@@ -223,26 +227,20 @@ class CpuMeter(PartsMeter):
 
     PARTS = ("serve", "workers", "backfill", "clinical", "research", "bench", "other")
 
-    def __init__(self, archives: Archives, node: PipelineNode | None) -> None:
+    def __init__(self, archives: Archives, node: NodeServer | None) -> None:
         node_pid = node.proc.pid if node is not None and node.proc is not None else None
         workers = children_of(node_pid) if node_pid else []
         clinical = archives.clinical.proc.pid if archives.clinical.proc else None
         research = archives.research.proc.pid if archives.research.proc else None
 
-        def cpu(pid: int | None) -> float:
-            return 0.0 if pid is None else process_cpu_s(pid)
-
-        def usage(who: int) -> float:
-            r = resource.getrusage(who)  # RUSAGE_CHILDREN: only the waited-for backfill
-            return r.ru_utime + r.ru_stime
-
         super().__init__({
-            "serve": lambda: cpu(node_pid),
+            "serve": lambda: process_cpu_s(node_pid),
             "workers": lambda: sum(process_cpu_s(pid) for pid in workers),
-            "backfill": lambda: usage(resource.RUSAGE_CHILDREN),
-            "clinical": lambda: cpu(clinical),
-            "research": lambda: cpu(research),
-            "bench": lambda: usage(resource.RUSAGE_SELF),
+            # RUSAGE_CHILDREN: only the waited-for backfill
+            "backfill": lambda: usage_s(resource.RUSAGE_CHILDREN),
+            "clinical": lambda: process_cpu_s(clinical),
+            "research": lambda: process_cpu_s(research),
+            "bench": lambda: usage_s(resource.RUSAGE_SELF),
         })
 
 
@@ -272,27 +270,19 @@ class Run:
         return self.cpu_s.get("other", 0.0) / (self.seconds * CPUS)
 
 
-class MirrorNode(PipelineNode):
+def mirror_node(workdir: Path, options: NodeOptions, archives: Archives,
+                deid_options: list[str]) -> NodeServer:
     """``synthnode serve`` whose one rule mirrors studies from backfill into research."""
-
-    def __init__(self, workdir: Path, options: NodeOptions, archives: Archives,
-                 deid_options: list[str]) -> None:
-        super().__init__(workdir, options, None)
-        self.archives = archives
-        self.deid_options = deid_options
-
-    def prepare(self) -> None:
-        self.storage.mkdir(parents=True)
-        lines = self.settings_lines(DEID_KEY)
-        for name, orthanc in (("research", self.archives.research),
-                              ("clinical", self.archives.clinical)):
-            lines += ["[[destinations]]", f'name = "{name}"', f'url = "{orthanc.url}"',
-                      f'username = "{orthanc.username}"', f'password_env = "{PASSWORD_ENV}"']
-        lines += ["[[rules]]", 'name = "mirror"', 'destinations = ["research"]',
-                  "[rules.match]", 'source = ["backfill"]',
-                  "[[rules.tasks]]", 'task = "deidentify"',
-                  f"options = {json.dumps(self.deid_options)}"]
-        self.config.write_text("\n".join(lines) + "\n")
+    tables = []
+    for name, orthanc in (("research", archives.research), ("clinical", archives.clinical)):
+        tables += ["[[destinations]]", f'name = "{name}"', f'url = "{orthanc.url}"',
+                   f'username = "{orthanc.username}"', f'password_env = "{PASSWORD_ENV}"']
+    tables += ["[[rules]]", 'name = "mirror"', 'destinations = ["research"]',
+               "[rules.match]", 'source = ["backfill"]',
+               "[[rules.tasks]]", 'task = "deidentify"', f"options = {json.dumps(deid_options)}"]
+    node = NodeServer(workdir, options, tables)
+    workdir.mkdir(parents=True)
+    return node
 
 
 def quiet(settle_s: float) -> float:
@@ -305,14 +295,13 @@ def measure_synthnode(files: list[Path], studies: int, repetition: int, workdir:
                       originals: set[str]) -> Run:
     n = len(files)
     archives = start_archives(workdir, files)
-    node = MirrorNode(workdir / "node", options, archives, deid_options)
-    node.workdir.mkdir(parents=True)
+    node = mirror_node(workdir / "node", options, archives, deid_options)
     os.environ[PASSWORD_ENV] = PASSWORD  # the node and its workers inherit it
     try:
         node.start()
         meter = CpuMeter(archives, node)
         busy = quiet(settle_s)
-        cmd = [str(Path(sys.executable).with_name("synthnode")), "--config", str(node.config),
+        cmd = [synthnode_exe(), "--config", str(node.config),
                "mirror", "backfill", "--from", "clinical", "--since", "1900-01-01", "--quiet"]
         meter.start()
         wall0 = time.time()
@@ -440,8 +429,7 @@ def print_report(s: dict[str, Any]) -> None:
     n = s["instances"]
     print()
     header = f"{'path':<12} {'N':>5} {'median s':>9} {'inst/s':>8}  runs (s)"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for path, e in s["paths"].items():
         runs = " ".join(f"{x:.3f}" for x in e["runs_s"])
         print(f"{path:<12} {n:>5} {e['median_s']:>9.3f} {e['per_s']:>8.1f}  {runs}")
@@ -454,8 +442,7 @@ def print_report(s: dict[str, Any]) -> None:
     parts = CpuMeter.PARTS
     header = (f"{'CPU ms per instance':<20} " + " ".join(f"{p:>9}" for p in parts)
               + f" {'own total':>10}  ceiling on {CPUS} CPUs  CPUs busy")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for path, e in s["paths"].items():
         ms = e["cpu_ms_per_instance"]
         print(f"{path:<20} " + " ".join(f"{ms[p]:>9.2f}" for p in parts)
@@ -466,8 +453,7 @@ def print_report(s: dict[str, Any]) -> None:
     print()
     header = (f"{'in research':<12} {'instances':>9} {'studies':>7} {'patients':>8} "
               f"{'dated':>6} {'described':>9} {'orig. IDs':>9}")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for path, e in s["paths"].items():
         r = e["research"]
         print(f"{path:<12} {r['instances']:>9} {r['studies']:>7} {r['patients']:>8} "
@@ -476,11 +462,7 @@ def print_report(s: dict[str, Any]) -> None:
     print()
     if s.get("ratios"):
         print("ratios " + "  ".join(f"synthnode/{p} = {v:.2f}x" for p, v in s["ratios"].items()))
-    print(GOAL_TEXT)
-    for g in s["goals"]:
-        state = "n/a" if g["met"] is None else "met" if g["met"] else "NOT met"
-        value = "-" if g["value"] is None else f"{g['value']:.2f}x"
-        print(f"  {g['what']:<32} {value:>6}  {state}")
+    print_goals(GOAL_TEXT, s["goals"], 32, "x")
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -519,6 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--paths: synthnode, orthanc or both")
     args.path_names = (["synthnode"] if "synthnode" in wanted else []) + (
         [f"orthanc-{n}" for n in args.parallel] if "orthanc" in wanted else [])
+    args.out = args.out.resolve()
+    args.node_commit = None
     return args
 
 
@@ -542,6 +526,7 @@ def check_options(options: list[str]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> None:
+    check_tools()
     args.node_commit = use_node_rev(args.node_rev, root / "node-rev")
     check_options(args.deid_options)
     n = args.studies * args.per_study
@@ -549,7 +534,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
           f"instances of {args.patients} patients, {args.repeat} runs per path "
           f"({', '.join(args.path_names)}), {args.cpu_workers} cpu workers, options "
           f"{args.deid_options or 'none'}; {GOAL_TEXT}", flush=True)
-    options = NodeOptions(args.cpu_workers, 3600.0, 1.0)  # the spool is not used
+    options = NodeOptions(args.cpu_workers, 3600.0, 1.0, deid_key=DEID_KEY)  # spool unused
     studies = make_studies(root / "data", args.studies, args.per_study, args.patients)
     files = [f for study in studies for f in study]
     originals = {f"MRN-BENCH-{p:04d}" for p in range(args.patients)}
@@ -587,24 +572,17 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
                      "cpu_workers": args.cpu_workers, "orthanc_parallel": args.parallel,
                      "options": args.deid_options, "quick": args.quick,
                      "node_rev": args.node_rev, "node_commit": args.node_commit},
-        "environment": environment(),
+        "environment": dicom_environment(),
         "summary": summary,
         "runs": [asdict(r) for r in runs],
     }
-    write_doc(args.out, doc)
+    write_json(args.out, doc)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out = args.out.resolve()
-    args.node_commit = None
-
-    def body(root: Path) -> None:
-        check_tools()
-        run_benchmark(args, root)
-
-    return run_isolated("bench/mirror.py", "its servers", body,
-                        tmp_prefix="synthnode-bench-mirror-", keep=args.keep)
+    return run_main("bench/mirror.py", lambda root: run_benchmark(args, root),
+                    tmp_prefix="synthnode-bench-mirror-", keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ Data
 
 Method
     As bench/ingest.py: every process runs in a private network namespace (the script
-    re-executes itself under ``unshare --net``), every dcmtk and Orthanc process gets
+    moves itself into one, ``node.netns``), every dcmtk and Orthanc process gets
     ``TCP_NODELAY=1``, ``sync`` runs before each measurement, plain and pipeline throughput
     alternate ``--repeat`` times (default 3) in one invocation and medians are reported. dcmtk's
     ``/usr/bin/storescu`` is called by path (the venv's pynetdicom ``storescu`` shadows it on a
@@ -58,11 +58,9 @@ Usage (as root): .venv/bin/python bench/pipeline.py [--studies S] [--per-study N
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -70,174 +68,88 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import (
+from harness import (
+    CPUS,
+    OUT_DIR,
     BenchError,
+    Job,
+    NodeOptions,
+    NodeServer,
+    PartsMeter,
     add_run_options,
+    children_of,
     dcmtk,
+    dicom_environment,
     launch_orthanc,
-    load_template,
-    run_isolated,
-    save_copies,
+    load_note,
+    own_cpu_s,
+    print_goals,
+    print_header,
+    process_cpu_s,
+    run_main,
+    settle_or_warn,
     stop_orthanc,
+    storescu,
     tail,
-    write_doc,
+    use_node_rev,
+    write_json,
 )
-from deid import PartsMeter, load_note, own_cpu_s, process_cpu_s, settle_or_warn, use_node_rev
-from ingest import HOST, SCU_AET, START_TIMEOUT_S, NodeReceiver, environment, tool_env
 
 from node.localorthanc import OrthancProcess
+from node.samples import make_study
 
 DEID_KEY = "synthnode-bench-pipeline-key-0123456789abcdef"
-RULE = '[[rules]]\nname = "deid-only"\n[[rules.tasks]]\ntask = "deidentify"\n'
+RULE = ['[[rules]]', 'name = "deid-only"', '[[rules.tasks]]', 'task = "deidentify"']
 SEND_TIMEOUT_S = 600.0
-WORKERS_TIMEOUT_S = 60.0
 OUTPUTS_TIMEOUT_S = 300.0
 THROUGHPUT_POLL_S = 0.05
 LATENCY_POLL_S = 0.02
-CPUS = os.cpu_count() or 1
 RATIO_GOAL = 0.8
 LATENCY_GOAL_S = 1.0
 GOAL_TEXT = (f"goal: pipeline >= {RATIO_GOAL}x plain ingest (instances/s), and latency "
              f"< {LATENCY_GOAL_S:g} s per study of a few instances (stable wait excluded)")
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "pipeline.json"
+DEFAULT_OUT = OUT_DIR / "pipeline.json"
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def send(files: list[Path], port: int, ae_title: str) -> tuple[float, float]:
-    """dcmtk storescu of ``files`` over one association, in order; (perf_counter at start,
-    perf_counter at exit)."""
-    cmd = [dcmtk("storescu"), "-aet", SCU_AET, "-aec", ae_title, "-R", "-to", "10", "-ts", "60",
-           HOST, str(port), *map(str, files)]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True,
-                              timeout=SEND_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"storescu: not done after {SEND_TIMEOUT_S:.0f} s") from None
-    ended = time.perf_counter()
-    if done.returncode != 0:
-        raise BenchError(f"storescu exited {done.returncode}:\n"
-                         f"{done.stderr[-2000:]}{done.stdout[-2000:]}")
-    return started, ended
+def send(files: list[Path], node: NodeServer) -> tuple[float, float]:
+    """dcmtk storescu of ``files`` to ``node`` over one association, in order; (perf_counter
+    at start, perf_counter at exit)."""
+    return storescu(node.ae_title, node.port, files, SEND_TIMEOUT_S, node.name)
 
 
 def make_studies(folder: Path, studies: int, per_study: int, tag: str) -> list[list[Path]]:
-    """``studies`` studies of ``per_study`` CT_small copies each; the files, study by study."""
-    from pydicom.uid import generate_uid
-
-    ds = load_template("CT_small.dcm")
-    folder.mkdir(parents=True)
-    out = []
-    for s in range(studies):
-        ds.PatientName = f"Bench^{tag}{s:03d}"
-        ds.PatientID = f"BENCH-{tag}-{s:03d}"
-        ds.StudyInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = generate_uid()
-        names = [folder / f"{tag}{s:03d}_{i:04d}.dcm" for i in range(per_study)]
-        out.append(save_copies(ds, per_study, names.__getitem__))
-    return out
-
-
-READ_JOBS = """\
-import json, sys
-from node.config import load_settings
-from node.jobs import Queues
-jobs = Queues(load_settings(sys.argv[1], environ={}).jobs).store.all()
-print(json.dumps([json.loads(j.to_json()) for j in jobs]))
-"""
-
-
-@dataclass(frozen=True)
-class Job:
-    """What the benchmark reads of a job record."""
-
-    FIELDS = ("id", "state", "created_at", "updated_at", "outputs", "quarantined",
-              "last_error")
-    id: str
-    state: str
-    created_at: float
-    updated_at: float
-    outputs: int
-    quarantined: int
-    last_error: str
+    """``studies`` studies of ``per_study`` CT_small copies each, each its own patient; the
+    files, study by study."""
+    return [make_study(folder / f"{tag}{s:03d}", per_series=per_study,
+                       patient_name=f"Bench^{tag}{s:03d}", patient_id=f"BENCH-{tag}-{s:03d}")
+            for s in range(studies)]
 
 
 # -- the node and its Orthanc ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NodeOptions:
-    cpu_workers: int
-    stable_after_s: float
-    check_interval_s: float
-
-
-class PipelineNode(NodeReceiver):
+def pipeline_node(workdir: Path, options: NodeOptions,
+                  orthanc: OrthancProcess | None) -> NodeServer:
     """``synthnode serve`` with workers; with ``orthanc``, one de-identify rule to it."""
-
-    def __init__(self, workdir: Path, options: NodeOptions,
-                 orthanc: OrthancProcess | None) -> None:
-        super().__init__(workdir)
-        self.options = options
-        self.orthanc = orthanc
-
-    def settings_lines(self, deid_key: str) -> list[str]:
-        """The TOML lines of [node], [spool], [jobs] and [deid] (its key ``deid_key``)."""
-        o = self.options
-        return [
-            "[node]", f'ae_title = "{self.ae_title}"', f'host = "{HOST}"', f"port = {self.port}",
-            "[spool]", f'dir = "{self.storage}"', "fsync = true",
-            f"stable_after_s = {o.stable_after_s}", f"check_interval_s = {o.check_interval_s}",
-            "[jobs]", f"cpu_workers = {o.cpu_workers}", "gpu_workers = 0",
-            "[deid]", f'key = "{deid_key}"',
-        ]
-
-    def prepare(self) -> None:
-        self.storage.mkdir(parents=True)
-        lines = [] if self.orthanc else ["rules = []"]
-        lines += self.settings_lines(DEID_KEY)
-        if self.orthanc is not None:
-            lines += ["[orthanc]", f'url = "{self.orthanc.url}"',
-                      f'username = "{self.orthanc.username}"',
-                      f'password = "{self.orthanc.password}"']
-        self.config.write_text("\n".join(lines) + "\n" + (RULE if self.orthanc else ""))
-
-    def start(self) -> None:
-        super().start()
-        # Worker processes inherit the node's log; measure once each has started consuming.
-        wanted = self.options.cpu_workers
-        deadline = time.monotonic() + WORKERS_TIMEOUT_S
-        while self.log_path.read_text(errors="replace").count("worker for queue cpu") < wanted:
-            if time.monotonic() > deadline:
-                raise BenchError(f"node: {wanted} cpu workers not started after "
-                                 f"{WORKERS_TIMEOUT_S:.0f} s\n{tail(self.log_path)}")
-            time.sleep(0.1)
-        time.sleep(0.5)  # let the consumers reach their first poll
-
-    def jobs(self) -> list[Job]:
-        """The node's job records, read by the node's own code (a child process: the code
-        under test, which ``--node-rev`` may have put first on PYTHONPATH)."""
-        try:
-            done = subprocess.run([sys.executable, "-c", READ_JOBS, str(self.config)],
-                                  capture_output=True, text=True, timeout=60)
-        except subprocess.TimeoutExpired:
-            raise BenchError("reading the job records: no answer after 60 s") from None
-        if done.returncode != 0:
-            raise BenchError(f"reading the job records failed:\n{done.stderr[-2000:]}")
-        return [Job(**{k: v for k, v in record.items() if k in Job.FIELDS})
-                for record in json.loads(done.stdout)]
+    tables = None if orthanc is None else [
+        "[orthanc]", f'url = "{orthanc.url}"', f'username = "{orthanc.username}"',
+        f'password = "{orthanc.password}"', *RULE]
+    node = NodeServer(workdir, options, tables)
+    workdir.mkdir(parents=True)
+    return node
 
 
 def start_orthanc(workdir: Path) -> OrthancProcess:
     orthanc = OrthancProcess(workdir / "orthanc", overrides={"Name": "synthnode-bench"})
-    launch_orthanc(orthanc, START_TIMEOUT_S)
+    launch_orthanc(orthanc)
     return orthanc
 
 
 def wait_outputs(orthanc: OrthancProcess, expected: int, poll_s: float,
-                 node: PipelineNode) -> float:
+                 node: NodeServer) -> float:
     """perf_counter when Orthanc first counts ``expected`` instances (polled every
     ``poll_s``); BenchError after ``OUTPUTS_TIMEOUT_S`` or if the node exits."""
     deadline = time.perf_counter() + OUTPUTS_TIMEOUT_S
@@ -269,20 +181,6 @@ def check_jobs(jobs: list[Job], studies: int, instances: int, log_path: Path) ->
 # -- CPU accounting ---------------------------------------------------------------------------
 
 
-def children_of(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (the node's workers)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
 class CpuMeter(PartsMeter):
     """CPU seconds spent during a measurement, per part: the node's receiver process, its
     worker processes, Orthanc, this script with the storescu it ran (and its polling), and
@@ -290,7 +188,7 @@ class CpuMeter(PartsMeter):
 
     PARTS = ("node", "workers", "orthanc", "storescu+bench", "other")
 
-    def __init__(self, node: PipelineNode, orthanc: OrthancProcess | None) -> None:
+    def __init__(self, node: NodeServer, orthanc: OrthancProcess | None) -> None:
         assert node.proc is not None
         node_pid = node.proc.pid
         workers = children_of(node_pid)
@@ -325,14 +223,13 @@ class ThroughputRun:
 
 def measure_plain(files: list[Path], repetition: int, workdir: Path,
                   options: NodeOptions) -> ThroughputRun:
-    node = PipelineNode(workdir / "node", options, None)
-    node.workdir.mkdir(parents=True)
+    node = pipeline_node(workdir / "node", options, None)
     try:
         node.start()
         meter = CpuMeter(node, None)
         os.sync()
         meter.start()
-        started, ended = send(files, node.port, node.ae_title)
+        started, ended = send(files, node)
         cpu = meter.stop()
         received = node.count_received()
     finally:
@@ -350,15 +247,14 @@ def measure_pipeline(studies: list[list[Path]], repetition: int, workdir: Path,
                      options: NodeOptions) -> ThroughputRun:
     files = [f for study in studies for f in study]
     orthanc = start_orthanc(workdir)
-    node = PipelineNode(workdir / "node", options, orthanc)
-    node.workdir.mkdir(parents=True)
+    node = pipeline_node(workdir / "node", options, orthanc)
     try:
         node.start()
         meter = CpuMeter(node, orthanc)
         os.sync()
         meter.start()
         wall0 = time.time()
-        started, ended = send(files, node.port, node.ae_title)
+        started, ended = send(files, node)
         done = wait_outputs(orthanc, len(files), THROUGHPUT_POLL_S, node)
         cpu = meter.stop()
         time.sleep(0.3)  # the last record is written just after the last upload
@@ -392,8 +288,7 @@ class LatencyRun:
 def measure_latency(studies: list[list[Path]], workdir: Path,
                     options: NodeOptions) -> list[LatencyRun]:
     orthanc = start_orthanc(workdir)
-    node = PipelineNode(workdir / "node", options, orthanc)
-    node.workdir.mkdir(parents=True)
+    node = pipeline_node(workdir / "node", options, orthanc)
     runs = []
     expected = 0
     try:
@@ -402,7 +297,7 @@ def measure_latency(studies: list[list[Path]], workdir: Path,
             os.sync()
             time.sleep(0.2)
             expected += len(files)
-            started, ended = send(files, node.port, node.ae_title)
+            started, ended = send(files, node)
             exit_wall = time.time()
             done = wait_outputs(orthanc, expected, LATENCY_POLL_S, node)
             time.sleep(0.2)
@@ -491,8 +386,7 @@ def print_report(runs: list[ThroughputRun], latency: list[LatencyRun],
     n = s["instances"]
     print()
     header = f"{'throughput':<34} {'N':>5} {'median s':>9} {'inst/s':>8}  runs (s)"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     rows = [
         ("plain ingest (storescu)", s["plain_s"], runs_of("plain", lambda r: r.total_s)),
         ("pipeline (storescu -> Orthanc)", s["pipeline_s"],
@@ -515,8 +409,7 @@ def print_report(runs: list[ThroughputRun], latency: list[LatencyRun],
     parts = CpuMeter.PARTS
     header = (f"{'CPU ms per instance':<20} " + " ".join(f"{p:>14}" for p in parts)
               + f" {'own total':>10}  ceiling on {CPUS} CPUs")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for path, ms in s["cpu_ms_per_instance"].items():
         own = sum(v for k, v in ms.items() if k != "other")
         print(f"{path:<20} " + " ".join(f"{ms[p]:>14.2f}" for p in parts)
@@ -536,11 +429,7 @@ def print_report(runs: list[ThroughputRun], latency: list[LatencyRun],
                   f"median {s['latency_job_median_s']:.3f} s")
         print(f"  warm-up study: {s['latency_warmup_s']:.3f} s")
     print()
-    print(GOAL_TEXT)
-    for g in s["goals"]:
-        state = "n/a" if g["met"] is None else "met" if g["met"] else "NOT met"
-        value = "-" if g["value"] is None else f"{g['value']:.2f}"
-        print(f"  {g['what']:<26} {value:>6}  {state}")
+    print_goals(GOAL_TEXT, s["goals"], 26)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -571,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("counts must be >= 1 (--latency-studies >= 0)")
     if args.stable_after <= 0 or args.check_interval <= 0:
         p.error("--stable-after and --check-interval must be > 0")
+    args.out = args.out.resolve()
+    args.node_commit = None
     return args
 
 
@@ -582,7 +473,9 @@ def check_tools() -> None:
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> None:
-    options = NodeOptions(args.cpu_workers, args.stable_after, args.check_interval)
+    check_tools()
+    options = NodeOptions(args.cpu_workers, args.stable_after, args.check_interval,
+                          deid_key=DEID_KEY)
     n = args.studies * args.per_study
     print(f"pipeline benchmark: {args.studies} studies x {args.per_study} CT_small = {n} "
           f"instances, {args.repeat} runs per path, {args.cpu_workers} cpu workers, stable "
@@ -627,25 +520,18 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
                      "latency_studies": args.latency_studies,
                      "latency_instances": args.latency_instances, "quick": args.quick,
                      "node_rev": args.node_rev, "node_commit": args.node_commit},
-        "environment": environment(),
+        "environment": dicom_environment(),
         "summary": summary,
         "throughput_runs": [asdict(r) for r in runs],
         "latency_runs": [asdict(r) for r in latency],
     }
-    write_doc(args.out, doc)
+    write_json(args.out, doc)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out = args.out.resolve()
-    args.node_commit = None
-
-    def body(root: Path) -> None:
-        check_tools()
-        run_benchmark(args, root)
-
-    return run_isolated("bench/pipeline.py", "its servers", body,
-                        tmp_prefix="synthnode-bench-pipeline-", keep=args.keep)
+    return run_main("bench/pipeline.py", lambda root: run_benchmark(args, root),
+                    tmp_prefix="synthnode-bench-pipeline-", keep=args.keep)
 
 
 if __name__ == "__main__":

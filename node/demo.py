@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.config import load_settings
-from node.localorthanc import OrthancProcess, dcmtk, free_port, isolate_network
+from node.localorthanc import OrthancProcess, dcmtk, free_port
+from node.netns import isolate_network
 from node.samples import make_study
 
 SAMPLES = (("CT_small.dcm", 4), ("RG1_UNCR.dcm", 1))  # (pydicom test file, instances)

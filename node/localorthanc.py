@@ -2,13 +2,12 @@
 ``synthnode demo``, the tests and the benchmarks.
 
 Standard library only. Callers run it inside a private network namespace
-(:func:`isolate_network`): Orthanc 1.10 cannot listen on loopback only.
+(:func:`node.netns.isolate_network`): Orthanc 1.10 cannot listen on loopback only.
 """
 
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import os
 import shutil
@@ -22,10 +21,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 HOST = "127.0.0.1"
-ISOLATED_ENV = "SYNTHNODE_ISOLATED"
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
 
 
 def dcmtk(tool: str) -> str:
@@ -38,28 +33,6 @@ def dcmtk(tool: str) -> str:
     return path
 
 
-def isolate_network() -> None:
-    """Move this process (and the children it starts later) into a private network namespace
-    with only loopback up, and a private mount namespace; as a non-root user through a user
-    namespace. Servers started afterwards are reachable from nowhere else. OSError when the
-    kernel refuses (not root, and unprivileged user namespaces are off)."""
-    if os.environ.get(ISOLATED_ENV) == "1":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    uid, gid = os.geteuid(), os.getegid()
-    flags = _CLONE_NEWNET | _CLONE_NEWNS | (_CLONE_NEWUSER if uid != 0 else 0)
-    if libc.unshare(flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot create a private network namespace ({os.strerror(err)}): "
-                      "run as root, or where unprivileged user namespaces are allowed")
-    if uid != 0:
-        Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
-        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
-    # Mounts made from here on must not leak to the host.
-    subprocess.run(["mount", "--make-rprivate", "/"], check=False, capture_output=True)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    os.environ[ISOLATED_ENV] = "1"
 USER_METADATA = {"SynthnodeJob": 1024, "SynthnodeTask": 1025}
 """The user metadata synthnode writes ([orthanc] job_metadata / task_metadata defaults)."""
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from node.localorthanc import OrthancProcess, free_port, isolate_network
+from node.localorthanc import OrthancProcess, free_port
+from node.netns import isolate_network
 from tests import leftovers
 from tests.nodeproc import NodeProcess, StoreSCP, write_config
 
