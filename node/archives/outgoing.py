@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -52,6 +52,21 @@ class Outgoing:
         buffer = BytesIO()
         dcmwrite(buffer, self.source, enforce_file_format=True)
         return buffer.getvalue()
+
+
+@dataclass
+class Made:
+    """A job's outputs: files to deliver, and what was set aside and why."""
+
+    files: list[Outgoing] = field(default_factory=list)
+    """Identified as they were made, so that dispatch need not read their headers again."""
+    quarantined: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, path: Path, ds: Dataset) -> None:
+        """Add the output written to ``path`` from ``ds``, identified by ``ds``'s header."""
+        self.files.append(Outgoing(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                   str(ds.file_meta.TransferSyntaxUID)))
 
 
 ObjectLike = str | os.PathLike[str] | Dataset | Outgoing

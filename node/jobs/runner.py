@@ -14,37 +14,34 @@ delivered, so a retry after a delivery failure does not run the model again.
 from __future__ import annotations
 
 import errno
-import json
+import functools
 import logging
 import os
 import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.archives import ArchiveError, Outgoing, read_source, send_to
-from node.archives.outgoing import load
-from node.config import RuleTask, Settings, TaskKind
-from node.deid import DeidentificationError, Deidentifier, Quarantined
-from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
-from node.dicom import SeriesSpec, own_output, save_checked
+from node.archives.outgoing import Made, load
+from node.config import Settings, TaskKind
+from node.deid import DeidentificationError
+from node.deid.job import Deidentifiers
+from node.dicom import own_output
+from node.errors import describe
+from node.generate.job import SynthesisFailed, Synthesizer
+from node.generate.tasks import deidentifier
+from node.jobs.manifest import Manifest
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState
 from node.reserve import DiskReserve
 
-if TYPE_CHECKING:
-    from node.generate.tasks import Generation
-
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-GENERATION_CHUNK = 16  # sources per model call: bounds memory on long series
 SPACE_WAIT_S = 2.0
 """How long a job that would write waits before it looks at the disk reserve again (doubled
 on each wait in a row, up to :data:`SPACE_WAIT_MAX_S`)."""
@@ -69,25 +66,18 @@ class JobFailed(Exception):
         self.permanent = permanent
 
 
-@dataclass
-class Made:
-    """A job's outputs: files to deliver, and what was set aside and why."""
-
-    files: list[Outgoing] = field(default_factory=list)
-    """Identified as they were made, so that dispatch need not read their headers again."""
-    quarantined: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
 class Runner:
-    """Runs jobs in one worker process; keeps models and the de-identifier warm."""
+    """Runs jobs in one worker process: their record, heartbeat, retries and waits for disk
+    space; the outputs are made by the de-identification and synthesis stages, kept warm."""
 
     def __init__(self, settings: Settings, queues: Queues) -> None:
         self.settings = settings
         self.queues = queues
         self.stop = threading.Event()
-        self._deid: dict[tuple[str, ...], Deidentifier] = {}
-        self._generation: Generation | None = None
+        self.synthesizer = Synthesizer(settings)
+        self.deidentifiers = Deidentifiers(
+            settings.deid,
+            lambda deid: deidentifier(deid, settings.output, self.synthesizer.generation))
         self.reserve: DiskReserve = DiskReserve.for_settings(settings)
         # jobs that wait for space: how many times in a row (one log line each, and a wait
         # that grows so that a long backlog does not churn the queue every few seconds)
@@ -120,7 +110,7 @@ class Runner:
             if beat is not None and now - beat.at < jobs.heartbeat_timeout_s:
                 log.debug("job %s is running on %s; message dropped", job.id, beat.worker)
                 return
-        if self._writes(job) and not (self._work(job) / MANIFEST).exists():
+        if self._writes(job) and not Manifest.exists(self._work(job)):
             # (outputs made by an earlier attempt are only delivered: that frees space)
             short = self.reserve.shortfall()
             if short is not None:
@@ -150,7 +140,7 @@ class Runner:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 log.exception("job %s failed unexpectedly", job.id)
-                self.queues.fail(job, f"internal error: {type(exc).__name__}", permanent=False)
+                self.queues.fail(job, f"internal error: {describe(exc)}", permanent=False)
             else:
                 waited = True
                 self._drop_partial(job)
@@ -160,7 +150,7 @@ class Runner:
             self.queues.fail(job, exc.reason, exc.permanent)
         except Exception as exc:  # noqa: BLE001 - a job's failure never kills the worker
             log.exception("job %s failed unexpectedly", job.id)
-            self.queues.fail(job, f"internal error: {type(exc).__name__}", permanent=False)
+            self.queues.fail(job, f"internal error: {describe(exc)}", permanent=False)
         else:
             current = store.get(job.id)
             if current is not None and current.revision > job.revision:
@@ -195,7 +185,7 @@ class Runner:
         """A job stopped for disk space leaves nothing half-made behind: its partial outputs
         and fetched sources would otherwise hold the very space it waits for (made again, with
         the same UIDs, when it resumes). Outputs with a manifest are complete: they stay."""
-        if not (self._work(job) / MANIFEST).exists():
+        if not Manifest.exists(self._work(job)):
             shutil.rmtree(self._work(job), ignore_errors=True)
         shutil.rmtree(self._source_dir(job), ignore_errors=True)
 
@@ -253,83 +243,32 @@ class Runner:
         return self.settings.jobs.work_dir / f"{job.id}.source"
 
     def _reuse(self, work: Path, job: Job) -> Made | None:
-        try:
-            manifest = json.loads((work / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-        if manifest.get("revision") != job.revision:
-            return None
-        files = [Outgoing(work / name, sop_class, sop_instance, ts)
-                 for name, sop_class, sop_instance, ts in manifest["files"]]
-        if not all(isinstance(f.source, Path) and f.source.exists() for f in files):
-            return None
-        log.info("job %s: delivering the %d outputs made by an earlier attempt", job.id,
-                 len(files))
-        return Made(files, int(manifest["quarantined"]), list(manifest["notes"]))
-
-    def _make(self, job: Job, sources: list[Path], work: Path) -> Made:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        kind = job.task.task
-        made = (self._deidentify(job, sources, work) if kind is TaskKind.DEIDENTIFY
-                else self._synthesize(job, sources, work))
-        manifest = {"revision": job.revision,
-                    "files": [[Path(str(f.source)).name, f.sop_class_uid, f.sop_instance_uid,
-                               f.transfer_syntax_uid] for f in made.files],
-                    "quarantined": made.quarantined, "notes": made.notes}
-        tmp = work / f"{MANIFEST}.part"
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, work / MANIFEST)
+        made = Manifest.load(work, job.revision)
+        if made is not None:
+            log.info("job %s: delivering the %d outputs made by an earlier attempt", job.id,
+                     len(made.files))
         return made
 
-    def deidentifier(self, task: RuleTask | None = None) -> Deidentifier:
-        """The de-identifier for ``task``'s options (``[deid] options`` when it sets none)."""
-        deid = self.settings.deid
-        if task is not None and task.options is not None:
-            deid = deid.model_copy(update={"options": task.options})
-        key = tuple(sorted(o.value for o in deid.options))
-        if key not in self._deid:
-            from node.generate.tasks import deidentifier
-
-            try:
-                self._deid[key] = deidentifier(deid, self.settings.output, self.generation)
-            except DeidentificationError as exc:
-                raise JobFailed(str(exc), permanent=True) from None
-        return self._deid[key]
-
-    def generation(self) -> Generation:
-        if self._generation is None:
-            from node.generate.tasks import Generation
-
-            self._generation = Generation(self.settings)
-        return self._generation
-
-    def _deidentify(self, job: Job, sources: list[Path], work: Path) -> Made:
-        deid = self.deidentifier(job.task)
-        made = Made()
-        mappings: list[Mapping] = []
-        for path in sources:
-            self._check_space()
-            source = _read(path)
-            original = Identity.of(source)  # before de-identification changes it in place
-            sop = original.sop_instance_uid
-            if self._own(job, source, made):
-                continue
-            try:
-                output, target = deidentify_to_file(deid, source, self.settings.deid.output,
-                                                    work)
-            except Quarantined as exc:
-                made.quarantined += 1
-                made.notes.append(f"{sop}: {exc}")
-                log.warning("job %s: instance %s quarantined: %s", job.id, sop, exc)
-                continue
-            except DeidentificationError as exc:
-                raise JobFailed(str(exc), permanent=True) from None
-            made.files.append(_outgoing(target, output))
-            mappings.append(Mapping(original, Identity.of(output)))
-        broker = self.settings.deid.honest_broker_file
-        if broker is not None and mappings:
-            record_mappings(broker, mappings)
+    def _make(self, job: Job, sources: list[Path], work: Path) -> Made:
+        """Make the task's outputs in a fresh ``work`` and record them in its manifest."""
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        task = job.task
+        own = functools.partial(self._own, job)
+        try:
+            if task.task is TaskKind.DEIDENTIFY:
+                made = self.deidentifiers.make(sources, work, options=task.options,
+                                               job_id=job.id, read=_read, own=own,
+                                               check_space=self._check_space)
+            else:
+                made = self.synthesizer.make(task, sources, work,
+                                             deidentifiers=self.deidentifiers, job_id=job.id,
+                                             rule=job.rule, task_index=job.task_index,
+                                             read=_read, own=own,
+                                             check_space=self._check_space)
+        except (DeidentificationError, SynthesisFailed) as exc:
+            raise JobFailed(str(exc), permanent=True) from None
+        Manifest.write(work, made, job.revision)
         return made
 
     def _own(self, job: Job, source: Dataset, made: Made) -> bool:
@@ -342,61 +281,6 @@ class Runner:
         log.info("job %s: instance %s is synthnode's own output: not processed again", job.id,
                  sop)
         return True
-
-    def _synthesize(self, job: Job, sources: list[Path], work: Path) -> Made:
-        from node.generate.tasks import Request, synthesize
-
-        task = job.task
-        kind = task.task
-        series = SeriesSpec(task.series_description or f"synthnode {kind.value}",
-                            9000 + job.task_index if task.series_number is None
-                            else task.series_number)
-        if kind is TaskKind.TEXT2IMG:  # one request per series: its first instance
-            seen: set[str] = set()
-            firsts = []
-            for p in sources:
-                if p.parent.name not in seen:
-                    seen.add(p.parent.name)
-                    firsts.append(p)
-            sources = firsts
-        try:
-            request = Request(kind, prompt=task.prompt, negative_prompt=task.negative_prompt,
-                              regions=tuple(task.regions), margins=task.margins,
-                              strength=task.strength, seed=task.seed,
-                              num=task.num if kind is TaskKind.TEXT2IMG else 1,
-                              series=series)
-        except ValueError as exc:
-            raise JobFailed(f"rule {job.rule} task {job.task_index}: {exc}", permanent=True) \
-                from None
-        deid = self.deidentifier(task) if task.deidentified_source else None
-        made = Made()
-        for start in range(0, len(sources), GENERATION_CHUNK):
-            self._check_space()
-            batch = [ds for ds in (_read(path) for path in sources[start:start + GENERATION_CHUNK])
-                     if not self._own(job, ds, made)]
-            if not batch:
-                continue
-            sops = [str(ds.SOPInstanceUID) for ds in batch]  # before de-identification
-            try:
-                results = synthesize(self.generation(), [(request, ds) for ds in batch], deid)
-            except ValueError as exc:
-                raise JobFailed(f"generation failed: {exc}", permanent=True) from None
-            except DeidentificationError as exc:
-                raise JobFailed(str(exc), permanent=True) from None
-            for sop, outputs in zip(sops, results, strict=True):
-                if isinstance(outputs, Quarantined):
-                    made.quarantined += 1
-                    made.notes.append(f"{sop}: not synthesized: {outputs}")
-                    log.warning("job %s: instance %s quarantined: %s", job.id, sop, outputs)
-                    continue
-                for out in outputs:
-                    saved = save_checked(out, work, self.settings.output, job.id)
-                    if saved.quarantined:
-                        made.quarantined += 1
-                        made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
-                    else:
-                        made.files.append(_outgoing(saved.path, out))
-        return made
 
     def _deliver(self, job: Job, files: list[Outgoing]) -> None:
         if not files:
@@ -411,11 +295,6 @@ class Runner:
             if failed:
                 raise JobFailed(f"{len(failed)} of {len(results)} objects not delivered to "
                                 f"{failed[0].destination}: {failed[0].reason}")
-
-
-def _outgoing(path: Path, ds: Dataset) -> Outgoing:
-    return Outgoing(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                    str(ds.file_meta.TransferSyntaxUID))
 
 
 def _identify(path: Path) -> Outgoing:

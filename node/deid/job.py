@@ -1,0 +1,82 @@
+"""De-identifying a job's sources: a worker's warm de-identifiers, the outputs they write, and
+the honest-broker records of what became what.
+
+The job stage hands in how a source is read, whether it is the node's own output and whether
+there is disk space for the next output; what those raise passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from node.archives.outgoing import Made
+from node.config import DeidOption, DeidSettings
+from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
+from node.deid.engine import Deidentifier, Quarantined
+
+log = logging.getLogger(__name__)
+
+
+class Deidentifiers:
+    """A worker's de-identifiers, one per set of options, kept warm from job to job."""
+
+    def __init__(self, deid: DeidSettings, build: Callable[[DeidSettings], Deidentifier]) -> None:
+        """``build`` makes a de-identifier for its settings (with the inpainting hook where a
+        pixel rule fills with generated anatomy); it is called once per set of options."""
+        self.settings = deid
+        self._build = build
+        self._warm: dict[tuple[str, ...], Deidentifier] = {}
+
+    def get(self, options: list[DeidOption] | None = None) -> Deidentifier:
+        """The de-identifier for ``options`` (``[deid] options`` when None);
+        DeidentificationError when the settings cannot make one."""
+        deid = self.settings
+        if options is not None:
+            deid = deid.model_copy(update={"options": options})
+        key = tuple(sorted(o.value for o in deid.options))
+        if key not in self._warm:
+            self._warm[key] = self._build(deid)
+        return self._warm[key]
+
+    def make(
+        self,
+        sources: list[Path],
+        work: Path,
+        *,
+        options: list[DeidOption] | None,
+        job_id: str,
+        read: Callable[[Path], Dataset],
+        own: Callable[[Dataset, Made], bool],
+        check_space: Callable[[], None],
+    ) -> Made:
+        """De-identify each source into ``work``: an instance de-identification refuses is
+        quarantined (counted, with a note), the node's own outputs are skipped (``own`` notes
+        them), and each mapping is recorded in the honest-broker file. ``check_space`` runs
+        before each output; DeidentificationError when de-identification cannot run at all."""
+        deid = self.get(options)
+        made = Made()
+        mappings: list[Mapping] = []
+        for path in sources:
+            check_space()
+            source = read(path)
+            original = Identity.of(source)  # before de-identification changes it in place
+            sop = original.sop_instance_uid
+            if own(source, made):
+                continue
+            try:
+                output, target = deidentify_to_file(deid, source, self.settings.output, work)
+            except Quarantined as exc:
+                made.quarantined += 1
+                made.notes.append(f"{sop}: {exc}")
+                log.warning("job %s: instance %s quarantined: %s", job_id, sop, exc)
+                continue
+            made.add(target, output)
+            mappings.append(Mapping(original, Identity.of(output)))
+        broker = self.settings.honest_broker_file
+        if broker is not None and mappings:
+            record_mappings(broker, mappings)
+        return made

@@ -1,0 +1,112 @@
+"""Synthesizing a job's outputs: a worker's warm generation, run over the job's sources in
+chunks, each output written and checked.
+
+The job stage hands in how a source is read, whether it is the node's own output and whether
+there is disk space for the next chunk; what those raise passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from node.archives.outgoing import Made
+from node.config import RuleTask, Settings, TaskKind
+from node.deid import Quarantined
+from node.deid.job import Deidentifiers
+from node.dicom import SeriesSpec, save_checked
+from node.generate.tasks import Generation, Request, synthesize
+
+log = logging.getLogger(__name__)
+
+GENERATION_CHUNK = 16  # sources per model call: bounds memory on long series
+
+
+class SynthesisFailed(Exception):
+    """The task cannot make outputs from these sources (its settings, or the model refused
+    them); no retry mends it. The message says why and holds no patient data."""
+
+
+class Synthesizer:
+    """A worker's generation, its models loaded on first use and kept warm from job to job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._generation: Generation | None = None
+
+    def generation(self) -> Generation:
+        """The worker's generation (made on first call)."""
+        if self._generation is None:
+            self._generation = Generation(self.settings)
+        return self._generation
+
+    def make(
+        self,
+        task: RuleTask,
+        sources: list[Path],
+        work: Path,
+        *,
+        deidentifiers: Deidentifiers,
+        job_id: str,
+        rule: str,
+        task_index: int,
+        read: Callable[[Path], Dataset],
+        own: Callable[[Dataset, Made], bool],
+        check_space: Callable[[], None],
+    ) -> Made:
+        """``task`` (a synthesis task, the ``task_index``-th of ``rule``) run on ``sources``
+        (text2img: the first instance of each series), de-identified first when the task says
+        so; the outputs are written to ``work``. A source that cannot be passed on is
+        quarantined (counted, with a note); the node's own outputs are skipped (``own`` notes
+        them). ``check_space`` runs before each chunk. SynthesisFailed when the task cannot
+        run; DeidentificationError when its de-identification cannot."""
+        kind = task.task
+        series = SeriesSpec(task.series_description or f"synthnode {kind.value}",
+                            9000 + task_index if task.series_number is None
+                            else task.series_number)
+        if kind is TaskKind.TEXT2IMG:  # one request per series: its first instance
+            seen: set[str] = set()
+            firsts = []
+            for p in sources:
+                if p.parent.name not in seen:
+                    seen.add(p.parent.name)
+                    firsts.append(p)
+            sources = firsts
+        try:
+            request = Request(kind, prompt=task.prompt, negative_prompt=task.negative_prompt,
+                              regions=tuple(task.regions), margins=task.margins,
+                              strength=task.strength, seed=task.seed,
+                              num=task.num if kind is TaskKind.TEXT2IMG else 1,
+                              series=series)
+        except ValueError as exc:
+            raise SynthesisFailed(f"rule {rule} task {task_index}: {exc}") from None
+        deid = deidentifiers.get(task.options) if task.deidentified_source else None
+        made = Made()
+        for start in range(0, len(sources), GENERATION_CHUNK):
+            check_space()
+            batch = [ds for ds in (read(path) for path in sources[start:start + GENERATION_CHUNK])
+                     if not own(ds, made)]
+            if not batch:
+                continue
+            sops = [str(ds.SOPInstanceUID) for ds in batch]  # before de-identification
+            try:
+                results = synthesize(self.generation(), [(request, ds) for ds in batch], deid)
+            except ValueError as exc:
+                raise SynthesisFailed(f"generation failed: {exc}") from None
+            for sop, outputs in zip(sops, results, strict=True):
+                if isinstance(outputs, Quarantined):
+                    made.quarantined += 1
+                    made.notes.append(f"{sop}: not synthesized: {outputs}")
+                    log.warning("job %s: instance %s quarantined: %s", job_id, sop, outputs)
+                    continue
+                for out in outputs:
+                    saved = save_checked(out, work, self.settings.output, job_id)
+                    if saved.quarantined:
+                        made.quarantined += 1
+                        made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
+                    else:
+                        made.add(saved.path, out)
+        return made
