@@ -266,7 +266,8 @@ class OrthancSettings(_Section):
 
     url: str = Field("http://127.0.0.1:8042", pattern=r"^https?://")
     username: str = ""
-    password: str = Field("", description="secret: set SYNTHNODE__ORTHANC__PASSWORD, not the file")
+    password: str = Field("", repr=False,
+                          description="secret: set SYNTHNODE__ORTHANC__PASSWORD, not the file")
     timeout_s: float = Field(30.0, gt=0)
     job_metadata: str = Field("SynthnodeJob", description="user metadata name, index >= 1024")
     task_metadata: str = Field("SynthnodeTask", description="user metadata name, index >= 1024")
@@ -334,26 +335,26 @@ class OrthancDestination(_Destination):
         "", pattern=_ENV_NAME,
         description="the environment variable that holds the REST password (never the file)",
     )
-    password: str = Field("", exclude=True, repr=False,
-                          description='secret: [orthanc] password (the "orthanc" destination '
-                                      "only)")
     kind: Literal[DestinationKind.ORTHANC] = DestinationKind.ORTHANC
     module: ClassVar[str] = "node.archives.orthanc"
 
     @model_validator(mode="before")
     @classmethod
     def _no_dicom_tls(cls, data: Any) -> Any:
-        if isinstance(data, dict) and any(str(k).startswith("tls") for k in data):
+        if not isinstance(data, dict):
+            return data
+        if any(str(k).startswith("tls") and v for k, v in data.items()):
             raise ValueError(f'destination "{data.get("name", "")}": tls settings are for '
                              "DICOM peers; an Orthanc is reached over TLS by an https:// url")
-        return data
+        # (tls = false, once a key of every destination, still loads)
+        return {k: v for k, v in data.items() if not str(k).startswith("tls")}
 
     def orthanc_settings(self, base: OrthancSettings, environ: dict[str, str] | None = None
                          ) -> OrthancSettings:
         """``[orthanc]`` for this Orthanc: its url and user, the password from
         ``password_env``, timeouts and metadata names from ``base``."""
         env = os.environ if environ is None else environ
-        password = env.get(self.password_env, "") if self.password_env else self.password
+        password = env.get(self.password_env, "") if self.password_env else ""
         return base.model_copy(update={"url": self.url, "username": self.username,
                                        "password": password})
 
@@ -924,8 +925,7 @@ class Settings(_Section):
     def _named(self) -> dict[str, Destination]:
         # [orthanc] is the destination named "orthanc", first of all
         orthanc = OrthancDestination(name=ORTHANC, url=self.orthanc.url,
-                                     username=self.orthanc.username,
-                                     password=self.orthanc.password)
+                                     username=self.orthanc.username)
         return {ORTHANC: orthanc, **{d.name: d for d in self.destinations}}
 
     @property

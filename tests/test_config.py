@@ -183,3 +183,17 @@ def test_secret_values_are_never_echoed_in_errors(tmp_path: Path) -> None:
     assert "[orthanc] password (a secret, not shown): Input should be a valid string" in str(
         info.value)
     assert "[1, 2]" not in str(info.value)
+
+
+def test_a_destination_password_never_comes_from_the_file(tmp_path: Path) -> None:
+    """Only [orthanc] (by its environment variable) and password_env carry passwords: a
+    password in a [[destinations]] entry is refused, and none shows in a repr."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[[destinations]]\nname = "o"\nurl = "http://x"\npassword = "hunter2-x"\n')
+    with pytest.raises(ConfigError, match="password: unknown key") as info:
+        load_settings(cfg, environ={})
+    assert "hunter2-x" not in str(info.value)
+    cfg.write_text('[[destinations]]\nname = "o"\nurl = "http://x"\ntls = false\n')
+    settings = load_settings(cfg, environ={"SYNTHNODE__ORTHANC__PASSWORD": "hunter2-y"})
+    assert settings.orthanc_named("orthanc").password == "hunter2-y"
+    assert "hunter2-y" not in repr(settings) + repr(settings.all_destinations)

@@ -127,3 +127,18 @@ def test_outputs_made_again_in_a_new_process_keep_their_uids(
         assert _uids(scp.received()) == first
     finally:
         scp.stop()
+
+
+def test_outputs_recorded_before_the_rename_are_delivered_not_made_again(tmp_path: Path) -> None:
+    """A manifest written by 0.1 (its study counter named "generation") still describes the
+    outputs an earlier attempt made: they are reused for that revision only."""
+    from node.jobs.manifest import MANIFEST, Manifest
+
+    (tmp_path / "out.dcm").write_bytes(b"made")
+    (tmp_path / MANIFEST).write_text(json.dumps({
+        "generation": 3,
+        "files": [["out.dcm", "1.2.840.10008.5.1.4.1.1.7", "1.2.3", "1.2.840.10008.1.2.1"]],
+        "quarantined": 1, "notes": ["1.2.4: quarantined"]}))
+    made = Manifest.load(tmp_path, 3)
+    assert made is not None and [f.sop_instance_uid for f in made.files] == ["1.2.3"]
+    assert made.quarantined == 1 and Manifest.load(tmp_path, 4) is None

@@ -66,9 +66,6 @@ class Source:
         """Whether the study is downloaded for the job (not read in place from the spool)."""
         return self.kind is not SourceKind.SPOOL
 
-    def describe(self) -> str:
-        return "the spool" if not self.fetched else f"{self.kind.value} {self.archive}"
-
 
 SPOOL = Source()
 
@@ -147,6 +144,11 @@ class Archive(ABC):
         raise ArchiveError(f'"{self.name}" ({self.kind.value}) cannot be searched',
                            permanent=True)
 
+    def count(self, study: FoundStudy) -> int:
+        """How many instances the study holds, where the archive says so cheaply; 0 when only
+        :meth:`series` can tell."""
+        return 0
+
     def series(self, study: FoundStudy) -> list[FoundSeries]:
         """The study's series; :class:`StudyGone` when it is no longer there."""
         raise ArchiveError(f'"{self.name}" ({self.kind.value}) cannot be searched',
@@ -155,7 +157,8 @@ class Archive(ABC):
     def fetch(self, study: str, study_uid: str, series_uids: Sequence[str], folder: Path
               ) -> list[Path]:
         """Download the study's ``series_uids`` (``study``: the archive's id of it) into
-        ``folder/<Series Instance UID>/<SOP Instance UID>.dcm``, each file as received."""
+        ``folder/<Series Instance UID>/``, one Part 10 file per instance (``*.dcm``, named by
+        the archive's id of the instance), its data set and transfer syntax as stored."""
         raise ArchiveError(f'"{self.name}" ({self.kind.value}) cannot be fetched from',
                            permanent=True)
 

@@ -21,6 +21,7 @@ name the server's URL, the step and the HTTP status, never patient data.
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import os
 import re
@@ -382,6 +383,8 @@ class DicomWebArchive(Archive):
                 if not count:  # some servers answer an empty 200 rather than 404
                     raise gone
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # (the job waits for space, its attempt not counted)
                 raise ArchiveError(f"{step} from {self.url}: cannot write into {target} "
                                    f"({exc.strerror})") from None
         return written

@@ -346,6 +346,12 @@ class OrthancArchive(Archive):
                               str(s["MainDicomTags"].get("StudyDate", "")), 0) for s in found]
         return sorted(studies, key=lambda s: (s.study_date, s.key))
 
+    def count(self, study: FoundStudy) -> int:
+        try:
+            return len(self._json(f"/studies/{study.key}/instances"))
+        except LookupError:
+            raise StudyGone(f'{self.label} has no study "{study.key}"') from None
+
     def series(self, study: FoundStudy) -> list[FoundSeries]:
         """One header per series (its first instance's), with the AE titles Orthanc recorded;
         series the node sent with its job metadata are marked ``own``."""

@@ -32,7 +32,7 @@ class Manifest:
             manifest = json.loads((work / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
-        if manifest.get("revision") != revision:
+        if manifest.get("revision", manifest.get("generation")) != revision:  # (0.1: generation)
             return None
         files = [Outgoing(work / name, sop_class, sop_instance, ts)
                  for name, sop_class, sop_instance, ts in manifest["files"]]

@@ -101,22 +101,21 @@ class Backfill:
     def step(self, study: FoundStudy) -> tuple[Step, tuple[str, ...]]:
         """Route one study unless its jobs are done already; (what happened, its job ids)."""
         key = f"{MARKER}{self.source}:{study.key}"
-        store = self.queues.store
+        marker = self.queues.store.get_record(key)
         try:
+            # (a study counted cheaply and done already is skipped without reading its series)
+            instances = study.instances or self.archive.count(study)
+            if instances and (done := self._done(marker, instances)) is not None:
+                return done
             series = self.archive.series(study)
         except StudyGone:
             return Step.GONE, ()
         except ArchiveError as exc:
             raise BackfillError(str(exc)) from None
-        instances = study.instances or sum(s.instances for s in series)
-        marker = store.get_record(key)
-        if marker is not None and _instances(marker) >= instances:
-            if marker.get("state") == Step.OWN_OUTPUT:
-                return Step.OWN_OUTPUT, ()
-            ids = tuple(marker.get("jobs", ()))
-            jobs = store.get_many(ids)
-            if all(j in jobs and jobs[j].state is JobState.DONE for j in ids):
-                return Step.DONE, ids
+        if not instances:
+            instances = sum(s.instances for s in series)
+            if (done := self._done(marker, instances)) is not None:
+                return done
         facts = [SeriesFacts(study.study_uid or str(s.header.get("StudyInstanceUID", "")),
                              s.series_uid, s.header, calling_aet=s.calling_aet,
                              called_aet=s.called_aet)
@@ -133,9 +132,23 @@ class Backfill:
             log.info("backfill from %s: study %s holds only synthnode outputs (%d series); "
                      "not routed", self.source, study.key, len(series))
             step, ids = Step.OWN_OUTPUT, ()
-        store.put_record(key, {"state": step.value, "instances": instances,
-                               "jobs": list(ids), "at": time.time()})
+        self.queues.store.put_record(key, {"state": step.value, "instances": instances,
+                                           "jobs": list(ids), "at": time.time()})
         return step, ids
+
+    def _done(self, marker: dict[str, Any] | None, instances: int
+              ) -> tuple[Step, tuple[str, ...]] | None:
+        """What the marker says when the study's jobs are done for ``instances`` (or it holds
+        only the node's outputs); None when it must be routed (again)."""
+        if marker is None or _instances(marker) < instances:
+            return None
+        if marker.get("state") == Step.OWN_OUTPUT:
+            return Step.OWN_OUTPUT, ()
+        ids = tuple(marker.get("jobs", ()))
+        jobs = self.queues.store.get_many(ids)
+        if all(j in jobs and jobs[j].state is JobState.DONE for j in ids):
+            return Step.DONE, ids
+        return None
 
     def walk(self, studies: list[FoundStudy],
              progress: Callable[[FoundStudy, Step], None] | None = None) -> Walk:
