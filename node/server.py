@@ -31,6 +31,7 @@ from node import __version__
 from node.config import Settings
 from node.jobs import Queues, Reaper, WorkerPool
 from node.jobs.worker import WORKERS_NAME, kill_leftovers
+from node.periodic import Periodic
 from node.preflight import startup_check
 from node.receive.scp import (
     ListenError,
@@ -68,25 +69,15 @@ def _listen_error(exc: ListenError) -> StartError | None:
     return None
 
 
-class Schedule:
+class Schedule(Periodic):
     """A thread that runs ``tasks`` (the job reaper, the spool's retention) with the time, every
     ``interval_s``: apart from the stability monitor, so that a slow job store (Redis) delays
     them, never a stable study's hand-off. A task that fails is logged and run again on the
     next pass."""
 
     def __init__(self, interval_s: float, tasks: Sequence[Callable[[float], object]]) -> None:
-        self.interval_s = interval_s
+        super().__init__("schedule", interval_s)
         self.tasks = tuple(tasks)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="schedule", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
 
     def tick(self, now: float | None = None) -> None:
         """One pass of every task."""
@@ -97,11 +88,6 @@ class Schedule:
             except Exception:
                 log.exception("periodic task %s failed; retrying on the next pass",
                               getattr(task, "__qualname__", task))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.tick()
-            self._stop.wait(self.interval_s)
 
 
 class Server:

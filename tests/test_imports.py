@@ -9,8 +9,8 @@ the order allows). The top-level modules of ``node/`` are of two kinds:
 
 - shared utilities (:data:`SHARED`: settings, UIDs, keys, TLS, pixel data, samples, the local
   Orthanc, network isolation, atomic files, the AE builder, error descriptions, the disk
-  reserve, the package itself): any stage may import them; they import no stage and no
-  entry point;
+  reserve, a periodic thread, the package itself): any stage may import them; they import
+  no stage and no entry point;
 - entry points (:data:`ENTRY`: the command line, ``serve``, the process set-up, the preflight,
   the demo): they wire the stages together and may import any of them; no stage imports them.
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE = ROOT / "node"
 STAGES = ("receive", "spool", "route", "jobs", "generate", "deid", "dicom", "archives")
 SHARED = {"__init__", "config", "uids", "keys", "tls", "pixeldata", "samples", "localorthanc",
-          "files", "dicomnet", "errors", "reserve", "netns"}
+          "files", "dicomnet", "errors", "reserve", "netns", "periodic"}
 ENTRY = {"__main__", "cli", "server", "process", "preflight", "demo"}
 
 PENDING: dict[tuple[str, str], str] = {}

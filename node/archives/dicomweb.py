@@ -42,7 +42,14 @@ from pydicom.filewriter import dcmwrite
 
 from node.archives.base import Archive, ArchiveError, FoundSeries, FoundStudy, StudyGone
 from node.archives.dimse import status_outcome
-from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver, difference
+from node.archives.outgoing import (
+    DispatchResult,
+    ObjectLike,
+    Outgoing,
+    deliver,
+    difference,
+    log_outcome,
+)
 from node.archives.retry import Outcome, RoundFn, permanent, sent, transient
 from node.config import DestinationKind, DicomWebDestination, Settings
 from node.files import atomic_open
@@ -169,7 +176,7 @@ class DicomWebArchive(Archive):
                 for i in pending:
                     item = items[i]
                     if item is not None and i in outcomes:
-                        self._log(item, outcomes[i], job_id)
+                        log_outcome(log, self.label, item, outcomes[i], job_id)
                 return outcomes
             return attempt_round
 
@@ -301,14 +308,6 @@ class DicomWebArchive(Archive):
                 outcomes[item.index] = transient(f"the {step} answer of {self.url} does not "
                                                  "name this instance")
         return outcomes
-
-    def _log(self, item: Outgoing, outcome: Outcome, job_id: str) -> None:
-        if outcome.ok:
-            log.debug("%s: %s sent (job %s)%s", self.label, item.sop_instance_uid, job_id,
-                      f": {outcome.reason}" if outcome.reason else "")
-        else:
-            log.warning("%s: %s not sent (job %s): %s", self.label, item.sop_instance_uid,
-                        job_id, outcome.reason)
 
     # -- QIDO-RS, WADO-RS --------------------------------------------------------------------
 

@@ -36,7 +36,14 @@ from pydicom import dcmread
 from requests.adapters import HTTPAdapter
 
 from node.archives.base import Archive, ArchiveError, FoundSeries, FoundStudy, StudyGone
-from node.archives.outgoing import DispatchResult, ObjectLike, Outgoing, deliver, difference
+from node.archives.outgoing import (
+    DispatchResult,
+    ObjectLike,
+    Outgoing,
+    deliver,
+    difference,
+    log_outcome,
+)
 from node.archives.retry import Outcome, RoundFn, permanent, sent, transient
 from node.config import (
     DestinationKind,
@@ -145,7 +152,7 @@ class OrthancDispatcher:
                         for j in pending[n:]:
                             outcomes[j] = transient(str(exc))
                         break
-                    self._log(item, outcomes[i], job_id)
+                    log_outcome(log, self.name, item, outcomes[i], job_id)
                 return outcomes
             return attempt_round
 
@@ -223,14 +230,6 @@ class OrthancDispatcher:
         if response is None:  # the client swallows request errors it does not translate
             raise _Unreachable(f"Orthanc at {self.settings.url}: HTTP request failed ({step})")
         return response
-
-    def _log(self, item: Outgoing, outcome: Outcome, job_id: str) -> None:
-        if outcome.ok:
-            log.debug("%s: %s sent (job %s)%s", self.name, item.sop_instance_uid, job_id,
-                      f": {outcome.reason}" if outcome.reason else "")
-        else:
-            log.warning("%s: %s not sent (job %s): %s", self.name, item.sop_instance_uid,
-                        job_id, outcome.reason)
 
 
 def has_labels(version: str) -> bool:

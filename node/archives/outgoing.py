@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
-from node.archives.retry import RoundFn, permanent, run_rounds
+from node.archives.retry import Outcome, RoundFn, permanent, run_rounds
 from node.config import DispatchSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,17 @@ class Made:
         """Add the output written to ``path`` from ``ds``, identified by ``ds``'s header."""
         self.files.append(Outgoing(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                                    str(ds.file_meta.TransferSyntaxUID)))
+
+
+def log_outcome(logger: logging.Logger, where: str, item: Outgoing, outcome: Outcome,
+                job_id: str) -> None:
+    """One line for one object's fate at ``where``: debug when sent, a warning when not."""
+    if outcome.ok:
+        logger.debug("%s: %s sent (job %s)%s", where, item.sop_instance_uid, job_id,
+                     f": {outcome.reason}" if outcome.reason else "")
+    else:
+        logger.warning("%s: %s not sent (job %s): %s", where, item.sop_instance_uid, job_id,
+                       outcome.reason)
 
 
 ObjectLike = str | os.PathLike[str] | Dataset | Outgoing

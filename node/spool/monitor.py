@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from node.periodic import Periodic
 from node.spool.spool import HandedOn, Spool, StableStudy, StableStudyHandler
 
 log = logging.getLogger(__name__)
@@ -20,37 +20,19 @@ def log_stable_study(study: StableStudy) -> HandedOn | None:
     return None
 
 
-class StabilityMonitor:
+class StabilityMonitor(Periodic):
     """A thread that, every ``check_interval_s``, marks quiet studies stable and hands stable
     studies to ``handler``, and does nothing else (nothing slower can delay a hand-off). State
     lives in the spool index, so it survives restarts: a study that was stable before a crash
     is handed on after it, unless it was handed already."""
 
     def __init__(self, spool: Spool, handler: StableStudyHandler = log_stable_study) -> None:
+        super().__init__("stability-monitor", spool.settings.check_interval_s)
         self.spool = spool
         self.handler = handler
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stability-monitor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
 
     def tick(self, now: float | None = None) -> int:
         """One pass; returns the number of studies handed on."""
         now = time.time() if now is None else now
         self.spool.mark_stable(now)
         return self.spool.hand_off(self.handler)
-
-    def _run(self) -> None:
-        interval = self.spool.settings.check_interval_s
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("stability monitor pass failed; retrying")
-            self._stop.wait(interval)
