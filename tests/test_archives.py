@@ -3,11 +3,14 @@ kind picks its module, and a peer that never answers is named in the error."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -22,6 +25,20 @@ from node.archives.orthanc import OrthancArchive
 from node.config import Queue, RuleTask, Settings
 from node.jobs import Job
 from node.localorthanc import free_port
+
+
+@contextlib.contextmanager
+def find_scp(ae_title: str, on_find: Callable[[evt.Event], Any]) -> Iterator[int]:
+    """A DICOM peer answering Study Root C-FIND with ``on_find``, on a free port (yielded)."""
+    scp = AE(ae_title=ae_title)
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        yield port
+    finally:
+        server.shutdown()
 
 
 def settings_with(**destination: object) -> Settings:
@@ -83,21 +100,17 @@ def test_a_peer_that_never_answers_c_find_is_named_with_the_level() -> None:
         release.wait(10)  # longer than the node's DIMSE timeout (1 s)
         yield 0x0000, None
 
-    scp = AE(ae_title="SILENT")
-    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = scp.start_server(("127.0.0.1", port), block=False,
-                              evt_handlers=[(evt.EVT_C_FIND, never)])
-    try:
-        settings = settings_with(ae_title="SILENT", host="127.0.0.1", port=port)
-        started = time.monotonic()
-        with open_archive("pacs", settings) as archive, pytest.raises(ArchiveError) as info:
-            archive.find(datetime.date(2020, 1, 1))
-        assert time.monotonic() - started < 8
-        assert str(info.value) == f"C-FIND at SILENT@127.0.0.1:{port} (STUDY) failed: no answer"
-    finally:
-        release.set()
-        server.shutdown()
+    with find_scp("SILENT", never) as port:
+        try:
+            settings = settings_with(ae_title="SILENT", host="127.0.0.1", port=port)
+            started = time.monotonic()
+            with open_archive("pacs", settings) as archive, pytest.raises(ArchiveError) as info:
+                archive.find(datetime.date(2020, 1, 1))
+            assert time.monotonic() - started < 8
+            assert str(info.value) == (f"C-FIND at SILENT@127.0.0.1:{port} (STUDY) failed: "
+                                       "no answer")
+        finally:
+            release.set()  # (before the server shuts down: its handler waits on it)
 
 
 def test_a_peer_answers_series_as_stand_in_headers() -> None:
@@ -114,12 +127,7 @@ def test_a_peer_answers_series_as_stand_in_headers() -> None:
             yield 0xFF00, ds
         yield 0x0000, None
 
-    scp = AE(ae_title="PACS")
-    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = scp.start_server(("127.0.0.1", port), block=False,
-                              evt_handlers=[(evt.EVT_C_FIND, answer)])
-    try:
+    with find_scp("PACS", answer) as port:
         settings = settings_with(ae_title="PACS", host="127.0.0.1", port=port)
         with open_archive("pacs", settings) as archive:
             from node.archives import FoundStudy
@@ -127,5 +135,3 @@ def test_a_peer_answers_series_as_stand_in_headers() -> None:
             (series,) = archive.series(FoundStudy("1.2.3", "1.2.3", "20200101", 0))
         assert series.series_uid == "1.2.3.4" and series.instances == 7
         assert series.header.Modality == "CT" and not series.own
-    finally:
-        server.shutdown()
