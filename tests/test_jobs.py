@@ -171,7 +171,8 @@ def test_worker_killed_mid_job_then_one_set_of_outputs(
             return int(jobs[0].worker.rsplit(":", 1)[1])
         return None
 
-    pid = wait_for(running_and_sending, what="a job half delivered")
+    # (all 300 outputs are made before the first is sent: ~50 s on a quiet 2-core machine)
+    pid = wait_for(running_and_sending, timeout_s=240.0, what="a job half delivered")
     killed = records(node)[0].worker
     os.kill(pid, signal.SIGKILL)
     assert orthanc.count_instances() < len(files), "the job finished before the kill"
