@@ -150,11 +150,13 @@ def cmd_key(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from node.jobs import run_worker
     from node.keys import KeyRecord, key_problem
-    from node.process import configure_pynetdicom
+    from node.process import configure_pynetdicom, configure_torch
 
     settings = _settings(args)
     configure_logging(settings.log.level)
     configure_pynetdicom(settings.node, scp=False)
+    if args.queue == Queue.GPU:
+        configure_torch(settings.generate)
     if settings.deid.key:
         # A worker on another machine sees the spool's record where the spool is shared; where
         # it is not, serve's own check stands for the node.
@@ -535,6 +537,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from node.deid import DeidentificationError, Deidentifier, Quarantined
     from node.dicom import SeriesSpec, save_checked
     from node.generate.tasks import Generation, Request, deidentifier, synthesize
+    from node.process import configure_torch
 
     settings = _settings(args)
     if args.model:
@@ -542,6 +545,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "generate": settings.generate.model_copy(update={"model": args.model}),
         })
     configure_logging(settings.log.level)
+    configure_torch(settings.generate)
     try:
         request = Request(
             TaskKind(args.task), prompt=args.prompt or "",

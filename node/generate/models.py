@@ -259,10 +259,9 @@ def _compiled_modules(pipe: Any) -> list[Any]:
 
 def _speed_up(pipe: Any, compile: bool) -> None:
     """Make a pipeline on a CUDA GPU faster without changing what it computes (the results
-    differ by rounding only): cuDNN picks the fastest convolution algorithms for each shape;
-    query/key/value projections run as one matrix product (``fuse_qkv_projections``); and,
-    with ``compile`` (``[generate] compile``), the UNet and the VAE decoder are compiled with
-    ``torch.compile`` (static shapes). Compiling happens on a module's first call with a new
+    differ by rounding only): a channels-last VAE; query/key/value projections run as one
+    matrix product (``fuse_qkv_projections``); and, with ``compile`` (``[generate] compile``),
+    the UNet and the VAE decoder are compiled with ``torch.compile`` (static shapes). Compiling happens on a module's first call with a new
     input shape (about a minute for an SD-1.5 UNet: each new batch size, resolution or
     guidance on/off pays it once per process); if it fails, :meth:`Models._run` undoes it and
     runs eager (:func:`_uncompile`). On an H100 (SD-1.5-sized, 512 px, 50 steps, CFG, bf16,
@@ -270,16 +269,13 @@ def _speed_up(pipe: Any, compile: bool) -> None:
     UNet most of it, the compiled VAE decoder about 3 %)."""
     import torch
 
-    torch.backends.cudnn.benchmark = True
+    # (cuDNN's benchmark mode and inductor's 1x1 convolutions are the process's:
+    # node.process.configure_torch, at its start)
     pipe.vae.to(memory_format=torch.channels_last)
     with contextlib.suppress(ValueError, AttributeError):  # added-KV attention: no fusion
         pipe.fuse_qkv_projections()
     if not compile:
         return
-    import torch._inductor.config
-
-    # 1x1 convolutions (the attention blocks' projections) as matrix products: faster kernels.
-    torch._inductor.config.conv_1x1_as_mm = True
     for module in _compiled_modules(pipe):
         if getattr(module, "_compiled_call_impl", None) is None:
             module.compile(dynamic=False)
