@@ -261,12 +261,12 @@ def _speed_up(pipe: Any, compile: bool) -> None:
     """Make a pipeline on a CUDA GPU faster without changing what it computes (the results
     differ by rounding only): a channels-last VAE; query/key/value projections run as one
     matrix product (``fuse_qkv_projections``); and, with ``compile`` (``[generate] compile``),
-    the UNet and the VAE decoder are compiled with ``torch.compile`` (static shapes). Compiling happens on a module's first call with a new
-    input shape (about a minute for an SD-1.5 UNet: each new batch size, resolution or
-    guidance on/off pays it once per process); if it fails, :meth:`Models._run` undoes it and
-    runs eager (:func:`_uncompile`). On an H100 (SD-1.5-sized, 512 px, 50 steps, CFG, bf16,
-    batch 32) this took generation from 2.8 to 4.5 images/s (the compiled
-    UNet most of it, the compiled VAE decoder about 3 %)."""
+    the UNet and the VAE decoder are compiled with ``torch.compile`` (static shapes).
+    Compiling happens on a module's first call with a new input shape (about a minute for an
+    SD-1.5 UNet: each new batch size, resolution or guidance on/off pays it once per process);
+    if it fails, :meth:`Models._run` undoes it and runs eager (:func:`_uncompile`). On an H100
+    (SD-1.5-sized, 512 px, 50 steps, CFG, bf16, batch 32) this took generation from 2.8 to 4.5
+    images/s (the compiled UNet most of it, the compiled VAE decoder about 3 %)."""
     import torch
 
     # (cuDNN's benchmark mode and inductor's 1x1 convolutions are the process's:
