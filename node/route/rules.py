@@ -1,7 +1,7 @@
 """Rule matching: the facts of each series, every rule's verdict on them, and the explanation.
 
 :func:`series_facts` reads what rules look at (one instance's header per series, how the
-series arrived); :func:`route` is pure. Explanations print UIDs, AE titles, Modality,
+series arrived); :func:`evaluate` is pure. Explanations print UIDs, AE titles, Modality,
 BodyPartExamined and SOP Class UIDs, never other values: descriptions and arbitrary
 attributes can hold names and free text.
 """
