@@ -1,8 +1,8 @@
 """The router: a stable study in, its jobs on the queues out (the spool's hand-off).
 
-For each series, the rules that apply (:func:`~node.route.rules.evaluate`); for each (rule, task), one job with a
-deterministic id, submitted to its queue. Idempotent: the same study and revision name the
-same jobs, and jobs already made for them are not made again.
+For each series, the rules that apply (:func:`~node.route.rules.evaluate`); for each (rule,
+task), one job with a deterministic id, submitted to its queue. Idempotent: the same study and
+revision name the same jobs, and jobs already made for them are not made again.
 """
 
 from __future__ import annotations
