@@ -640,6 +640,34 @@ class GenerateSettings(_Section):
         },
         description="text2img prompt per Modality, over the source's attributes (keywords)",
     )
+    single_file_config: str = Field(
+        "", description="a single-file checkpoint (.safetensors, .ckpt) as model: a local "
+                        "diffusers folder holding its component configs (\"\" = diffusers' "
+                        "own guess, which needs its config cache)",
+    )
+    copy_check: bool = Field(
+        True, description="refuse synthetic outputs that are near copies of a training image "
+                          "(on whenever the model folder has a training-set index)",
+    )
+    copy_feature_threshold: float = Field(
+        0.95, gt=0, le=1, description="copy check: refuse at this cosine similarity to the "
+                                      "nearest training image in the feature space",
+    )
+    copy_hash_threshold: float = Field(
+        0.90, gt=0, le=1, description="copy check: refuse at this perceptual-hash similarity "
+                                      "(1 - Hamming distance / bits) to a training image",
+    )
+    copy_features: str = Field(
+        "", description='copy check and evaluate feature space: "" = the model\'s own VAE '
+                        "encoder; or a local TorchScript file mapping (N, 3, H, W) in [0, 1] "
+                        "to (N, D) embeddings (e.g. a chest X-ray DenseNet)",
+    )
+    evaluate_features: list[str] = Field(
+        default_factory=list,
+        description="synthnode model evaluate: more feature spaces for FID, each a local "
+                    "TorchScript file (e.g. Inception v3, a chest X-ray DenseNet, a CLIP image "
+                    "tower) mapping (N, 3, H, W) in [0, 1] to (N, D); nothing is downloaded",
+    )
 
 
 class QueueBackend(StrEnum):

@@ -113,3 +113,12 @@ def dicomweb_orthanc(tmp_path: Path):
     proc.start()
     yield proc
     proc.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The tiny model with its VAE fitted to phantom radiographs (tests/trainingdata.py), built
+    once per test session: the base the fine-tune, copy-check and evaluate tests start from."""
+    from tests.trainingdata import fitted_tiny
+
+    return fitted_tiny(tmp_path_factory.mktemp("tiny-base") / "model")
