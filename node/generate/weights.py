@@ -49,7 +49,6 @@ DEFAULT_CONFIG_REPOS = {
     "inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
     "inpainting_v2": "stabilityai/stable-diffusion-2-inpainting",
 }
-_CONFIG_FILES = ("*.json", "*.txt")
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header (100 MB)
 _MODEL_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -310,9 +309,9 @@ def config_folder(checkpoint: Checkpoint, key: str, config: str) -> Path:
             f"{key} {checkpoint.path} is a single-file checkpoint, which needs the component "
             "configs of its architecture: set [generate] single_file_config to a local "
             f'diffusers folder of it (diffusers would take the configs of "{repo}", which are '
-            "not in the local hub cache; on a connected machine: huggingface-cli download "
-            f"{repo} --include '*.json' '*.txt' --local-dir DIR, then copy DIR; README: Real "
-            "weights)")
+            "not in the local hub cache; on a connected machine: hf download "
+            f"{repo} --include '*.json' --include '*.txt' --local-dir DIR, then copy DIR; "
+            "README: Real weights)")
     return cached
 
 
