@@ -331,6 +331,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
                   f"rev {j.revision}  attempts {j.attempts}  {_age(now - j.updated_at)} ago"
                   f"{extra}")
+            for note in j.notes if j.state is JobState.DONE else ():
+                print(f"      {note}")  # why outputs were quarantined or skipped
     return 0
 
 
@@ -540,13 +542,16 @@ def _one_off_key(settings: Settings) -> Settings:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import tempfile
+
     import numpy as np
     from PIL import Image
     from pydicom import dcmread
     from tqdm import tqdm
 
     from node.deid import DeidentificationError, Deidentifier, Quarantined
-    from node.dicom import SeriesSpec, save_checked
+    from node.dicom import SeriesSpec, quarantine, save_checked
+    from node.generate.copycheck import Refused
     from node.generate.tasks import REPORT_FIELD, Generation, Request, deidentifier, synthesize
     from node.generate.trainset import clean_report, read_report, subject_identifiers
     from node.process import configure_torch
@@ -625,6 +630,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"synthnode generate: QUARANTINED, nothing written: {made}", file=sys.stderr)
             return 1
         (ds,) = made
+        if isinstance(ds, Refused):  # never written where outputs go: to quarantine only
+            with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+                held = Path(tmp) / f"{ds.sop_instance_uid}.dcm"
+                ds.dataset.save_as(held, enforce_file_format=True)
+                moved = quarantine(held, settings.output.quarantine_dir, ds.reason,
+                                   f"generate-{args.task}")
+            print(f"REFUSED seed {one.seed}: {ds.reason}; quarantined in {moved}, nothing "
+                  f"written to {args.out}", file=sys.stderr)
+            failed += 1
+            continue
         saved = save_checked(ds, args.out, settings.output, job_id=f"generate-{args.task}")
         if saved.quarantined:
             print(f"QUARANTINED {saved.path}: {saved.reason}")

@@ -651,11 +651,12 @@ class GenerateSettings(_Section):
                           "(on whenever the model folder has a training-set index)",
     )
     copy_feature_threshold: float = Field(
-        0.95, gt=0, le=1, description="copy check: refuse at this cosine similarity to the "
-                                      "nearest training image in the feature space",
+        0.99, gt=0, le=1, description="copy check: refuse at this centred cosine similarity "
+                                      "to the nearest training image in the feature space "
+                                      "(calibration: node/generate/copycheck.py)",
     )
     copy_hash_threshold: float = Field(
-        0.90, gt=0, le=1, description="copy check: refuse at this perceptual-hash similarity "
+        0.95, gt=0, le=1, description="copy check: refuse at this perceptual-hash similarity "
                                       "(1 - Hamming distance / bits) to a training image",
     )
     copy_features: str = Field(

@@ -24,6 +24,7 @@ import numpy as np
 from node.config import GenerateSettings, WeightsDtype
 from node.files import atomic_write
 from node.generate.tiny import INPAINT_SUBFOLDER, build_tiny
+from node.generate.training import TrainingRecord
 from node.generate.weights import (
     SINGLE_FILE_SUFFIXES,
     config_folder,
@@ -34,6 +35,8 @@ from node.generate.weights import (
 
 if TYPE_CHECKING:
     import torch
+
+    from node.generate.copycheck import CopyCheck
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class ModelInfo:
     """torch dtype of the weights: "float32", "float16" or "bfloat16"."""
     resolution: int
     """Square image size in pixels that the pipelines take and return."""
+    training: str = ""
+    """How the node fine-tuned it (:meth:`TrainingRecord.describe`), "" for a model the node
+    did not make."""
 
 
 # --- resolving settings ------------------------------------------------------------------------
@@ -288,6 +294,17 @@ def _file_hash(path: Path) -> str:
         atomic_write(cache, json.dumps({"sha256": value, "file": key}))
     return value
 
+def _training_line(folder: Path, spec: str, key: str) -> str:
+    """The one-line training record of the model in ``folder`` ("" when the node did not make
+    it, or ``folder`` is a single file); ModelError naming the model when it is unreadable."""
+    if not folder.is_dir():
+        return ""
+    try:
+        record = TrainingRecord.load(folder)
+    except ValueError as exc:
+        raise ModelError(f'[generate] {key} "{spec}": {exc}') from None
+    return record.describe() if record is not None else ""
+
 
 # --- batching ----------------------------------------------------------------------------------
 
@@ -378,6 +395,11 @@ class Models:
     Images are float32 arrays in [0, 1], (N, H, W, 3) RGB, H = W = ``info.resolution``; one seed
     per image, so an image depends on its seed and prompt only, not on its batch. Not thread-safe:
     one call at a time.
+
+    ``copy_check`` is the copy check of the model's training-set index (``copycheck.py``),
+    loaded with the pipelines when the model folder has one and ``[generate] copy_check`` is
+    on; None otherwise. It checks every synthetic output of this configuration, inpainting
+    ones included.
     """
 
     def __init__(self, settings: GenerateSettings) -> None:
@@ -414,7 +436,10 @@ class Models:
             device=self._device,
             dtype=str(self._dtype).removeprefix("torch."),
             resolution=resolution,
+            training=_training_line(folder, settings.model, "model"),
         )
+        # 4. The copy check, when the model carries a training-set index.
+        self.copy_check: CopyCheck | None = self._load_copy_check(folder)
         self._inpaint: Any = None
         self._inpaint_info: ModelInfo | None = None
         log.info("generation model %s loaded: %s %s, %d px, weights sha256 %s",
@@ -422,6 +447,18 @@ class Models:
                  self.info.weights_hash[:16])
 
     # -- loading --
+
+    def _load_copy_check(self, folder: Path) -> CopyCheck | None:
+        from node.generate.copycheck import CopyCheck
+
+        try:
+            check = CopyCheck.load(folder, self.settings, vae=self._text.vae,
+                                   device=self._device)
+        except ValueError as exc:
+            raise ModelError(f'[generate] model "{self.settings.model}": {exc}') from None
+        if check is not None:
+            log.info("model %s: %s", self.settings.model, check.describe())
+        return check
 
     def _folder(self, spec: str, key: str) -> Path:
         global _warned_tiny
@@ -491,7 +528,7 @@ class Models:
         else:
             pipe = self._load(folder, spec, key)
             info = ModelInfo(spec, weights_hash(folder), self.info.device, self.info.dtype,
-                             self.info.resolution)
+                             self.info.resolution, _training_line(folder, spec, key))
             log.info("inpainting model %s loaded: weights sha256 %s", spec,
                      info.weights_hash[:16])
         self._inpaint, self._inpaint_info = pipe, info
