@@ -168,6 +168,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if problem:
             print(f"synthnode worker: {problem}", file=sys.stderr)
             return 2
+    if args.queue == Queue.GPU or settings.deid.needs_inpainter:
+        # The model this worker would load on its first job, checked now (cheaply: its files,
+        # not a load; loading here, before Huey forks its worker processes, would put CUDA in
+        # the parent): a missing or damaged model stops the start, not the first job.
+        from node.preflight import Level, check_model
+
+        fatal = [f for f in check_model(settings) if f.level is Level.FATAL]
+        for finding in fatal:
+            print(f"synthnode worker: {finding.check}: {finding.message}", file=sys.stderr)
+        if fatal:
+            return 2
     return run_worker(settings, args.queue, args.workers, args.nice, parent=args.parent)
 
 
