@@ -656,12 +656,12 @@ def cmd_model_finetune(args: argparse.Namespace) -> int:
     from node.generate.finetune import (
         FinetuneSettings,
         LossSummary,
-        base_folder,
+        base_weights,
         finetune,
         native_resolution,
     )
     from node.generate.models import ModelError
-    from node.generate.trainset import collect
+    from node.generate.trainset import collect, default_sources
     from node.process import configure_torch
 
     settings = _settings(args)
@@ -679,22 +679,29 @@ def cmd_model_finetune(args: argparse.Namespace) -> int:
             gradient_checkpointing=args.gradient_checkpointing,
             checkpoint_every=args.checkpoint_every,
             empty_prompt_fraction=args.empty_prompt_fraction, device=generate.device,
-            cache_dir=generate.cache_dir,
+            single_file_config=generate.single_file_config, cache_dir=generate.cache_dir,
         )
-        resolution = tune.resolution or native_resolution(base_folder(args.base, tune.cache_dir))
-        data = collect(args.data, resolution, generate.prompt_templates)
+        sources = args.data or default_sources(settings)
+        if not sources:
+            raise ValueError(f"no --data given, and the node's work folder "
+                             f"({settings.jobs.work_dir}) holds no job outputs: give --data "
+                             "folders of de-identified studies (e.g. exported from the research "
+                             "PACS, or written by synthnode deidentify --out)")
+        weights = base_weights(args.base, tune.cache_dir, tune.single_file_config)
+        resolution = tune.resolution or native_resolution(weights, tune.single_file_config)
+        data = collect(sources, resolution, generate.prompt_templates)
         record = finetune(args.base, data, args.out, tune, progress=not args.quiet,
                           resume=args.resume)
     except (ValueError, ModelError, OSError) as exc:
         print(f"synthnode model finetune: {exc}", file=sys.stderr)
         return 2
     # Counts, hashes and settings only: no text, no patient data.
-    sources = Counter(e.text_source for e in data.examples)
+    texts = Counter(str(e.text_source) for e in data.examples)
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(data.skipped.items())) or "none"
     loss = LossSummary.of(args.out)
     trained = record.settings["method"] + (" + text encoder" if tune.text_encoder else "")
     print(f"fine-tuned on {record.images} images (texts: "
-          + ", ".join(f"{n} {src}" for src, n in sorted(sources.items()))
+          + ", ".join(f"{n} {src}" for src, n in sorted(texts.items()))
           + f"; files left out: {skipped})")
     print(f"{record.steps} steps, {trained}, batch {tune.batch_size}, {resolution} px, "
           f"{record.settings['mixed_precision']} precision on {record.settings['device']}")
@@ -964,9 +971,11 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tune a model on de-identified studies (images + report texts) "
                          "into a diffusers folder usable as [generate] model")
     q.add_argument("--base", required=True,
-                   help='"tiny", a local diffusers folder, or a hub id in the local cache')
-    q.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH",
-                   help="folders or files of de-identified DICOM studies (the node's outputs)")
+                   help='"tiny", a local diffusers folder, a single-file checkpoint (its configs: '
+                        "[generate] single_file_config), or a hub id in the local cache")
+    q.add_argument("--data", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="folders or files of de-identified DICOM studies, with their reports "
+                        "(default: the job outputs in the node's work folder)")
     q.add_argument("--out", type=Path, required=True, help="the new model folder")
     q.add_argument("--steps", type=int, default=1000)
     q.add_argument("--batch-size", type=int, default=8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from node.generate.finetune import (
     batch_indices,
     finetune,
 )
-from node.generate.models import Models, weights_hash
-from node.generate.training import TRAINING_RECORD, Example, TrainingRecord, TrainingSet
-from tests.trainingdata import FINDINGS, phantom
+from node.generate.models import ModelError, Models, weights_hash
+from node.generate.training import TRAINING_RECORD, TrainingRecord, TrainingSet
+from node.generate.trainset import collect
+from tests.trainingdata import write_studies
 
 R = 64  # the tiny model's resolution in px
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -33,19 +35,11 @@ TEXT = "text_encoder/model.safetensors"
 VAE = "vae/diffusion_pytorch_model.safetensors"
 
 
-def training_set(count: int, seed: int = 1) -> TrainingSet:
-    """``count`` phantom radiographs (all four findings) with short report texts."""
-    rng = np.random.default_rng(seed)
-    examples = []
-    digest = hashlib.sha256()
-    for i in range(count):
-        finding = i % len(FINDINGS)
-        image = np.repeat(phantom(rng, R, finding).astype(np.float32)[..., None], 3, axis=-1)
-        text = f"chest pa. findings: {FINDINGS[finding]}. impression: {FINDINGS[finding]}."
-        examples.append(Example(f"2.25.{seed}{i:04d}", f"2.25.{seed}9{i:04d}", image, text, "sr"))
-        digest.update(image.tobytes())
-        digest.update(text.encode())
-    return TrainingSet(examples, digest.hexdigest())
+def training_set(folder: Path, count: int, seed: int = 1) -> TrainingSet:
+    """``count`` phantom CR studies with SR reports (all four findings) written into ``folder``
+    and read back as training pairs, as ``synthnode model finetune`` reads them."""
+    write_studies(folder, count, seed)
+    return collect([folder], R, GenerateSettings().prompt_templates)
 
 
 def cpu(**kw: object) -> FinetuneSettings:
@@ -63,11 +57,20 @@ def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def tuned(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base fully fine-tuned (UNet only) on 32 phantoms for 60 steps."""
+def data32(tmp_path_factory: pytest.TempPathFactory) -> TrainingSet:
+    return training_set(tmp_path_factory.mktemp("studies32"), 32)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> TrainingSet:
+    return training_set(tmp_path_factory.mktemp("studies8"), 8, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_base: Path, data32: TrainingSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base fully fine-tuned (UNet only) on 32 phantom studies for 60 steps."""
     out = tmp_path_factory.mktemp("tuned") / "model"
-    finetune(str(tiny_base), training_set(32), out, cpu(steps=60, learning_rate=1e-3),
-             progress=False)
+    finetune(str(tiny_base), data32, out, cpu(steps=60, learning_rate=1e-3), progress=False)
     return out
 
 
@@ -108,12 +111,12 @@ def test_node_generates_with_it_and_differs_from_the_base(tuned: Path, tiny_base
     assert float(np.abs(out["tuned"] - out["base"]).mean()) > 0.02
 
 
-def test_training_record(tuned: Path, tiny_base: Path) -> None:
+def test_training_record(tuned: Path, tiny_base: Path, data32: TrainingSet) -> None:
     record = TrainingRecord.load(tuned)
     assert record is not None
     assert record.base_model == str(tiny_base)
     assert record.base_weights_hash == weights_hash(tiny_base)
-    assert record.data_hash == training_set(32).data_hash
+    assert record.data_hash == data32.data_hash
     assert (record.images, record.steps) == (32, 60)
     assert record.settings["method"] == "full" and record.settings["text_encoder"] is False
     assert record.settings["learning_rate"] == 1e-3 and record.settings["batch_size"] == 8
@@ -129,19 +132,21 @@ def test_training_record(tuned: Path, tiny_base: Path) -> None:
     assert TRAINING_RECORD not in {p.name for p in (tuned / "unet").iterdir()}
 
 
-def test_out_must_not_hold_a_model(tuned: Path, tiny_base: Path) -> None:
+def test_out_must_not_hold_a_model(tuned: Path, tiny_base: Path, small: TrainingSet) -> None:
     with pytest.raises(ValueError, match="already holds a model"):
-        finetune(str(tiny_base), training_set(4), tuned, cpu(steps=1), progress=False)
+        finetune(str(tiny_base), small, tuned, cpu(steps=1), progress=False)
 
 
 # --- LoRA, the text encoder, gradient checkpointing ---------------------------------------------
 
 
-def test_lora_with_text_encoder_merges_into_plain_weights(tiny_base: Path, tmp_path: Path) -> None:
+def test_lora_with_text_encoder_merges_into_plain_weights(
+    tiny_base: Path, small: TrainingSet, tmp_path: Path
+) -> None:
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "lora"
-    record = finetune(str(tiny_base), training_set(8), out,
+    record = finetune(str(tiny_base), small, out,
                       cpu(method="lora", rank=4, text_encoder=True, steps=10, learning_rate=1e-2,
                           gradient_checkpointing="on"), progress=False)
     assert record.settings["lora_rank"] == 4 and record.settings["gradient_checkpointing"]
@@ -161,8 +166,10 @@ def test_lora_with_text_encoder_merges_into_plain_weights(tiny_base: Path, tmp_p
     assert not getattr(loaded, "peft_config", None)
 
 
-def test_gradient_checkpointing_changes_only_rounding(tiny_base: Path, tmp_path: Path) -> None:
-    data = training_set(8)
+def test_gradient_checkpointing_changes_only_rounding(
+    tiny_base: Path, small: TrainingSet, tmp_path: Path
+) -> None:
+    data = small
     for mode in ("on", "off"):
         finetune(str(tiny_base), data, tmp_path / mode,
                  cpu(steps=3, text_encoder=True, learning_rate=1e-3, gradient_checkpointing=mode),
@@ -183,7 +190,7 @@ class Interrupted(Exception):
 def test_an_interrupted_run_resumed_ends_with_the_same_weights(
     tiny_base: Path, tmp_path: Path
 ) -> None:
-    data = training_set(12)
+    data = training_set(tmp_path / "studies", 12)
     settings = cpu(steps=9, batch_size=4, checkpoint_every=4, text_encoder=True,
                    learning_rate=1e-3)
     whole = tmp_path / "whole"
@@ -242,35 +249,89 @@ def test_settings_are_validated(kw: dict[str, object], match: str) -> None:
         FinetuneSettings(**kw)  # type: ignore[arg-type]
 
 
-def test_bad_input_fails_before_anything_is_written(tiny_base: Path, tmp_path: Path) -> None:
+def test_bad_input_fails_before_anything_is_written(
+    tiny_base: Path, small: TrainingSet, tmp_path: Path
+) -> None:
     out = tmp_path / "never"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="autocast needs a CUDA device"):
-            finetune(str(tiny_base), training_set(2), out, cpu(mixed_precision="bf16"))
+            finetune(str(tiny_base), small, out, cpu(mixed_precision="bf16"))
     with pytest.raises(ValueError, match="collect the training set at the training resolution"):
-        finetune(str(tiny_base), training_set(2), out, cpu(resolution=128))
+        finetune(str(tiny_base), small, out, cpu(resolution=128))
     with pytest.raises(ValueError, match="no training pairs"):
         finetune(str(tiny_base), TrainingSet([], "0" * 64, {"not de-identified": 3}), out, cpu())
-    from node.generate.models import ModelError
-
-    with pytest.raises(ModelError, match="no such folder"):
-        finetune(str(tmp_path / "missing"), training_set(2), out, cpu())
+    with pytest.raises(ModelError, match='base model ".*missing": no such folder'):
+        finetune(str(tmp_path / "missing"), small, out, cpu())
     assert not out.exists()
 
 
-def test_v_prediction_base_trains_against_the_velocity(tiny_base: Path, tmp_path: Path) -> None:
+def test_v_prediction_base_trains_against_the_velocity(
+    tiny_base: Path, small: TrainingSet, tmp_path: Path
+) -> None:
     v_base = tmp_path / "v-base"
     shutil.copytree(tiny_base, v_base)
     config = v_base / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()),
                                   "prediction_type": "v_prediction"}))
-    data = training_set(8)
+    data = small
     records = {name: finetune(str(folder), data, tmp_path / name, cpu(steps=2), progress=False)
                for name, folder in (("v", v_base), ("eps", tiny_base))}
     assert records["v"].settings["prediction_type"] == "v_prediction"
     # Same batches, noise and timesteps (same seed): only the target differs.
     v, eps = (json.loads((tmp_path / n / LOSS_LOG).read_text()) for n in ("v", "eps"))
     assert v[0] != pytest.approx(eps[0], rel=1e-3)
+
+
+def test_a_single_file_base_trains_as_its_folder_does(
+    tiny_base: Path, small: TrainingSet, tmp_path: Path
+) -> None:
+    from tests.test_model_weights import save_safetensors, to_original
+
+    file = save_safetensors(to_original(tiny_base), tmp_path / "base.safetensors")
+    single = finetune(str(file), small, tmp_path / "from-file",
+                      cpu(steps=3, single_file_config=str(tiny_base)), progress=False)
+    assert single.base_model == str(file)
+    assert single.base_weights_hash == hashlib.sha256(file.read_bytes()).hexdigest()
+    finetune(str(tiny_base), small, tmp_path / "from-folder", cpu(steps=3), progress=False)
+    # The same model, whichever form it came in: the same losses, the same result.
+    a, b = (json.loads((tmp_path / n / LOSS_LOG).read_text()) for n in ("from-file", "from-folder"))
+    assert a == pytest.approx(b, rel=1e-5)
+    with pytest.raises(ModelError, match="single_file_config"):
+        finetune(str(file), small, tmp_path / "never", cpu(steps=1, single_file_config=str(
+            tmp_path)), progress=False)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_cli_trains_and_prints_a_summary_without_patient_data(
+    tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from node.cli import main
+
+    monkeypatch.delenv("SYNTHNODE_CONFIG", raising=False)
+    studies = tmp_path / "studies"
+    write_studies(studies, 6, seed=3)
+    out = tmp_path / "model"
+    code = main(["model", "finetune", "--base", str(tiny_base), "--data", str(studies),
+                 "--out", str(out), "--steps", "4", "--batch-size", "2", "--checkpoint-every",
+                 "2", "--device", "cpu", "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    record = TrainingRecord.load(out)
+    assert record is not None and (record.images, record.steps) == (6, 4)
+    assert "fine-tuned on 6 images (texts: 6 sr; files left out: 6 no pixel data)" in printed.out
+    assert f"data sha256 {record.data_hash}" in printed.out
+    assert re.search(r"loss \d+\.\d{4} -> \d+\.\d{4}", printed.out)
+    assert str(out.resolve()) in printed.out
+    # Counts and hashes only: no pseudonym, placeholder or report text, on either stream.
+    for leak in ("SNA", "___", "pleural", "cardiomegaly", "19000101"):
+        assert leak not in printed.out + printed.err
+    # A second run into the finished model is refused with the fix.
+    code = main(["model", "finetune", "--base", str(tiny_base), "--data", str(studies),
+                 "--out", str(out), "--steps", "4", "--device", "cpu", "--quiet"])
+    assert code == 2 and "already holds a model" in capsys.readouterr().err
 
 
 # --- CUDA --------------------------------------------------------------------------------------
@@ -282,7 +343,7 @@ def test_cuda_mixed_precision_lora_text_encoder_checkpointing(
 ) -> None:
     from diffusers import StableDiffusionPipeline
 
-    data = training_set(16)
+    data = training_set(tmp_path / "studies", 16)
     runs = {
         "bf16-lora-te": {"method": "lora", "text_encoder": True, "mixed_precision": "bf16",
                          "learning_rate": 1e-2},

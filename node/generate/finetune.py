@@ -48,6 +48,7 @@ from node.files import atomic_write, fsync_dir
 from node.generate.models import (
     TINY,
     ModelError,
+    _from_single_file,
     locate,
     no_progress_bars,
     resolve_device,
@@ -55,6 +56,7 @@ from node.generate.models import (
 )
 from node.generate.tiny import build_tiny
 from node.generate.training import TrainingRecord, TrainingSet
+from node.generate.weights import WeightsError, config_folder, read_checkpoint, weights_problems
 
 if TYPE_CHECKING:
     import torch
@@ -156,8 +158,11 @@ class FinetuneSettings:
     which also teaches the unconditional prediction classifier-free guidance uses; 0 = none."""
     device: str = "auto"
     """"auto" (the first CUDA GPU, else the CPU), "cpu", "cuda" or "cuda:N"."""
+    single_file_config: str = ""
+    """A single-file base's component configs (``[generate] single_file_config``)."""
     cache_dir: Path = Path("var/models")
-    """Where the base "tiny" is built (``[generate] cache_dir``); not part of the record."""
+    """Where the base "tiny" is built (``[generate] cache_dir``); not recorded (nor is
+    ``single_file_config``: the base's hash says what it was)."""
 
     def __post_init__(self) -> None:
         def coerce(name: str, enum: type[StrEnum]) -> None:
@@ -204,32 +209,38 @@ class FinetuneSettings:
 # --- the base model ----------------------------------------------------------------------------
 
 
-def base_folder(base: str, cache_dir: Path) -> Path:
-    """The diffusers folder of the base model: "tiny" (built in ``cache_dir / "tiny"``), a local
-    diffusers folder, or a hub id found in the local cache. :class:`ModelError` naming ``base``
+def base_weights(base: str, cache_dir: Path, single_file_config: str = "") -> Path:
+    """The weights of the base model, checked without loading them: "tiny" (built in
+    ``cache_dir / "tiny"``), a local diffusers folder, a single-file checkpoint (``.safetensors``,
+    ``.ckpt``, its component configs from ``single_file_config``, as ``[generate]
+    single_file_config``), or a hub id in the local cache. :class:`ModelError` naming ``base``
     and the fix otherwise."""
     if base == TINY:
         return build_tiny(Path(cache_dir) / TINY)
-    path = Path(base).expanduser()
-    if path.is_file():
-        # Single-file checkpoints (.safetensors, .ckpt) go through the generation loader once
-        # it reads them; until then a folder is needed.
-        raise ModelError(f'base model "{base}": a single file; fine-tuning starts from a '
-                         "diffusers folder (one with model_index.json): convert it first, e.g. "
-                         "with diffusers' StableDiffusionPipeline.from_single_file(...)"
-                         ".save_pretrained(folder)")
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        raise ModelError(f'base model "{base}": the folder has no model_index.json, it is not '
-                         "a diffusers pipeline folder")
-    if not path.exists() and ("/" not in base or base.startswith((".", "/", "~"))):
-        raise ModelError(f'base model "{base}": no such folder (give "tiny", a local diffusers '
-                         "folder, or a hub id in the local cache)")
-    return locate(base, "model")
+    try:
+        path = locate(base, "model")
+    except ModelError as exc:  # named as the base, not as the [generate] setting
+        raise ModelError(f"base model {str(exc).removeprefix('[generate] model ')}") from None
+    problems = weights_problems(path, "model", single_file_config)
+    if problems:
+        raise ModelError(f'base model "{base}": ' + "; ".join(problems))
+    return path
 
 
-def native_resolution(folder: Path) -> int:
+def _config_folder(path: Path, single_file_config: str) -> Path:
+    """The diffusers folder holding the component configs of the weights at ``path``."""
+    if path.is_dir():
+        return path
+    try:
+        return config_folder(read_checkpoint(path), "base model", single_file_config)
+    except WeightsError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def native_resolution(path: Path, single_file_config: str = "") -> int:
     """The base model's own resolution in px (UNet sample size x VAE scale factor), read from
     its configs without loading weights."""
+    folder = _config_folder(path, single_file_config)
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
@@ -267,7 +278,7 @@ class _Run:
         return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _resolve(settings: FinetuneSettings, folder: Path) -> _Run:
+def _resolve(settings: FinetuneSettings, weights: Path) -> _Run:
     import torch
 
     device = resolve_device(settings.device)
@@ -284,7 +295,7 @@ def _resolve(settings: FinetuneSettings, folder: Path) -> _Run:
                          f'device, this run is on "{device}" (use auto or no on the CPU)')
     checkpointing = {GradientCheckpointing.AUTO: cuda, GradientCheckpointing.ON: True,
                      GradientCheckpointing.OFF: False}[settings.gradient_checkpointing]
-    resolution = settings.resolution or native_resolution(folder)
+    resolution = settings.resolution or native_resolution(weights, settings.single_file_config)
     return _Run(device, precision, checkpointing, resolution)
 
 
@@ -627,17 +638,22 @@ def _check_out(out: Path, resume: bool) -> Path | None:
 # --- the whole run -----------------------------------------------------------------------------
 
 
-def _load_pipeline(folder: Path, base: str) -> Any:
+def _load_pipeline(weights: Path, base: str, single_file_config: str) -> Any:
+    """The base pipeline in float32 on the CPU (a folder, or a single file)."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     try:
         with no_progress_bars():
+            if weights.is_file():
+                return _from_single_file(StableDiffusionPipeline, weights, "base model",
+                                         single_file_config, torch.float32)
             return StableDiffusionPipeline.from_pretrained(
-                folder, local_files_only=True, safety_checker=None, feature_extractor=None,
+                weights, local_files_only=True, safety_checker=None, feature_extractor=None,
                 image_encoder=None, requires_safety_checker=False)
     except Exception as exc:
         raise ModelError(f'base model "{base}": cannot be loaded as a StableDiffusionPipeline '
-                         f"from {folder} ({type(exc).__name__}: {exc})") from exc
+                         f"from {weights} ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_data(data: TrainingSet, resolution: int) -> None:
@@ -671,8 +687,9 @@ def finetune(
     progress: bool = True, resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainingRecord:
-    """Fine-tune ``base`` ("tiny", a local diffusers folder, or a hub id in the local cache) on
-    ``data`` into the diffusers folder ``out``; the training record it carries.
+    """Fine-tune ``base`` ("tiny", a local diffusers folder, a single-file checkpoint, or a hub
+    id in the local cache; see :func:`base_weights`) on ``data`` into the diffusers folder
+    ``out``; the training record it carries.
 
     ``out`` must be new or empty, or (``resume``) hold the checkpoints of an interrupted run
     of the same base, data and settings, which then continues from the newest. ``on_step``
@@ -682,16 +699,16 @@ def finetune(
 
     # 1. Validate everything before any heavy work or any write.
     out = Path(out)
-    folder = base_folder(base, settings.cache_dir)
-    run = _resolve(settings, folder)
+    weights = base_weights(base, settings.cache_dir, settings.single_file_config)
+    run = _resolve(settings, weights)
     _check_data(data, run.resolution)
     checkpoint = _check_out(out, resume)
     if resume and checkpoint is None:
         log.info("fine-tune: no checkpoint in %s, starting from the base model", out)
-    base_hash = weights_hash(folder)
+    base_hash = weights_hash(weights)
 
     # 2. Load the base; precompute latents and texts; set up what is trained.
-    pipe = _load_pipeline(folder, base)
+    pipe = _load_pipeline(weights, base, settings.single_file_config)
     trainer = _Trainer(pipe, data, settings, run)
     recorded = _record_settings(settings, run, trainer.prediction_type)
     fingerprint = {"base_weights_hash": base_hash, "data_hash": data.data_hash,
