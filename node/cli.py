@@ -665,6 +665,69 @@ def cmd_model_init_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_finetune(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from node.generate.finetune import (
+        FinetuneSettings,
+        LossSummary,
+        base_weights,
+        finetune,
+        native_resolution,
+    )
+    from node.generate.models import ModelError
+    from node.generate.trainset import collect, default_sources
+    from node.process import configure_torch
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    generate = settings.generate
+    if args.device:
+        generate = generate.model_copy(update={"device": args.device})
+    configure_torch(generate)
+    try:
+        tune = FinetuneSettings(
+            method=args.method, rank=args.rank, text_encoder=args.text_encoder,
+            steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+            text_encoder_learning_rate=args.text_encoder_lr, seed=args.seed,
+            resolution=args.resolution, mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            checkpoint_every=args.checkpoint_every,
+            empty_prompt_fraction=args.empty_prompt_fraction, device=generate.device,
+            single_file_config=generate.single_file_config, cache_dir=generate.cache_dir,
+        )
+        sources = args.data or default_sources(settings)
+        if not sources:
+            raise ValueError(f"no --data given, and the node's work folder "
+                             f"({settings.jobs.work_dir}) holds no job outputs: give --data "
+                             "folders of de-identified studies (e.g. exported from the research "
+                             "PACS, or written by synthnode deidentify --out)")
+        weights = base_weights(args.base, tune.cache_dir, tune.single_file_config)
+        resolution = tune.resolution or native_resolution(weights, tune.single_file_config)
+        data = collect(sources, resolution, generate.prompt_templates)
+        record = finetune(args.base, data, args.out, tune, progress=not args.quiet,
+                          resume=args.resume)
+    except (ValueError, ModelError, OSError) as exc:
+        print(f"synthnode model finetune: {exc}", file=sys.stderr)
+        return 2
+    # Counts, hashes and settings only: no text, no patient data.
+    texts = Counter(str(e.text_source) for e in data.examples)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(data.skipped.items())) or "none"
+    loss = LossSummary.of(args.out)
+    trained = record.settings["method"] + (" + text encoder" if tune.text_encoder else "")
+    print(f"fine-tuned on {record.images} images (texts: "
+          + ", ".join(f"{n} {src}" for src, n in sorted(texts.items()))
+          + f"; files left out: {skipped})")
+    print(f"{record.steps} steps, {trained}, batch {tune.batch_size}, {resolution} px, "
+          f"{record.settings['mixed_precision']} precision on {record.settings['device']}")
+    if loss is not None:
+        print(f"loss {loss.first:.4f} -> {loss.last:.4f} (means over the first and last tenth "
+              "of the steps)")
+    print(f"data sha256 {record.data_hash}; base sha256 {record.base_weights_hash[:16]}")
+    print(f'model: {args.out} (use it as [generate] model = "{Path(args.out).resolve()}")')
+    return 0
+
+
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from node.route import evaluate, series_facts
 
@@ -919,6 +982,39 @@ def build_parser() -> argparse.ArgumentParser:
     q = model_sub.add_parser("init-tiny", help="build the tiny untrained model (no network)")
     q.add_argument("dir", type=Path)
     q.set_defaults(func=cmd_model_init_tiny)
+    q = model_sub.add_parser(
+        "finetune", help="fine-tune a model on de-identified studies (images + report texts) "
+                         "into a diffusers folder usable as [generate] model")
+    q.add_argument("--base", required=True,
+                   help='"tiny", a local diffusers folder, a single-file checkpoint (its configs: '
+                        "[generate] single_file_config), or a hub id in the local cache")
+    q.add_argument("--data", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="folders or files of de-identified DICOM studies, with their reports "
+                        "(default: the job outputs in the node's work folder)")
+    q.add_argument("--out", type=Path, required=True, help="the new model folder")
+    q.add_argument("--steps", type=int, default=1000)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 1e-5 full, 1e-4 lora)")
+    q.add_argument("--text-encoder-lr", type=float, default=None, help="default: --lr")
+    q.add_argument("--method", choices=("full", "lora"), default="full")
+    q.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    q.add_argument("--text-encoder", action="store_true", help="train the text encoder too")
+    q.add_argument("--resolution", type=int, default=0, help="px; 0 = the base model's own")
+    q.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
+                   help="autocast on CUDA (auto: bf16 where supported); the CPU trains float32")
+    q.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
+                   help="auto: on with CUDA")
+    q.add_argument("--checkpoint-every", type=int, default=500, help="steps; 0 = none")
+    q.add_argument("--empty-prompt-fraction", type=float, default=0.0,
+                   help="share of captions replaced by the empty prompt (trains the "
+                        "unconditional prediction classifier-free guidance uses)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the newest checkpoint in --out")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None, help="default: [generate] device")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_model_finetune)
 
     p = sub.add_parser("rules", help="routing rules")
     rules_sub = p.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
