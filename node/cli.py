@@ -694,7 +694,8 @@ def cmd_model_finetune(args: argparse.Namespace) -> int:
             gradient_checkpointing=args.gradient_checkpointing,
             checkpoint_every=args.checkpoint_every,
             empty_prompt_fraction=args.empty_prompt_fraction, device=generate.device,
-            single_file_config=generate.single_file_config, cache_dir=generate.cache_dir,
+            single_file_config=generate.single_file_config,
+            copy_features=generate.copy_features, cache_dir=generate.cache_dir,
         )
         sources = args.data or default_sources(settings)
         if not sources:
@@ -724,6 +725,9 @@ def cmd_model_finetune(args: argparse.Namespace) -> int:
         print(f"loss {loss.first:.4f} -> {loss.last:.4f} (means over the first and last tenth "
               "of the steps)")
     print(f"data sha256 {record.data_hash}; base sha256 {record.base_weights_hash[:16]}")
+    if record.index:
+        print(f"training-set index for the copy check: {record.index['images']} images in "
+              f"{record.index['feature_space']}")
     print(f'model: {args.out} (use it as [generate] model = "{Path(args.out).resolve()}")')
     return 0
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydicom.dataset import Dataset
 from safetensors.torch import load_file
 
-from node.config import GenerateSettings
+from node.config import GenerateSettings, Settings, TaskKind
+from node.generate.copycheck import Refused, TrainingIndex
 from node.generate.finetune import (
     CHECKPOINTS,
     LOSS_LOG,
@@ -25,7 +27,8 @@ from node.generate.finetune import (
     finetune,
 )
 from node.generate.models import ModelError, Models, weights_hash
-from node.generate.training import TRAINING_RECORD, TrainingRecord, TrainingSet
+from node.generate.tasks import Generation, Request
+from node.generate.training import INDEX_FILE, TRAINING_RECORD, TrainingRecord, TrainingSet
 from node.generate.trainset import collect
 from tests.trainingdata import write_studies
 
@@ -66,12 +69,30 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> TrainingSet:
     return training_set(tmp_path_factory.mktemp("studies8"), 8, seed=2)
 
 
+# How hard the copy-check tests train: 150 steps of 8 at 3e-3. Measured here: one image trained
+# so makes text2img outputs at its own prompt that the check refuses for every seed tried (VAE
+# features 0.98-0.996, threshold 0.95); 120 steps, only 5 of 8 seeds; 100 steps, none. 32 varied
+# images trained the same way give outputs at most 0.78.
+STEPS, LR = 150, 3e-3
+
+
 @pytest.fixture(scope="module")
 def tuned(tiny_base: Path, data32: TrainingSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base fully fine-tuned (UNet only) on 32 phantom studies for 60 steps."""
+    """The tiny base fully fine-tuned (UNet only) on 32 varied phantom studies."""
     out = tmp_path_factory.mktemp("tuned") / "model"
-    finetune(str(tiny_base), data32, out, cpu(steps=60, learning_rate=1e-3), progress=False)
+    finetune(str(tiny_base), data32, out, cpu(steps=STEPS, learning_rate=LR), progress=False)
     return out
+
+
+def generation(model: Path) -> Generation:
+    return Generation(Settings.model_validate(
+        {"generate": {"model": str(model), "device": "cpu", "steps": 30}}))
+
+
+def text2img(model: Path, prompt: str, seeds: range) -> list[Dataset | Refused]:
+    gen = generation(model)
+    return [out for seed in seeds
+            for out in gen.run(Request(TaskKind.TEXT2IMG, prompt=prompt, seed=seed))]
 
 
 # --- the full fine-tune ------------------------------------------------------------------------
@@ -79,7 +100,7 @@ def tuned(tiny_base: Path, data32: TrainingSet, tmp_path_factory: pytest.TempPat
 
 def test_loss_falls_and_only_the_unet_changes(tuned: Path, tiny_base: Path) -> None:
     loss = LossSummary.of(tuned)
-    assert loss is not None and len(loss.values) == 60
+    assert loss is not None and len(loss.values) == STEPS
     assert loss.last < 0.5 * loss.first, (loss.first, loss.last)
     assert changed(weights(tuned, UNET), weights(tiny_base, UNET))
     # Without text_encoder the text encoder is the base's; the VAE is always frozen.
@@ -117,19 +138,64 @@ def test_training_record(tuned: Path, tiny_base: Path, data32: TrainingSet) -> N
     assert record.base_model == str(tiny_base)
     assert record.base_weights_hash == weights_hash(tiny_base)
     assert record.data_hash == data32.data_hash
-    assert (record.images, record.steps) == (32, 60)
+    assert (record.images, record.steps) == (32, STEPS)
     assert record.settings["method"] == "full" and record.settings["text_encoder"] is False
-    assert record.settings["learning_rate"] == 1e-3 and record.settings["batch_size"] == 8
+    assert record.settings["learning_rate"] == LR and record.settings["batch_size"] == 8
     assert record.settings["resolution"] == R
     assert record.settings["mixed_precision"] == "no"  # the CPU trains float32
     assert record.settings["gradient_checkpointing"] is False  # auto: off on the CPU
     assert record.settings["prediction_type"] == "epsilon"
     losses = json.loads((tuned / LOSS_LOG).read_text())
-    assert record.final_loss == pytest.approx(np.mean(losses[-6:]), rel=1e-5)
+    assert record.final_loss == pytest.approx(np.mean(losses[-15:]), rel=1e-5)
     assert record.created.endswith("+00:00")
     assert record.data_hash[:16] in record.describe()
     # The record is not a weight file: the model's hash covers the weights only.
     assert TRAINING_RECORD not in {p.name for p in (tuned / "unet").iterdir()}
+    # The training-set index: every training image (and its VAE reconstruction), no pixels.
+    index = TrainingIndex.load(tuned)
+    assert index is not None and index.images == 32 and len(index) == 64
+    assert set(index.uids) == {e.sop_instance_uid for e in data32.examples}
+    assert record.index == index.summary() and record.index["file"] == INDEX_FILE
+    assert record.index["feature_space"].startswith("vae encoder sha256:")
+
+
+def test_the_record_reaches_the_outputs_provenance(tuned: Path, data32: TrainingSet) -> None:
+    record = TrainingRecord.load(tuned)
+    assert record is not None
+    (made,) = text2img(tuned, "chest pa", range(1))
+    assert isinstance(made, Dataset), made
+    assert made.SyntheticData == "YES"
+    described = str(made.DerivationDescription)
+    assert f"data sha256:{record.data_hash[:16]}" in described
+    assert f"fine-tuned from sha256:{record.base_weights_hash[:16]} on 32 images" in described
+    assert "copy check: nearest training image" in described
+
+
+# --- the copy check on what fine-tuning makes --------------------------------------------------
+
+
+def test_an_overfit_model_makes_copies_the_check_refuses(tiny_base: Path, tmp_path: Path) -> None:
+    one = training_set(tmp_path / "one", 1, seed=5)
+    model = tmp_path / "overfit"
+    finetune(str(tiny_base), one, model, cpu(steps=STEPS, learning_rate=LR), progress=False)
+    uid = one.examples[0].sop_instance_uid
+    outputs = text2img(model, one.examples[0].text, range(4))
+    for out in outputs:
+        assert isinstance(out, Refused), out
+        assert out.reason.startswith("possible copy of a training image")
+        assert out.score.feature_uid == uid and out.score.feature >= 0.95
+        # Refused outputs still carry their score in their provenance (quarantine shows it).
+        assert "copy check: nearest training image" in str(out.dataset.DerivationDescription)
+
+
+def test_a_model_trained_on_varied_images_makes_outputs_the_check_passes(
+    tuned: Path, data32: TrainingSet
+) -> None:
+    prompts = sorted({e.text for e in data32.examples})
+    assert len(prompts) == 4
+    outputs = [out for prompt in prompts for out in text2img(tuned, prompt, range(2))]
+    refused = [out.reason for out in outputs if isinstance(out, Refused)]
+    assert not refused, refused
 
 
 def test_out_must_not_hold_a_model(tuned: Path, tiny_base: Path, small: TrainingSet) -> None:

@@ -16,7 +16,9 @@ so nothing needs peft to load it) carrying its :class:`~node.generate.training.T
 usable as ``[generate] model``. It is written into a temporary sibling and renamed into place:
 a reader finds a whole model or none. Checkpoints (every ``checkpoint_every`` steps, in
 ``<out>/checkpoints/step-N``, each written whole or not at all) let an interrupted run continue
-where it stopped; they are removed once the model is in place.
+where it stopped; they are removed once the model is in place. A base's inpainting variant
+(its "inpaint" subfolder) is not carried over, not having been fine-tuned: the result inpaints
+with itself unless ``[generate] inpaint_model`` names another model.
 
 Randomness is a function of (seed, step): the batch drawn at a step, its timesteps, noise, latent
 samples and dropped captions are the same whether the run was interrupted before or not, so a
@@ -160,6 +162,9 @@ class FinetuneSettings:
     """"auto" (the first CUDA GPU, else the CPU), "cpu", "cuda" or "cuda:N"."""
     single_file_config: str = ""
     """A single-file base's component configs (``[generate] single_file_config``)."""
+    copy_features: str = ""
+    """The training-set index's feature space (``[generate] copy_features``): "" = the model's
+    own VAE encoder, else a local TorchScript file; generation must use the same."""
     cache_dir: Path = Path("var/models")
     """Where the base "tiny" is built (``[generate] cache_dir``); not recorded (nor is
     ``single_file_config``: the base's hash says what it was)."""
@@ -763,14 +768,20 @@ def finetune(
         final_loss=float(np.mean(tail)),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
-    return _write_model(out, pipe, unet, text_encoder, data, record, losses)
+    return _write_model(out, pipe, unet, text_encoder, data, record, losses,
+                        settings.copy_features, run.device)
 
 
 def _write_model(out: Path, pipe: Any, unet: Any, text_encoder: Any, data: TrainingSet,
-                 record: TrainingRecord, losses: list[float]) -> TrainingRecord:
-    """Save the fine-tuned pipeline into a temporary sibling of ``out`` and rename it into
-    place (the checkpoints go with the old folder)."""
+                 record: TrainingRecord, losses: list[float], copy_features: str,
+                 device: str) -> TrainingRecord:
+    """Save the fine-tuned pipeline, its training-set index, record and loss log into a
+    temporary sibling of ``out`` and rename it into place (the checkpoints go with the old
+    folder)."""
     from diffusers import StableDiffusionPipeline
+
+    from node.config import GenerateSettings
+    from node.generate.copycheck import build_index
 
     model: Any = StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
@@ -782,11 +793,12 @@ def _write_model(out: Path, pipe: Any, unet: Any, text_encoder: Any, data: Train
     try:
         with no_progress_bars():
             model.save_pretrained(work, safe_serialization=True)
-        # COPY-CHECK INDEX (issue 15, helper h2's node/generate/copycheck.py): the training-set
-        # index is built here, stored as work / training.INDEX_FILE, and its feature space and
-        # size recorded in the record's ``index``; until then the model has no index.
-        index: dict[str, Any] = {}
-        record = TrainingRecord(**{**asdict(record), "index": index})
+        # The training-set index for the copy check (training.INDEX_FILE), in the feature
+        # space generation will use for this model: built from the saved folder's own VAE.
+        features = (GenerateSettings.model_validate({"copy_features": copy_features})
+                    if copy_features else None)
+        index = build_index(work, data, features, device=device)
+        record = TrainingRecord(**{**asdict(record), "index": index.summary()})
         record.save(work)
         atomic_write(work / LOSS_LOG, json.dumps([round(x, 6) for x in losses]))
         if out.exists():
