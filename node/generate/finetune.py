@@ -763,11 +763,11 @@ def finetune(
         final_loss=float(np.mean(tail)),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
-    return _write_model(out, pipe, unet, text_encoder, data, record, losses)
+    return _write_model(out, pipe, unet, text_encoder, data, record, losses, run.device)
 
 
 def _write_model(out: Path, pipe: Any, unet: Any, text_encoder: Any, data: TrainingSet,
-                 record: TrainingRecord, losses: list[float]) -> TrainingRecord:
+                 record: TrainingRecord, losses: list[float], device: str) -> TrainingRecord:
     """Save the fine-tuned pipeline into a temporary sibling of ``out`` and rename it into
     place (the checkpoints go with the old folder)."""
     from diffusers import StableDiffusionPipeline
@@ -782,10 +782,11 @@ def _write_model(out: Path, pipe: Any, unet: Any, text_encoder: Any, data: Train
     try:
         with no_progress_bars():
             model.save_pretrained(work, safe_serialization=True)
-        # COPY-CHECK INDEX (issue 15, helper h2's node/generate/copycheck.py): the training-set
-        # index is built here, stored as work / training.INDEX_FILE, and its feature space and
-        # size recorded in the record's ``index``; until then the model has no index.
-        index: dict[str, Any] = {}
+        # The training-set index for the copy check (embeddings and hashes, no pixels), in
+        # the model's own VAE feature space; its summary goes into the record.
+        from node.generate.copycheck import build_index
+
+        index: dict[str, Any] = build_index(work, data, device=device).summary()
         record = TrainingRecord(**{**asdict(record), "index": index})
         record.save(work)
         atomic_write(work / LOSS_LOG, json.dumps([round(x, 6) for x in losses]))
