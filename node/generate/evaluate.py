@@ -20,13 +20,24 @@ printed or drawn.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from node.config import GenerateSettings
+    from node.generate.copycheck import CopyScore, FeatureSpace
+    from node.generate.models import Models
+    from node.generate.training import TrainingSet
+
+log = logging.getLogger(__name__)
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 """Quantiles reported for the copy-score distributions."""
@@ -358,3 +369,393 @@ def _wrap(text: str, width_px: int, char_px: int = 6) -> list[str]:
         else:
             lines.append(word[:per_line])
     return lines
+
+
+# --- the evaluation ----------------------------------------------------------------------------
+
+VAE_NOTE = ("the model's own VAE encoder is not a perceptual network: its FID compares models "
+            "with each other on this data, not with published FID values (Inception)")
+TORCHSCRIPT_NOTE = ("a local TorchScript network: its FID is as meaningful as its weights "
+                    "(random weights measure nothing)")
+
+
+def choose_prompts(count: int, available: int) -> list[int]:
+    """Indices of ``count`` held-out examples whose texts become the prompts, spread evenly
+    over the ``available`` ones (all of them when there are fewer)."""
+    if count < 1:
+        raise ValueError(f"--prompts {count}: at least 1")
+    if available <= count:
+        return list(range(available))
+    return sorted({int(round(i)) for i in np.linspace(0, available - 1, count)})
+
+
+def seeds_for(prompt: int, per_prompt: int, seed: int) -> list[int]:
+    """The seeds of one prompt's images: ``seed + prompt * per_prompt + k``, k < per_prompt."""
+    return [seed + prompt * per_prompt + k for k in range(per_prompt)]
+
+
+def fit_prompt(tokenizer: Any, text: str) -> tuple[str, bool]:
+    """``text`` cut at a word boundary to what the text encoder reads (the tokenizer's
+    ``model_max_length``, 77 for CLIP, start and end tokens included), and whether it was cut.
+    The pipeline would cut it anyway, and log the cut-off words: report text in a log."""
+    limit = int(tokenizer.model_max_length)
+
+    def length(words: list[str]) -> int:
+        return len(tokenizer(" ".join(words), truncation=False, verbose=False).input_ids)
+
+    words = text.split()
+    if length(words) <= limit:
+        return text, False
+    low, high = 0, len(words)  # length(words[:low]) fits; length(words[:high]) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if length(words[:middle]) <= limit else (low, middle)
+    return " ".join(words[:low]), True
+
+
+def _grey3(images: np.ndarray) -> np.ndarray:
+    """RGB model outputs as the node delivers text2img: grey (the mean), as 3 equal channels."""
+    grey = np.asarray(images, dtype=np.float32).mean(axis=-1, keepdims=True)
+    return np.ascontiguousarray(np.repeat(grey, 3, axis=-1))
+
+
+@dataclass(frozen=True)
+class Space:
+    """A feature space FID is computed in, as the report names it."""
+
+    features: FeatureSpace
+    kind: str
+    """"vae" (the model's own encoder) or "torchscript" (a local file)."""
+    path: str = ""
+    sha256: str = ""
+    note: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"name": self.features.name, "kind": self.kind,
+                                 "perceptual": False if self.kind == "vae" else None,
+                                 "note": self.note}
+        if self.path:
+            found.update(path=self.path, sha256=self.sha256)
+        return found
+
+
+def feature_spaces(settings: GenerateSettings, folder: Path, vae: Any,
+                   device: str) -> list[Space]:
+    """Every feature space available offline: the model's VAE encoder (always), then each file
+    of ``[generate] evaluate_features`` and ``copy_features`` (once each). ValueError naming
+    the setting and the file when one is missing or not TorchScript."""
+    from node.generate.copycheck import TorchScriptFeatures, feature_space
+
+    spaces = [Space(feature_space(None, folder, vae=vae, device=device), "vae", note=VAE_NOTE)]
+    files = [("evaluate_features", f) for f in settings.evaluate_features]
+    if settings.copy_features:
+        files.append(("copy_features", settings.copy_features))
+    seen: set[Path] = set()
+    for key, name in files:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f'[generate] {key} "{name}": no such file (a local TorchScript '
+                             "file mapping (N, 3, H, W) in [0, 1] to (N, D))")
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        try:
+            features = TorchScriptFeatures(path, device)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("[generate] copy_features", f"[generate] {key}")
+                             ) from None
+        spaces.append(Space(features, "torchscript", str(path), _file_sha256(path),
+                            TORCHSCRIPT_NOTE))
+    return spaces
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _embed(space: Space, images: np.ndarray) -> np.ndarray:
+    out = np.asarray(space.features.embed(images), dtype=np.float64)
+    if out.ndim != 2 or len(out) != len(images) or not np.all(np.isfinite(out)):
+        raise ValueError(f"feature space {space.features.name}: gave {out.shape} (finite: "
+                         f"{bool(np.all(np.isfinite(out)))}) for {len(images)} images")
+    return out
+
+
+def _copy_scores(
+    settings: GenerateSettings, folder: Path, vae: Any, device: str, generated: np.ndarray,
+    real: np.ndarray, real_uids: list[str],
+) -> tuple[dict[str, Any], list[CopyScore] | None]:
+    """The copy-score distributions (generated, held-out real) against the model's index, and
+    the generated images' scores; ({"available": False, "reason": ...}, None) without one."""
+    from node.generate.copycheck import TrainingIndex, feature_space, refusal
+
+    index = TrainingIndex.load(folder)
+    if index is None:
+        return {"available": False,
+                "reason": f"the model folder has no training-set index ({folder.name}/"
+                          "synthnode-index.npz): a model not fine-tuned by synthnode, so no "
+                          "training images to compare with"}, None
+    features = feature_space(settings, folder, vae=vae, device=device)
+    try:
+        made = index.nearest(generated, features)
+        held = index.nearest(real, features)
+    except ValueError as exc:
+        return {"available": False, "reason": str(exc)}, None
+    ft, ht = settings.copy_feature_threshold, settings.copy_hash_threshold
+
+    def side(scores: list[CopyScore]) -> dict[str, Any]:
+        return {"feature": distribution(np.array([s.feature for s in scores]), ft),
+                "hash": distribution(np.array([s.hash for s in scores]), ht),
+                "refused": sum(1 for s in scores if refusal(s, ft, ht))}
+
+    trained = set(index.uids)
+    overlap = sum(1 for uid in real_uids if uid in trained)
+    return {
+        "available": True,
+        "feature_space": index.feature_space,
+        "index_images": index.images,
+        "index_entries": len(index),
+        "thresholds": {"feature": ft, "hash": ht},
+        "generated": side(made),
+        "held_out": side(held),
+        "per_image": [{"feature": s.feature, "feature_uid": s.feature_uid, "hash": s.hash,
+                       "hash_uid": s.hash_uid, "refused": bool(refusal(s, ft, ht))}
+                      for s in made],
+        "held_out_in_training_set": overlap,
+    }, made
+
+
+def evaluate(
+    settings: GenerateSettings, held_out: Sequence[Path], *, train: Sequence[Path] = (),
+    prompts: int = 8, per_prompt: int = 4, steps: int | None = None, seed: int = 0,
+    sheet: Path | None = None, models: Models | None = None,
+) -> dict[str, Any]:
+    """Evaluate the model of ``settings`` (``[generate] model``) against the de-identified
+    studies in ``held_out``: ``prompts`` of their texts, ``per_prompt`` images each (seeds
+    :func:`seeds_for`), ``steps`` denoising steps (default ``[generate] steps``); FID in every
+    feature space, MS-SSIM diversity, copy scores, and the sheet written to ``sheet`` (None:
+    none). ``train``: the training studies, for the sheet's nearest images. Returns the report
+    (JSON-ready: numbers, UIDs, paths, hashes; no report text). ValueError on bad input."""
+    from node.generate.trainset import collect
+
+    if per_prompt < 1:
+        raise ValueError(f"--per-prompt {per_prompt}: at least 1")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps}: at least 1")
+    if models is None:
+        from node.generate.models import Models
+
+        models = Models(settings)
+    info = models.info
+    folder: Path = models._folder_path
+    vae = models._text.vae
+    resolution = info.resolution
+    params = ms_ssim_params(resolution)  # before generating: fails fast on a tiny resolution
+    spaces = feature_spaces(settings, folder, vae, info.device)
+
+    # 1. the held-out images and the prompts from their texts
+    held = collect(list(held_out), resolution, settings.prompt_templates)
+    if len(held.examples) < 2:
+        raise ValueError(f"the held-out set has {len(held.examples)} usable image: FID needs "
+                         "at least 2 (more than 50 for a figure worth comparing)")
+    real = held.images
+    chosen = choose_prompts(prompts, len(held.examples))
+    fitted = [fit_prompt(models._text.tokenizer, held.examples[i].text) for i in chosen]
+    texts = [text for text, _ in fitted]
+
+    # 2. generate: per_prompt images of each prompt, each its own seed
+    all_prompts = [t for t in texts for _ in range(per_prompt)]
+    all_seeds = [s for p in range(len(texts)) for s in seeds_for(p, per_prompt, seed)]
+    log.info("generating %d images (%d prompts x %d) at %d px", len(all_prompts), len(texts),
+             per_prompt, resolution)
+    generated = _grey3(models.text2img(all_prompts, all_seeds, steps=steps))
+
+    # 3. FID in each feature space
+    fids = []
+    for space in spaces:
+        result = fid(_embed(space, generated), _embed(space, real)) if len(generated) >= 2 \
+            else None
+        fids.append({"feature_space": space.features.name, "kind": space.kind,
+                     **(result.as_dict() if result else {"value": None,
+                                                         "n_generated": len(generated)})})
+
+    # 4. MS-SSIM within each prompt, and among held-out real images
+    groups = [generated[p * per_prompt:(p + 1) * per_prompt] for p in range(len(texts))]
+    pairs = real_pairs(len(real))
+    real_values = ms_ssim_pairs(real, pairs, params)
+    ms = {"params": asdict(params),
+          "generated": diversity(groups, params),
+          "held_out": {"mean": float(real_values.mean()) if len(pairs) else None,
+                       "pairs": len(pairs)}}
+
+    # 5. copy scores against the training-set index
+    copies, scores = _copy_scores(settings, folder, vae, info.device, generated, real,
+                                  [e.sop_instance_uid for e in held.examples])
+
+    report: dict[str, Any] = {
+        "model": {"id": info.model_id, "weights_sha256": info.weights_hash,
+                  "resolution": resolution, "device": info.device, "dtype": info.dtype,
+                  "training_record": _record(folder)},
+        "held_out": {"images": len(held.examples), "data_sha256": held.data_hash,
+                     "skipped": dict(held.skipped)},
+        "generation": {
+            "task": "text2img", "prompts": len(texts), "per_prompt": per_prompt,
+            "images": len(generated), "steps": settings.steps if steps is None else steps,
+            "guidance": settings.guidance, "scheduler": settings.scheduler,
+            "seeds": [min(all_seeds), max(all_seeds)],
+            "prompts_cut": sum(cut for _, cut in fitted),
+            "prompt_sources": [{"sop_instance_uid": held.examples[i].sop_instance_uid,
+                                "study_instance_uid": held.examples[i].study_instance_uid,
+                                "text_source": held.examples[i].text_source} for i in chosen],
+        },
+        "feature_spaces": [s.describe() for s in spaces],
+        "fid": fids,
+        "ms_ssim": ms,
+        "copy_scores": copies,
+    }
+
+    # 6. the sheet
+    if sheet is not None:
+        training = collect(list(train), resolution, settings.prompt_templates) if train else None
+        report["sheet"] = _sheet(sheet, groups, all_seeds, per_prompt, scores, training,
+                                 copies, f"{Path(info.model_id).name} (weights sha256 "
+                                 f"{info.weights_hash[:16]})")
+    return report
+
+
+def _record(folder: Path) -> str | None:
+    from node.generate.training import TrainingRecord
+
+    try:
+        record = TrainingRecord.load(folder)
+    except ValueError as exc:
+        return f"unreadable: {exc}"
+    return record.describe() if record is not None else None
+
+
+def _sheet(
+    path: Path, groups: list[np.ndarray], seeds: list[int], per_prompt: int,
+    scores: list[CopyScore] | None, training: TrainingSet | None, copies: dict[str, Any],
+    model: str,
+) -> dict[str, Any]:
+    """Each generated image (one row per prompt) beside its nearest training image."""
+    from node.generate.copycheck import refusal
+
+    by_uid = {e.sop_instance_uid: e.image for e in training.examples} if training else {}
+    header = [f"synthnode model evaluate: {model}; one row per prompt, "
+              f"{per_prompt} seeds each"]
+    t = copies.get("thresholds", {})
+    if scores is None:
+        header.append(f"no copy scores: {copies.get('reason', '')}"[:160])
+    else:
+        header.append(f"left: generated; right: nearest training image by features. "
+                      f"Red: at or above a threshold (feature {t['feature']:g}, hash "
+                      f"{t['hash']:g})")
+        if training is None:
+            header.append("training images not shown: give --train with the training studies")
+    cells: list[list[SheetCell]] = []
+    for p, images in enumerate(groups):
+        row = []
+        for k, image in enumerate(images):
+            n = p * per_prompt + k
+            if scores is None:
+                row.append(SheetCell(image, None, (f"prompt {p + 1} seed {seeds[n]}",)))
+                continue
+            s = scores[n]
+            nearest = by_uid.get(s.feature_uid)
+            why = "" if nearest is not None else (
+                "not shown: --train not given" if training is None
+                else "not shown: not in --train")
+            lines = (f"prompt {p + 1} seed {seeds[n]}",
+                     f"feature {s.feature:.3f} hash {s.hash:.3f}",
+                     f"...{s.feature_uid[-18:]}")
+            flagged = bool(refusal(s, t["feature"], t["hash"]))
+            row.append(SheetCell(image, nearest, lines, flagged, why))
+        cells.append(row)
+    return write_sheet(path, cells, header)
+
+
+# --- the text summary --------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+_NO_RECORD = "none (not made by synthnode model finetune)"
+
+
+def summary(report: dict[str, Any]) -> str:
+    """``report`` for people: what was measured, in what, from how many images."""
+    m, g, h = report["model"], report["generation"], report["held_out"]
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(h["skipped"].items())) or "none"
+    lines = [
+        f"model {m['id']} (weights sha256 {m['weights_sha256'][:16]}, {m['resolution']} px, "
+        f"{m['device']} {m['dtype']})",
+        f"  training record: {m['training_record'] or _NO_RECORD}",
+        f"held-out: {h['images']} images (other files, not used as images: {skipped})",
+        f"generated: {g['prompts']} prompts x {g['per_prompt']} = {g['images']} images "
+        f"(text2img, {g['steps']} steps, guidance {g['guidance']:g}, {g['scheduler']}, seeds "
+        f"{g['seeds'][0]}-{g['seeds'][1]}); prompts are the texts of held-out instances "
+        f"(report text not shown; {g['prompts_cut']} cut to the text encoder's length): "
+        + ", ".join(p["sop_instance_uid"] for p in g["prompt_sources"]),
+        "",
+        "FID, generated vs held-out real (lower = closer); n generated / n real, D dimensions",
+    ]
+    for space, result in zip(report["feature_spaces"], report["fid"], strict=True):
+        lines.append(f"  {space['name']}")
+        if space.get("sha256"):
+            lines.append(f"    file {space['path']} sha256 {space['sha256']}")
+        if result["value"] is None:
+            lines.append("    not computed: fewer than 2 generated images")
+            continue
+        lines.append(f"    FID {_num(result['value'], 4)}  ({result['n_generated']} / "
+                     f"{result['n_real']}, D {result['dim']}); real-vs-real floor at this n "
+                     f"{_num(result['real_split'], 4)}")
+        if result["rank_deficient"]:
+            lines.append("    fewer images than dimensions: the covariances are singular; the "
+                         "distance is computed exactly but is biased upward at this n: compare "
+                         "FIDs only at equal n in the same feature space")
+        lines.append(f"    note: {space['note']}")
+    ms = report["ms_ssim"]
+    p = ms["params"]
+    lines += [
+        "",
+        f"MS-SSIM within a prompt (lower = more diverse; {len(p['weights'])} scales, window "
+        f"{p['win_size']} px, sigma {p['win_sigma']:g}, {p['channels']}, {p['resolution']} px)",
+        f"  generated: {_num(ms['generated']['mean'])} (mean over {g['prompts']} prompts, "
+        f"{ms['generated']['pairs_per_prompt']} pairs each)",
+        f"  held-out real pairs: {_num(ms['held_out']['mean'])} ({ms['held_out']['pairs']} "
+        "pairs; different studies, so not a within-prompt figure: a scale for the one above)",
+        "",
+    ]
+    c = report["copy_scores"]
+    if not c["available"]:
+        lines.append(f"copy scores: not computed: {c['reason']}")
+    else:
+        t = c["thresholds"]
+        lines.append(f"copy scores: nearest of {c['index_images']} training images "
+                     f"({c['feature_space']}); refused at feature >= {t['feature']:g} or hash "
+                     f">= {t['hash']:g}")
+        heads = "".join(f"{q:>8}" for q in ("min", "p5", "p25", "median", "p75", "p95", "max"))
+        lines.append(f"  {'':<22}{heads}  at/above")
+        for who, label in (("generated", "generated"), ("held_out", "held-out real")):
+            for measure in ("feature", "hash"):
+                d = c[who][measure]
+                qs = "".join(f"{d['quantiles'].get(k, float('nan')):>8.3f}"
+                             for k in ("0", "0.05", "0.25", "0.5", "0.75", "0.95", "1"))
+                lines.append(f"  {label + ' ' + measure:<22}{qs}  {d['at_or_above']}/{d['n']}")
+        lines.append(f"  refused: {c['generated']['refused']} of {g['images']} generated; "
+                     f"{c['held_out']['refused']} of {h['images']} held-out real images would "
+                     "be (a new real image refused is a false positive of the thresholds)")
+        if c["held_out_in_training_set"]:
+            lines.append(f"  WARNING: {c['held_out_in_training_set']} held-out images are "
+                         "training images of this model (same SOP Instance UID): not held out")
+    if "sheet" in report:
+        s = report["sheet"]
+        lines += ["", f"sheet: {s['path']} ({s['width']} x {s['height']} px)"]
+    return "\n".join(lines)
