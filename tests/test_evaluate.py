@@ -321,20 +321,28 @@ def test_sheet_shows_each_generated_image_beside_its_nearest_training_image(
         assert np.abs(shown - expected).max() < 2 / 255
 
 
-def test_evaluate_without_an_index_or_train_says_so_and_skips_copy_scores(
-    setup: dict[str, Any], tiny_base: Path, tmp_path: Path
+def test_evaluate_without_an_index_says_so_and_skips_copy_scores(
+    setup: dict[str, Any], tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node.generate.evaluate import evaluate, summary
+    """The base model (no training-set index), --json on stdout, --config after the command."""
+    from node.cli import main
+    from node.generate.evaluate import summary
 
-    settings = setup["settings"].model_copy(update={"model": str(tiny_base),
-                                                    "evaluate_features": []})
-    report = evaluate(settings, [setup["held"]], prompts=1, per_prompt=2, steps=1,
-                      sheet=tmp_path / "sheet.png")
+    config = tmp_path / "base.toml"
+    config.write_text(f'[generate]\nmodel = "{tiny_base}"\n'
+                      f'cache_dir = "{setup["root"] / "cache"}"\n')
+    sheet = tmp_path / "sheet.png"
+    assert main(["model", "evaluate", "--config", str(config), "--held-out",
+                 str(setup["held"]), "--prompts", "1", "--per-prompt", "2", "--steps", "1",
+                 "--json", "--sheet", str(sheet)]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["copy_scores"]["available"] is False
     assert "no training-set index" in report["copy_scores"]["reason"]
     assert [s["kind"] for s in report["feature_spaces"]] == ["vae"]
+    assert report["generation"]["steps"] == 1 and report["generation"]["images"] == 2
+    assert {"fid", "ms_ssim", "copy_scores", "sheet"} <= set(report)
     assert "copy scores: not computed" in summary(report)
-    with Image.open(tmp_path / "sheet.png") as png:  # generated images only, no pairs
+    with Image.open(sheet) as png:  # generated images only, no pairs
         assert png.size == SheetLayout(1, 2, sheet_cell_size(R), paired=False,
                                        header_lines=2).size
 
