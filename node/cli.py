@@ -536,7 +536,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from node.deid import DeidentificationError, Deidentifier, Quarantined
     from node.dicom import SeriesSpec, save_checked
-    from node.generate.tasks import Generation, Request, deidentifier, synthesize
+    from node.generate.tasks import REPORT_FIELD, Generation, Request, deidentifier, synthesize
+    from node.generate.trainset import clean_report, read_report, subject_identifiers
     from node.process import configure_torch
 
     settings = _settings(args)
@@ -555,6 +556,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             num=1, series=SeriesSpec(args.series_description, args.series_number),
         )
         source = dcmread(args.source) if args.source else None
+        report, document = read_report(args.report) if args.report else ("", None)
+        if args.report and args.prompt and REPORT_FIELD not in args.prompt:
+            raise ValueError(f"--prompt has no {REPORT_FIELD}: put {REPORT_FIELD} where the "
+                             "report's text goes, or leave --prompt out to prompt with the "
+                             "report alone")
     except (ValueError, OSError) as exc:
         print(f"synthnode generate: {exc}", file=sys.stderr)
         return 2
@@ -574,6 +580,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except DeidentificationError as exc:
             print(f"synthnode generate: {exc}", file=sys.stderr)
             return 2
+    if args.report:
+        # Cleaned of placeholders and of the report's and the source's original identifiers.
+        subjects = [ds for ds in (document, source) if ds is not None]
+        try:
+            report = clean_report(report, [
+                deid.identifiers(ds) if deid is not None else subject_identifiers(ds)
+                for ds in subjects])
+        except ValueError as exc:
+            print(f"synthnode generate: {args.report}: {exc}", file=sys.stderr)
+            return 2
+        if not report:
+            print(f"synthnode generate: {args.report}: no report text is left once "
+                  "placeholders and identifying values are taken out", file=sys.stderr)
+            return 2
+        request = dataclasses.replace(request, prompt=args.prompt or REPORT_FIELD,
+                                      report=report)
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for index in tqdm(range(args.num), unit="image", disable=args.num < 2, file=sys.stderr):
@@ -878,7 +900,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="make synthetic images with a diffusion model (SC + PNG)")
     p.add_argument("--task", required=True, choices=[t.value for t in TaskKind if t.synthetic])
-    p.add_argument("--prompt", default="", help="default: the template for the source's modality")
+    p.add_argument("--prompt", default="", help="default: the template for the source's modality; "
+                   "{report} in it stands for --report's text")
+    p.add_argument("--report", type=Path, metavar="FILE",
+                   help="a report (text file or DICOM SR) as the prompt, or for {report} in "
+                        "--prompt: cleaned of de-identification placeholders, pseudonyms and "
+                        "identifying values first")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--source", type=Path, help="source DICOM file (needed except for text2img)")
     p.add_argument("--region", type=_region, action="append", metavar="X,Y,W,H",

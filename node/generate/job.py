@@ -15,10 +15,11 @@ from pydicom.dataset import Dataset
 
 from node.archives.outgoing import Made
 from node.config import RuleTask, Settings, TaskKind
-from node.deid import Quarantined
+from node.deid import Deidentifier, Quarantined
 from node.deid.job import Deidentifiers
 from node.dicom import SeriesSpec, save_checked
 from node.generate.tasks import Generation, Request, synthesize
+from node.generate.trainset import split_reports, study_report, subject_identifiers, uses_report
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,29 @@ class Synthesizer:
         so; the outputs are written to ``work``. A source that cannot be passed on is
         quarantined (counted, with a note); the node's own outputs are skipped (``own`` notes
         them). ``check_space`` runs before each chunk. SynthesisFailed when the task cannot
-        run; DeidentificationError when its de-identification cannot."""
+        run; DeidentificationError when its de-identification cannot.
+
+        Report documents (SR) among the sources are never image sources: their text is what
+        {report} in the prompt stands for (cleaned of placeholders and of the original
+        identifiers, :func:`~node.generate.trainset.study_report`; else a report file beside
+        the first image). A text2img task whose sources are reports only makes one request
+        from the report, with a synthetic identity."""
         kind = task.task
         series = SeriesSpec(task.series_description or f"synthnode {kind.value}",
                             9000 + task_index if task.series_number is None
                             else task.series_number)
+        deid = deidentifiers.get(task.options) if task.deidentified_source else None
+        made = Made()
+        reports, sources = split_reports(sources)
+        if reports:
+            made.notes.append(f"{len(reports)} report instance(s) (SR): read for their text, "
+                              "not image sources")
+        report = ""
+        if uses_report(task.prompt, self.settings.generate.prompt_templates):
+            report = self._report(reports, sources, deid, read, f"rule {rule} task {task_index}")
+            if not report:
+                made.notes.append("no report text in the study: {report} left empty")
+                log.info("job %s: no report text in the study for {report}", job_id)
         if kind is TaskKind.TEXT2IMG:  # one request per series: its first instance
             seen: set[str] = set()
             firsts = []
@@ -80,11 +99,13 @@ class Synthesizer:
                               regions=tuple(task.regions), margins=task.margins,
                               strength=task.strength, seed=task.seed,
                               num=task.num if kind is TaskKind.TEXT2IMG else 1,
-                              series=series)
+                              series=series, report=report)
         except ValueError as exc:
             raise SynthesisFailed(f"rule {rule} task {task_index}: {exc}") from None
-        deid = deidentifiers.get(task.options) if task.deidentified_source else None
-        made = Made()
+        if kind is TaskKind.TEXT2IMG and not sources and reports:
+            check_space()
+            self._write(self._synthesize([(request, None)], deid)[0], "report", work, made,
+                        job_id)
         for start in range(0, len(sources), GENERATION_CHUNK):
             check_space()
             batch = [ds for ds in (read(path) for path in sources[start:start + GENERATION_CHUNK])
@@ -92,21 +113,48 @@ class Synthesizer:
             if not batch:
                 continue
             sops = [str(ds.SOPInstanceUID) for ds in batch]  # before de-identification
-            try:
-                results = synthesize(self.generation(), [(request, ds) for ds in batch], deid)
-            except ValueError as exc:
-                raise SynthesisFailed(f"generation failed: {exc}") from None
+            results = self._synthesize([(request, ds) for ds in batch], deid)
             for sop, outputs in zip(sops, results, strict=True):
-                if isinstance(outputs, Quarantined):
-                    made.quarantined += 1
-                    made.notes.append(f"{sop}: not synthesized: {outputs}")
-                    log.warning("job %s: instance %s quarantined: %s", job_id, sop, outputs)
-                    continue
-                for out in outputs:
-                    saved = save_checked(out, work, self.settings.output, job_id)
-                    if saved.quarantined:
-                        made.quarantined += 1
-                        made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
-                    else:
-                        made.add(saved.path, out)
+                self._write(outputs, sop, work, made, job_id)
         return made
+
+    def _synthesize(self, jobs: list[tuple[Request, Dataset | None]],
+                    deid: Deidentifier | None) -> list[list[Dataset] | Quarantined]:
+        try:
+            return synthesize(self.generation(), jobs, deid)
+        except ValueError as exc:
+            raise SynthesisFailed(f"generation failed: {exc}") from None
+
+    def _write(self, outputs: list[Dataset] | Quarantined, sop: str, work: Path, made: Made,
+               job_id: str) -> None:
+        """One source's outputs written to ``work`` and counted in ``made`` (or its
+        quarantine noted)."""
+        if isinstance(outputs, Quarantined):
+            made.quarantined += 1
+            made.notes.append(f"{sop}: not synthesized: {outputs}")
+            log.warning("job %s: instance %s quarantined: %s", job_id, sop, outputs)
+            return
+        for out in outputs:
+            saved = save_checked(out, work, self.settings.output, job_id)
+            if saved.quarantined:
+                made.quarantined += 1
+                made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
+            else:
+                made.add(saved.path, out)
+
+    @staticmethod
+    def _report(reports: list[Path], images: list[Path], deid: Deidentifier | None,
+                read: Callable[[Path], Dataset], task: str) -> str:
+        """The study's report text for {report}: cleaned of placeholders and of the original
+        identifying values of its report documents and of its first image (as the
+        de-identifier takes them, or all of them without one). SynthesisFailed when the
+        cleaned text would still hold one."""
+        documents = [read(path) for path in reports]
+        subjects = [*documents, *([read(images[0])] if images else [])]
+        identifiers = [deid.identifiers(ds) if deid is not None else subject_identifiers(ds)
+                       for ds in subjects]
+        try:
+            text, _ = study_report(documents, images[0] if images else None, identifiers)
+        except ValueError as exc:
+            raise SynthesisFailed(f"{task}: {exc}") from None
+        return text

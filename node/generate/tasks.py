@@ -71,6 +71,8 @@ class Request:
     task: TaskKind
     prompt: str = ""
     """The prompt; "" = the template for the source's Modality over its attributes."""
+    report: str = ""
+    """The source study's report text, cleaned: what {report} in the prompt stands for."""
     negative_prompt: str | None = None
     regions: tuple[Region, ...] = ()
     polygons: tuple[tuple[tuple[float, float], ...], ...] = ()
@@ -99,19 +101,42 @@ class Request:
 _FIELD = re.compile(r"\{([A-Za-z0-9]+)\}")
 
 
-def prompt_for(source: Dataset | None, templates: dict[str, str], explicit: str = "") -> str:
+REPORT_FIELD = "{report}"
+"""In a prompt or template: the source study's report text, cleaned
+(:mod:`node.generate.trainset`)."""
+
+
+def prompt_for(source: Dataset | None, templates: dict[str, str], explicit: str = "",
+               report: str = "") -> str:
     """The explicit prompt, else the template for the source's Modality (or "default") with
-    each {Keyword} replaced by the source's value in lower case ("body" when absent)."""
+    each {Keyword} replaced by the source's value in lower case ("body" when absent). In
+    either, {report} is replaced by ``report`` (the study's cleaned report text; "" when it
+    has none); an explicit prompt that an empty report leaves blank gives way to the
+    template."""
     if explicit:
-        return explicit
+        text = _with_report(explicit, report) if REPORT_FIELD in explicit else explicit
+        if text:
+            return text
     modality = str(source.get("Modality", "")) if source is not None else ""
     template = templates.get(modality) or templates.get("default", "")
 
     def value(m: re.Match[str]) -> str:
+        if m[0] == REPORT_FIELD:
+            return report
         text = str(source.get(m[1], "") or "") if source is not None else ""
         return text.strip().lower() or "body"
 
-    return _FIELD.sub(value, template)
+    text = _FIELD.sub(value, template)
+    return _collapsed(text) if REPORT_FIELD in template else text
+
+
+def _with_report(text: str, report: str) -> str:
+    return _collapsed(text.replace(REPORT_FIELD, report))
+
+
+def _collapsed(text: str) -> str:
+    """Whitespace collapsed: an empty report leaves no gap."""
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def synthetic_source(request: Request, prompt: str, modality: str = "OT") -> Dataset:
@@ -192,7 +217,7 @@ class Generation:
         gen = self.settings.generate
         if source is None and request.task is not TaskKind.TEXT2IMG:
             raise ValueError(f"{request.task.value} needs a source image")
-        prompt = prompt_for(source, gen.prompt_templates, request.prompt)
+        prompt = prompt_for(source, gen.prompt_templates, request.prompt, request.report)
         negative = gen.negative_prompt if request.negative_prompt is None else (
             request.negative_prompt)
         frames01, values = None, ""
