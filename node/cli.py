@@ -732,6 +732,44 @@ def cmd_model_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_evaluate(args: argparse.Namespace) -> int:
+    from node.generate.evaluate import evaluate, summary
+    from node.generate.models import ModelError
+    from node.process import configure_torch
+
+    settings = _settings(args)
+    if args.model:
+        settings = settings.model_copy(update={
+            "generate": settings.generate.model_copy(update={"model": args.model}),
+        })
+    configure_logging(settings.log.level)
+    configure_torch(settings.generate)
+    to_stdout = args.json == "-"
+    if args.sheet is not None:
+        sheet = args.sheet
+    elif args.json not in (None, "-"):
+        sheet = Path(args.json).with_suffix(".png")
+    else:
+        sheet = Path.cwd() / "synthnode-evaluate.png"
+    try:
+        report = evaluate(
+            settings.generate, args.held_out, train=args.train or (), prompts=args.prompts,
+            per_prompt=args.per_prompt, steps=args.steps, seed=args.seed, sheet=sheet,
+        )
+    except (ValueError, ModelError, OSError) as exc:
+        print(f"synthnode model evaluate: {exc}", file=sys.stderr)
+        return 2
+    if args.json is None:
+        print(summary(report))
+    elif to_stdout:
+        print(json.dumps(report, indent=2))
+    else:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(summary(report))
+        print(f"JSON: {args.json}")
+    return 0
+
+
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from node.route import evaluate, series_facts
 
@@ -1019,6 +1057,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="default: [generate] device")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_model_finetune)
+    q = model_sub.add_parser(
+        "evaluate", help="a model against held-out studies: FID in each offline feature space, "
+                         "MS-SSIM diversity within a prompt, copy scores against its "
+                         "training-set index, and a PNG sheet")
+    q.add_argument("--model", default=None, help="override [generate] model")
+    q.add_argument("--held-out", dest="held_out", nargs="+", type=Path, required=True,
+                   metavar="PATH", help="de-identified studies the model was not trained on "
+                                        "(DICOM files and folders; their report texts are the "
+                                        "prompts)")
+    q.add_argument("--train", nargs="+", type=Path, default=None, metavar="PATH",
+                   help="the model's training studies: shown on the sheet beside the "
+                        "generated images nearest to them (default: UIDs and scores only)")
+    q.add_argument("--prompts", type=int, default=8, metavar="N",
+                   help="prompts, from N held-out texts spread over the set (default 8)")
+    q.add_argument("--per-prompt", dest="per_prompt", type=int, default=4, metavar="K",
+                   help="images per prompt, each its own seed (default 4)")
+    q.add_argument("--steps", type=int, default=None, metavar="S",
+                   help="denoising steps (default [generate] steps)")
+    q.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    q.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="the report as JSON: on stdout, or into FILE (then the summary on "
+                        "stdout and the sheet beside FILE)")
+    q.add_argument("--sheet", type=Path, default=None, metavar="PNG",
+                   help="where the sheet goes (default: beside the JSON file, else "
+                        "./synthnode-evaluate.png)")
+    q.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                   help="TOML settings file (as before the command)")
+    q.set_defaults(func=cmd_model_evaluate)
 
     p = sub.add_parser("rules", help="routing rules")
     rules_sub = p.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
