@@ -318,6 +318,7 @@ def cli(node: NodeProcess, *args: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_copies_never_reach_orthanc_and_are_reported_with_their_score(
     node_factory: Any, orthanc: OrthancProcess, model: Path, tmp_path: Path
 ) -> None:
