@@ -34,6 +34,10 @@ from tests.nodeproc import SYNTHNODE, NodeProcess, storescu, write_config
 from tests.test_jobs import jobs_node, records, wait_for
 from tests.trainingdata import phantom, write_study
 
+# The module fixtures build and fine-tune models: on a loaded machine their setup alone can pass
+# pytest-timeout's default of 300 s per test.
+pytestmark = pytest.mark.timeout(900)
+
 R = 64  # the tiny model's resolution
 KEY = "copycheck-key-Q4w8Er2Ty6Ui0Op3As7Df1Gh5Jk9Lz"
 

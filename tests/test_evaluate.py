@@ -30,6 +30,10 @@ from node.generate.evaluate import (
 )
 from tests.trainingdata import phantom, write_studies
 
+# The module fixtures build and fine-tune models: on a loaded machine their setup alone can pass
+# pytest-timeout's default of 300 s per test.
+pytestmark = pytest.mark.timeout(900)
+
 R = 64  # the tiny model's resolution in px
 
 

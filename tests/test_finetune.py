@@ -32,6 +32,10 @@ from node.generate.training import INDEX_FILE, TRAINING_RECORD, TrainingRecord, 
 from node.generate.trainset import collect
 from tests.trainingdata import write_studies
 
+# The module fixtures build and fine-tune models: on a loaded machine their setup alone can pass
+# pytest-timeout's default of 300 s per test.
+pytestmark = pytest.mark.timeout(900)
+
 R = 64  # the tiny model's resolution in px
 UNET = "unet/diffusion_pytorch_model.safetensors"
 TEXT = "text_encoder/model.safetensors"
