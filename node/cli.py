@@ -168,6 +168,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if problem:
             print(f"synthnode worker: {problem}", file=sys.stderr)
             return 2
+    if args.queue == Queue.GPU or settings.deid.needs_inpainter:
+        # The model this worker would load on its first job, checked now (cheaply: its files,
+        # not a load; loading here, before Huey forks its worker processes, would put CUDA in
+        # the parent): a missing or damaged model stops the start, not the first job.
+        from node.preflight import Level, check_model
+
+        fatal = [f for f in check_model(settings) if f.level is Level.FATAL]
+        for finding in fatal:
+            print(f"synthnode worker: {finding.check}: {finding.message}", file=sys.stderr)
+        if fatal:
+            return 2
     return run_worker(settings, args.queue, args.workers, args.nice, parent=args.parent)
 
 
@@ -320,6 +331,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
                   f"rev {j.revision}  attempts {j.attempts}  {_age(now - j.updated_at)} ago"
                   f"{extra}")
+            for note in j.notes if j.state is JobState.DONE else ():
+                print(f"      {note}")  # why outputs were quarantined or skipped
     return 0
 
 
@@ -529,13 +542,16 @@ def _one_off_key(settings: Settings) -> Settings:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import tempfile
+
     import numpy as np
     from PIL import Image
     from pydicom import dcmread
     from tqdm import tqdm
 
     from node.deid import DeidentificationError, Deidentifier, Quarantined
-    from node.dicom import SeriesSpec, save_checked
+    from node.dicom import SeriesSpec, quarantine, save_checked
+    from node.generate.copycheck import Refused
     from node.generate.tasks import REPORT_FIELD, Generation, Request, deidentifier, synthesize
     from node.generate.trainset import clean_report, read_report, subject_identifiers
     from node.process import configure_torch
@@ -614,6 +630,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"synthnode generate: QUARANTINED, nothing written: {made}", file=sys.stderr)
             return 1
         (ds,) = made
+        if isinstance(ds, Refused):  # never written where outputs go: to quarantine only
+            with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+                held = Path(tmp) / f"{ds.sop_instance_uid}.dcm"
+                ds.dataset.save_as(held, enforce_file_format=True)
+                moved = quarantine(held, settings.output.quarantine_dir, ds.reason,
+                                   f"generate-{args.task}")
+            print(f"REFUSED seed {one.seed}: {ds.reason}; quarantined in {moved}, nothing "
+                  f"written to {args.out}", file=sys.stderr)
+            failed += 1
+            continue
         saved = save_checked(ds, args.out, settings.output, job_id=f"generate-{args.task}")
         if saved.quarantined:
             print(f"QUARANTINED {saved.path}: {saved.reason}")
@@ -636,6 +662,69 @@ def cmd_model_init_tiny(args: argparse.Namespace) -> int:
     folder = build_tiny(args.dir)
     print(f"built an UNTRAINED tiny model (random weights: its images are noise) in {folder}; "
           "point [generate] model at real weights (a diffusers folder) for real images")
+    return 0
+
+
+def cmd_model_finetune(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from node.generate.finetune import (
+        FinetuneSettings,
+        LossSummary,
+        base_weights,
+        finetune,
+        native_resolution,
+    )
+    from node.generate.models import ModelError
+    from node.generate.trainset import collect, default_sources
+    from node.process import configure_torch
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    generate = settings.generate
+    if args.device:
+        generate = generate.model_copy(update={"device": args.device})
+    configure_torch(generate)
+    try:
+        tune = FinetuneSettings(
+            method=args.method, rank=args.rank, text_encoder=args.text_encoder,
+            steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+            text_encoder_learning_rate=args.text_encoder_lr, seed=args.seed,
+            resolution=args.resolution, mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            checkpoint_every=args.checkpoint_every,
+            empty_prompt_fraction=args.empty_prompt_fraction, device=generate.device,
+            single_file_config=generate.single_file_config, cache_dir=generate.cache_dir,
+        )
+        sources = args.data or default_sources(settings)
+        if not sources:
+            raise ValueError(f"no --data given, and the node's work folder "
+                             f"({settings.jobs.work_dir}) holds no job outputs: give --data "
+                             "folders of de-identified studies (e.g. exported from the research "
+                             "PACS, or written by synthnode deidentify --out)")
+        weights = base_weights(args.base, tune.cache_dir, tune.single_file_config)
+        resolution = tune.resolution or native_resolution(weights, tune.single_file_config)
+        data = collect(sources, resolution, generate.prompt_templates)
+        record = finetune(args.base, data, args.out, tune, progress=not args.quiet,
+                          resume=args.resume)
+    except (ValueError, ModelError, OSError) as exc:
+        print(f"synthnode model finetune: {exc}", file=sys.stderr)
+        return 2
+    # Counts, hashes and settings only: no text, no patient data.
+    texts = Counter(str(e.text_source) for e in data.examples)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(data.skipped.items())) or "none"
+    loss = LossSummary.of(args.out)
+    trained = record.settings["method"] + (" + text encoder" if tune.text_encoder else "")
+    print(f"fine-tuned on {record.images} images (texts: "
+          + ", ".join(f"{n} {src}" for src, n in sorted(texts.items()))
+          + f"; files left out: {skipped})")
+    print(f"{record.steps} steps, {trained}, batch {tune.batch_size}, {resolution} px, "
+          f"{record.settings['mixed_precision']} precision on {record.settings['device']}")
+    if loss is not None:
+        print(f"loss {loss.first:.4f} -> {loss.last:.4f} (means over the first and last tenth "
+              "of the steps)")
+    print(f"data sha256 {record.data_hash}; base sha256 {record.base_weights_hash[:16]}")
+    print(f'model: {args.out} (use it as [generate] model = "{Path(args.out).resolve()}")')
     return 0
 
 
@@ -931,6 +1020,39 @@ def build_parser() -> argparse.ArgumentParser:
     q = model_sub.add_parser("init-tiny", help="build the tiny untrained model (no network)")
     q.add_argument("dir", type=Path)
     q.set_defaults(func=cmd_model_init_tiny)
+    q = model_sub.add_parser(
+        "finetune", help="fine-tune a model on de-identified studies (images + report texts) "
+                         "into a diffusers folder usable as [generate] model")
+    q.add_argument("--base", required=True,
+                   help='"tiny", a local diffusers folder, a single-file checkpoint (its configs: '
+                        "[generate] single_file_config), or a hub id in the local cache")
+    q.add_argument("--data", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="folders or files of de-identified DICOM studies, with their reports "
+                        "(default: the job outputs in the node's work folder)")
+    q.add_argument("--out", type=Path, required=True, help="the new model folder")
+    q.add_argument("--steps", type=int, default=1000)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 1e-5 full, 1e-4 lora)")
+    q.add_argument("--text-encoder-lr", type=float, default=None, help="default: --lr")
+    q.add_argument("--method", choices=("full", "lora"), default="full")
+    q.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    q.add_argument("--text-encoder", action="store_true", help="train the text encoder too")
+    q.add_argument("--resolution", type=int, default=0, help="px; 0 = the base model's own")
+    q.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default="auto",
+                   help="autocast on CUDA (auto: bf16 where supported); the CPU trains float32")
+    q.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
+                   help="auto: on with CUDA")
+    q.add_argument("--checkpoint-every", type=int, default=500, help="steps; 0 = none")
+    q.add_argument("--empty-prompt-fraction", type=float, default=0.0,
+                   help="share of captions replaced by the empty prompt (trains the "
+                        "unconditional prediction classifier-free guidance uses)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the newest checkpoint in --out")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None, help="default: [generate] device")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_model_finetune)
     q = model_sub.add_parser(
         "evaluate", help="a model against held-out studies: FID in each offline feature space, "
                          "MS-SSIM diversity within a prompt, copy scores against its "

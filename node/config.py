@@ -608,7 +608,8 @@ class GenerateSettings(_Section):
     model: str = Field(
         "tiny",
         description='"tiny" (an untrained model built locally on first use: for tests and '
-                    "trying the node), a local diffusers folder, or a hub id",
+                    "trying the node), a local diffusers folder, a single-file checkpoint "
+                    "(.safetensors, .ckpt), or a hub id",
     )
     inpaint_model: str = Field(
         "", description='"" = the "inpaint" subfolder of a local model, else the model itself'
@@ -650,11 +651,12 @@ class GenerateSettings(_Section):
                           "(on whenever the model folder has a training-set index)",
     )
     copy_feature_threshold: float = Field(
-        0.95, gt=0, le=1, description="copy check: refuse at this cosine similarity to the "
-                                      "nearest training image in the feature space",
+        0.99, gt=0, le=1, description="copy check: refuse at this centred cosine similarity "
+                                      "to the nearest training image in the feature space "
+                                      "(calibration: node/generate/copycheck.py)",
     )
     copy_hash_threshold: float = Field(
-        0.90, gt=0, le=1, description="copy check: refuse at this perceptual-hash similarity "
+        0.95, gt=0, le=1, description="copy check: refuse at this perceptual-hash similarity "
                                       "(1 - Hamming distance / bits) to a training image",
     )
     copy_features: str = Field(
@@ -1134,11 +1136,11 @@ def _describe(error: dict[str, Any], source: str, model: type[BaseModel], data: 
 
 
 def _local_model(spec: str, base_dir: Path) -> str:
-    """A model given as a folder relative to the config file becomes absolute; "tiny", hub ids
-    and absolute paths stay as they are."""
+    """A model given as a folder or file relative to the config file becomes absolute; "tiny",
+    hub ids and absolute paths stay as they are."""
     if spec and spec != "tiny" and not Path(spec).is_absolute():
         try:
-            if (base_dir / spec).is_dir():
+            if (base_dir / spec).exists():
                 return str(base_dir / spec)
         except OSError:  # a name the file system cannot hold (too long): not a folder here
             pass
@@ -1220,6 +1222,8 @@ def load_settings(
                     "cache_dir": resolve(settings.generate.cache_dir),
                     "model": _local_model(settings.generate.model, base_dir),
                     "inpaint_model": _local_model(settings.generate.inpaint_model, base_dir),
+                    "single_file_config": _local_model(settings.generate.single_file_config,
+                                                       base_dir),
                 }
             ),
         }

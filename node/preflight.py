@@ -18,7 +18,8 @@ What is checked, in order:
    metadata the node writes; a DICOM peer answers C-ECHO. A destination no rule sends to is
    checked too, its problems as warnings;
 7. dciodvfy when ``[output] validate`` is on;
-8. the generation model when a rule generates (or a pixel rule inpaints).
+8. the generation model when a rule generates (or a pixel rule inpaints): found, and its
+   weights whole (configs parse, weight files present and as long as their headers say).
 
 Messages never hold a secret: keys, passwords and credentials inside URLs are left out.
 """
@@ -472,22 +473,48 @@ def check_validator(settings: Settings) -> list[Finding]:
     return [Finding("dciodvfy", Level.OK, path)]
 
 
-def _hub_cached(spec: str) -> bool:
+def _hub_snapshot(spec: str) -> Path | None:
+    """The local hub cache's snapshot folder of ``spec`` (one holding its model_index.json)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(spec, "model_index.json"), str)
+    found = try_to_load_from_cache(spec, "model_index.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
-def check_model(settings: Settings, hub_cached: Callable[[str], bool] = _hub_cached
-                ) -> list[Finding]:
-    """The generation model(s) can be loaded, where a rule generates or a pixel rule inpaints."""
+def needs_inpainting(settings: Settings) -> bool:
+    """Whether anything runs the inpainting model: a rule that inpaints or outpaints, or a pixel
+    rule that fills with generated anatomy."""
+    return settings.deid.needs_inpainter or any(
+        t.task.inpaints for r in settings.rules for t in r.tasks)
+
+
+def check_model(settings: Settings,
+                hub_snapshot: Callable[[str], Path | None] = _hub_snapshot) -> list[Finding]:
+    """The generation model(s) can be loaded, where a rule generates or a pixel rule inpaints:
+    each one found, and its weights whole (:func:`node.generate.weights.weights_problems`:
+    configs parse, weight files present, safetensors headers readable and files as long as
+    they say; nothing is loaded, and only a ``.ckpt`` needs torch)."""
     from node.generate.models import _HUB_ID, TINY
+    from node.generate.tiny import INPAINT_SUBFOLDER
+    from node.generate.weights import SINGLE_FILE_SUFFIXES, weights_problems
 
     rules = needs_model(settings)
     if not rules and not settings.deid.needs_inpainter:
         return [Finding("model", Level.OK, "no rule generates")]
     gen = settings.generate
     found: list[Finding] = []
+
+    needed_by = (f"rules {', '.join(rules)} generate with it" if rules
+                 else "pixel rules inpaint with it")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+    def weights(name: str, key: str, path: Path, what: str, level: Level = Level.FATAL) -> None:
+        problems = weights_problems(path, key, gen.single_file_config)
+        for problem in problems:
+            found.append(Finding(name, level, f"{problem} ({needed_by})"))
+        if not problems:
+            found.append(Finding(name, Level.OK, f"{path} ({what}; weights whole, not loaded)"))
+
     for key, spec in (("model", gen.model), ("inpaint_model", gen.inpaint_model)):
         if key == "inpaint_model" and not spec:
             continue
@@ -508,20 +535,33 @@ def check_model(settings: Settings, hub_cached: Callable[[str], bool] = _hub_cac
                                      "output is noise; point it at real weights"))
             continue
         path = Path(spec).expanduser()
-        if path.is_dir():
-            if (path / "model_index.json").is_file():
-                found.append(Finding(name, Level.OK, f"{path} (a diffusers folder)"))
-            else:
+        if path.is_file():
+            weights(name, key, path, "a single-file checkpoint, configs from "
+                    + (gen.single_file_config or "the hub cache"))
+        elif path.is_dir():
+            if not (path / "model_index.json").is_file():
                 found.append(Finding(name, Level.FATAL, f"{path} has no model_index.json: point "
-                                     f"{name} at a diffusers pipeline folder"))
+                                     f"{name} at a diffusers pipeline folder or a single-file "
+                                     "checkpoint (.safetensors, .ckpt)"))
+                continue
+            weights(name, key, path, "a diffusers folder")
+            sub = path / INPAINT_SUBFOLDER
+            if (key == "model" and not gen.inpaint_model and needs_inpainting(settings)
+                    and (sub / "model_index.json").is_file()):
+                weights(f"{name} (inpainting)", "inpaint_model", sub, "its inpainting variant")
+        elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            found.append(Finding(name, Level.FATAL, f"{spec}: no such file: point {name} at "
+                                 "a single-file checkpoint that exists, or a diffusers folder"))
         elif not _HUB_ID.match(spec):
             found.append(Finding(name, Level.FATAL, f"{spec}: no such folder: point {name} at a "
-                                 "diffusers folder (one with model_index.json), or build the "
-                                 "test model with synthnode model init-tiny DIR"))
-        elif hub_cached(spec):
-            found.append(Finding(name, Level.OK, f'hub id "{spec}" in the local cache'))
+                                 "diffusers folder (one with model_index.json) or a single-file "
+                                 "checkpoint (.safetensors, .ckpt), or build the test model "
+                                 "with synthnode model init-tiny DIR"))
+        elif (snapshot := hub_snapshot(spec)) is not None:
+            # Online, a job's download fetches what the cache lacks.
+            weights(name, key, snapshot, f'hub id "{spec}" in the local cache',
+                    Level.FATAL if offline else Level.WARNING)
         else:
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             found.append(Finding(
                 name, Level.FATAL if offline else Level.WARNING,
                 f'"{spec}": no such local folder, and not in the local hub cache: '

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -60,3 +61,31 @@ def make_study(
         names = [folder / f"s{s:02d}_i{i:04d}.dcm" for i in range(per_series)]
         paths += save_copies(ds, per_series, names.__getitem__)
     return paths
+
+
+FINDINGS = ("no acute cardiopulmonary process", "small left pleural effusion",
+            "right upper lobe opacity", "cardiomegaly without edema")
+"""The findings :func:`phantom_radiograph` can draw, by number."""
+
+
+def phantom_radiograph(rng: np.random.Generator, size: int = 64, finding: int = 0) -> np.ndarray:
+    """A phantom chest radiograph in [0, 1] (rows, cols): body, two lungs, ribs, a finding."""
+    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    img = np.zeros((size, size))
+    a, b = rng.uniform(0.7, 0.95), rng.uniform(0.75, 0.95)
+    img[(x / a) ** 2 + (y / b) ** 2 < 1] = 0.6
+    for s in (-1, 1):
+        cx, cy = s * rng.uniform(0.3, 0.45), rng.uniform(-0.2, 0.1)
+        lung = ((x - cx) / rng.uniform(0.2, 0.3)) ** 2 + ((y - cy) / rng.uniform(0.4, 0.6)) ** 2
+        img[lung < 1] = 0.25
+    for k in range(int(rng.integers(4, 8))):
+        yy = -0.6 + k * 0.2 + rng.uniform(-0.05, 0.05)
+        img[np.abs(y - yy - 0.1 * x ** 2) < 0.03] += 0.2
+    if finding == 1:  # effusion: the lower left lung whitens
+        img[(x > 0.1) & (y > 0.25) & (img < 0.3)] = 0.55
+    elif finding == 2:  # an opacity in the right upper lobe
+        img[((x + 0.35) ** 2 + (y + 0.25) ** 2) < 0.02] = 0.7
+    elif finding == 3:  # a large heart
+        img[((x - 0.05) / 0.35) ** 2 + ((y - 0.3) / 0.25) ** 2 < 1] = 0.65
+    img += rng.normal(0, 0.02, img.shape)
+    return np.clip(img, 0, 1)

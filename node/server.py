@@ -121,8 +121,11 @@ class Server:
         except SpoolInUse as exc:
             raise StartError(str(exc)) from None
         # 2. The preflight: a fatal problem (a missing, weak or changed key, an Orthanc that
-        #    refuses us, ...) stops the start before anything runs. Ports are not probed
-        #    here: binding them below says the same, before any worker starts.
+        #    refuses us, a generation model missing or damaged, ...) stops the start before
+        #    anything runs. The model is checked from its files (configs, weight files, their
+        #    headers and lengths), not loaded: serve never generates, its GPU workers load it.
+        #    Ports are not probed here: binding them below says the same, before any worker
+        #    starts.
         if not startup_check(self.settings, ports=False):
             return 2
         record = lock.dir / WORKERS_NAME

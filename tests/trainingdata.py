@@ -19,35 +19,11 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from node.samples import FINDINGS
+from node.samples import phantom_radiograph as phantom
+
 CR = "1.2.840.10008.5.1.4.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-
-FINDINGS = ("no acute cardiopulmonary process", "small left pleural effusion",
-            "right upper lobe opacity", "cardiomegaly without edema")
-
-
-def phantom(rng: np.random.Generator, size: int = 64, finding: int = 0) -> np.ndarray:
-    """A phantom chest radiograph in [0, 1] (rows, cols): body, two lungs, ribs, a finding."""
-    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
-    img = np.zeros((size, size))
-    a, b = rng.uniform(0.7, 0.95), rng.uniform(0.75, 0.95)
-    img[(x / a) ** 2 + (y / b) ** 2 < 1] = 0.6
-    for s in (-1, 1):
-        cx, cy = s * rng.uniform(0.3, 0.45), rng.uniform(-0.2, 0.1)
-        lung = ((x - cx) / rng.uniform(0.2, 0.3)) ** 2 + ((y - cy) / rng.uniform(0.4, 0.6)) ** 2
-        img[lung < 1] = 0.25
-    for k in range(int(rng.integers(4, 8))):
-        yy = -0.6 + k * 0.2 + rng.uniform(-0.05, 0.05)
-        img[np.abs(y - yy - 0.1 * x ** 2) < 0.03] += 0.2
-    if finding == 1:  # effusion: the lower left lung whitens
-        img[(x > 0.1) & (y > 0.25) & (img < 0.3)] = 0.55
-    elif finding == 2:  # an opacity in the right upper lobe
-        img[((x + 0.35) ** 2 + (y + 0.25) ** 2) < 0.02] = 0.7
-    elif finding == 3:  # a large heart
-        img[((x - 0.05) / 0.35) ** 2 + ((y - 0.3) / 0.25) ** 2 < 1] = 0.65
-    img += rng.normal(0, 0.02, img.shape)
-    return np.clip(img, 0, 1)
-
 
 def _base(sop_class: str, study_uid: str, pseudonym: str) -> Dataset:
     ds = Dataset()

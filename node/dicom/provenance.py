@@ -39,6 +39,12 @@ class Synthesis:
     source_values: str = ""
     """How the source's stored values were mapped into the model's input (rescale, window,
     MONOCHROME1 inversion): recorded only."""
+    training: str = ""
+    """How the node fine-tuned the model (its training record in one line; "" for a model the
+    node did not make): recorded only (the weights hash already names the model)."""
+    copy_check: str = ""
+    """The copy check's result, e.g. "copy check: nearest training image feature 0.41, hash
+    0.62" ("" when the model has no training-set index): recorded only."""
 
     def __post_init__(self) -> None:
         task = TaskKind(self.task)
@@ -71,6 +77,10 @@ class Synthesis:
         parts += [f"{name} {value}"[:200] for name, value in self.parameters]
         if self.source_values:
             parts.append(f"source values: {self.source_values}"[:200])
+        if self.training:
+            parts.append(f"training: {self.training}"[:200])
+        if self.copy_check:
+            parts.append(self.copy_check[:120])
         text = "; ".join(parts)
         if self.prompt:
             room = 1024 - len(text) - len('; prompt ""')

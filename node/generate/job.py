@@ -17,7 +17,9 @@ from node.archives.outgoing import Made
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import Deidentifier, Quarantined
 from node.deid.job import Deidentifiers
-from node.dicom import SeriesSpec, save_checked
+from node.dicom import SeriesSpec, quarantine, save_checked
+from node.files import atomic_open
+from node.generate.copycheck import Refused
 from node.generate.tasks import Generation, Request, synthesize
 from node.generate.trainset import split_reports, study_report, subject_identifiers, uses_report
 
@@ -62,8 +64,10 @@ class Synthesizer:
         (text2img: the first instance of each series), de-identified first when the task says
         so; the outputs are written to ``work``. A source that cannot be passed on is
         quarantined (counted, with a note); the node's own outputs are skipped (``own`` notes
-        them). ``check_space`` runs before each chunk. SynthesisFailed when the task cannot
-        run; DeidentificationError when its de-identification cannot.
+        them). An output the copy check refuses (a possible copy of a training image) is
+        quarantined with its score, never delivered. ``check_space`` runs before each chunk.
+        SynthesisFailed when the task cannot run; DeidentificationError when its
+        de-identification cannot.
 
         Report documents (SR) among the sources are never image sources: their text is what
         {report} in the prompt stands for (cleaned of placeholders and of the original
@@ -119,14 +123,14 @@ class Synthesizer:
         return made
 
     def _synthesize(self, jobs: list[tuple[Request, Dataset | None]],
-                    deid: Deidentifier | None) -> list[list[Dataset] | Quarantined]:
+                    deid: Deidentifier | None) -> list[list[Dataset | Refused] | Quarantined]:
         try:
             return synthesize(self.generation(), jobs, deid)
         except ValueError as exc:
             raise SynthesisFailed(f"generation failed: {exc}") from None
 
-    def _write(self, outputs: list[Dataset] | Quarantined, sop: str, work: Path, made: Made,
-               job_id: str) -> None:
+    def _write(self, outputs: list[Dataset | Refused] | Quarantined, sop: str, work: Path,
+               made: Made, job_id: str) -> None:
         """One source's outputs written to ``work`` and counted in ``made`` (or its
         quarantine noted)."""
         if isinstance(outputs, Quarantined):
@@ -135,6 +139,11 @@ class Synthesizer:
             log.warning("job %s: instance %s quarantined: %s", job_id, sop, outputs)
             return
         for out in outputs:
+            if isinstance(out, Refused):
+                self._refuse(out, work, job_id)
+                made.quarantined += 1
+                made.notes.append(f"{out.sop_instance_uid}: {out.reason}")
+                continue
             saved = save_checked(out, work, self.settings.output, job_id)
             if saved.quarantined:
                 made.quarantined += 1
@@ -158,3 +167,13 @@ class Synthesizer:
         except ValueError as exc:
             raise SynthesisFailed(f"{task}: {exc}") from None
         return text
+
+    def _refuse(self, out: Refused, work: Path, job_id: str) -> Path:
+        """Write a refused output to ``[output] quarantine_dir/<job_id>/`` beside its reason."""
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / f"{out.sop_instance_uid}.dcm"
+        with atomic_open(path) as f:
+            out.dataset.save_as(f, enforce_file_format=True)
+        log.warning("job %s: output %s not delivered: %s", job_id, out.sop_instance_uid,
+                    out.reason)
+        return quarantine(path, self.settings.output.quarantine_dir, out.reason, job_id)

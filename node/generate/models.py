@@ -24,9 +24,19 @@ import numpy as np
 from node.config import GenerateSettings, WeightsDtype
 from node.files import atomic_write
 from node.generate.tiny import INPAINT_SUBFOLDER, build_tiny
+from node.generate.training import TrainingRecord
+from node.generate.weights import (
+    SINGLE_FILE_SUFFIXES,
+    config_folder,
+    inpaint_config,
+    read_checkpoint,
+    weights_problems,
+)
 
 if TYPE_CHECKING:
     import torch
+
+    from node.generate.copycheck import CopyCheck
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,9 @@ class ModelInfo:
     """torch dtype of the weights: "float32", "float16" or "bfloat16"."""
     resolution: int
     """Square image size in pixels that the pipelines take and return."""
+    training: str = ""
+    """How the node fine-tuned it (:meth:`TrainingRecord.describe`), "" for a model the node
+    did not make."""
 
 
 # --- resolving settings ------------------------------------------------------------------------
@@ -139,16 +152,58 @@ def _no_progress_bar(pipe: Any) -> Any:
     return pipe
 
 
+def _from_single_file(cls: Any, file: Path, key: str, config: str, dtype: torch.dtype) -> Any:
+    """``cls`` (a Stable Diffusion pipeline class) from an original-format checkpoint, offline:
+    its component configs from :func:`~node.generate.weights.config_folder` (always a local
+    folder: given none, diffusers would go to the hub), its UNet's input channels from the
+    file (an inpainting checkpoint takes 9, whatever the config folder's UNet says). A
+    ``.ckpt`` is unpickled safely (diffusers loads it with ``weights_only``)."""
+    checkpoint = read_checkpoint(file)
+    folder = config_folder(checkpoint, key, config)
+    channels = checkpoint.unet_in_channels
+    parts: dict[str, Any] = {}
+    unet_config: dict[str, Any] = {}
+    if channels:
+        folder = inpaint_config(folder, channels)
+        unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    # diffusers 0.42 warns "modules ... should be kept in float32: []" on every single-file
+    # component it casts to the dtype it loaded it in: noise in the service's log.
+    cast_warning = logging.getLogger("diffusers.models.modeling_utils")
+    level = cast_warning.level
+    cast_warning.setLevel(logging.ERROR)
+    try:
+        if channels and unet_config.get("in_channels") != channels:
+            from diffusers import UNet2DConditionModel
+
+            parts["unet"] = UNet2DConditionModel.from_single_file(
+                str(file), config=str(folder), subfolder="unet", in_channels=channels,
+                local_files_only=True, dtype=dtype)
+        return cls.from_single_file(str(file), config=str(folder), local_files_only=True,
+                                    dtype=dtype, requires_safety_checker=False, **_NOT_LOADED,
+                                    **parts)
+    finally:
+        cast_warning.setLevel(level)
+
+
 def locate(spec: str, key: str = "model") -> Path:
-    """The local diffusers folder of ``[generate] <key> = spec``: the folder itself, or the hub
-    snapshot diffusers resolves for a hub id (from its cache, or downloaded when the hub is
-    reachable). :class:`ModelError` naming ``spec`` when neither exists."""
+    """The local weights of ``[generate] <key> = spec``: a single-file checkpoint
+    (``.safetensors``, ``.ckpt``), a diffusers folder, or the hub snapshot diffusers resolves for
+    a hub id (from its cache, or downloaded when the hub is reachable). :class:`ModelError`
+    naming ``spec`` when none exists."""
     path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelError(f'[generate] {key} "{spec}": a file, but neither a .safetensors nor '
+                             "a .ckpt checkpoint: point it at a single-file Stable Diffusion "
+                             "checkpoint or a diffusers folder (one with model_index.json)")
+        return path.resolve()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f'[generate] {key} "{spec}": the folder has no model_index.json, '
                              "it is not a diffusers pipeline folder")
         return path.resolve()
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise ModelError(f'[generate] {key} "{spec}": no such file')
     if not _HUB_ID.match(spec):
         raise ModelError(f'[generate] {key} "{spec}": no such folder')
     from diffusers import DiffusionPipeline
@@ -161,7 +216,8 @@ def locate(spec: str, key: str = "model") -> Path:
         raise ModelError(
             f'[generate] {key} "{spec}": no such local folder, and no hub snapshot of that id '
             f"could be downloaded or found in the local cache ({type(exc).__name__}: {reason}). "
-            f"Point [generate] {key} at a local diffusers folder (one with model_index.json)"
+            f"Point [generate] {key} at a local diffusers folder (one with model_index.json) "
+            "or a single-file checkpoint"
         ) from exc
 
 
@@ -193,7 +249,12 @@ def _weight_files(folder: Path) -> list[tuple[str, Path]]:
 def weights_hash(folder: Path) -> str:
     """SHA-256 (hex) over the weight files (``*.safetensors``, ``*.bin``) of the pipeline in
     ``folder``: their sorted relative paths, sizes and bytes. Computed once, then cached in
-    ``folder / HASH_CACHE`` for as long as the files' sizes and mtimes stay the same."""
+    ``folder / HASH_CACHE`` for as long as the files' sizes and mtimes stay the same.
+
+    For a single-file checkpoint, the SHA-256 of the file itself (what ``sha256sum`` prints and
+    the hub lists for it), cached beside it in ``.<name>`` + HASH_CACHE."""
+    if folder.is_file():
+        return _file_hash(folder)
     files = _weight_files(folder)
     stats = [(rel, path.stat()) for rel, path in files]
     key = [[rel, st.st_size, st.st_mtime_ns] for rel, st in stats]
@@ -213,6 +274,36 @@ def weights_hash(folder: Path) -> str:
     with contextlib.suppress(OSError):
         atomic_write(cache, json.dumps({"sha256": value, "files": key}))
     return value
+
+
+def _file_hash(path: Path) -> str:
+    """SHA-256 (hex) of one file's bytes, cached like :func:`weights_hash`'s."""
+    st = path.stat()
+    key = [path.name, st.st_size, st.st_mtime_ns]
+    cache = path.with_name(f".{path.name}{HASH_CACHE}")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached["file"] == key:
+            return str(cached["sha256"])
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with contextlib.suppress(OSError):
+        atomic_write(cache, json.dumps({"sha256": value, "file": key}))
+    return value
+
+def _training_line(folder: Path, spec: str, key: str) -> str:
+    """The one-line training record of the model in ``folder`` ("" when the node did not make
+    it, or ``folder`` is a single file); ModelError naming the model when it is unreadable."""
+    if not folder.is_dir():
+        return ""
+    try:
+        record = TrainingRecord.load(folder)
+    except ValueError as exc:
+        raise ModelError(f'[generate] {key} "{spec}": {exc}') from None
+    return record.describe() if record is not None else ""
 
 
 # --- batching ----------------------------------------------------------------------------------
@@ -304,6 +395,11 @@ class Models:
     Images are float32 arrays in [0, 1], (N, H, W, 3) RGB, H = W = ``info.resolution``; one seed
     per image, so an image depends on its seed and prompt only, not on its batch. Not thread-safe:
     one call at a time.
+
+    ``copy_check`` is the copy check of the model's training-set index (``copycheck.py``),
+    loaded with the pipelines when the model folder has one and ``[generate] copy_check`` is
+    on; None otherwise. It checks every synthetic output of this configuration, inpainting
+    ones included.
     """
 
     def __init__(self, settings: GenerateSettings) -> None:
@@ -340,7 +436,10 @@ class Models:
             device=self._device,
             dtype=str(self._dtype).removeprefix("torch."),
             resolution=resolution,
+            training=_training_line(folder, settings.model, "model"),
         )
+        # 4. The copy check, when the model carries a training-set index.
+        self.copy_check: CopyCheck | None = self._load_copy_check(folder)
         self._inpaint: Any = None
         self._inpaint_info: ModelInfo | None = None
         log.info("generation model %s loaded: %s %s, %d px, weights sha256 %s",
@@ -348,6 +447,18 @@ class Models:
                  self.info.weights_hash[:16])
 
     # -- loading --
+
+    def _load_copy_check(self, folder: Path) -> CopyCheck | None:
+        from node.generate.copycheck import CopyCheck
+
+        try:
+            check = CopyCheck.load(folder, self.settings, vae=self._text.vae,
+                                   device=self._device)
+        except ValueError as exc:
+            raise ModelError(f'[generate] model "{self.settings.model}": {exc}') from None
+        if check is not None:
+            log.info("model %s: %s", self.settings.model, check.describe())
+        return check
 
     def _folder(self, spec: str, key: str) -> Path:
         global _warned_tiny
@@ -363,19 +474,31 @@ class Models:
         return folder
 
     def _load(self, folder: Path, spec: str, key: str) -> Any:
+        """The pipeline of ``[generate] <key> = spec``, from ``folder`` (a diffusers folder or a
+        single-file checkpoint), on the device, with the configured scheduler."""
         import torch
         from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
         cls = StableDiffusionInpaintPipeline if key == "inpaint_model" else StableDiffusionPipeline
+        config = self.settings.single_file_config
+        # What a start checks, checked again: a clear message beats diffusers' deep one.
+        problems = weights_problems(folder, key, config)
+        if problems:
+            raise ModelError(f'[generate] {key} "{spec}": {problems[0]}')
         try:
             with no_progress_bars():
-                pipe = cls.from_pretrained(
-                    folder, dtype=self._dtype, local_files_only=True,
-                    requires_safety_checker=False, **_NOT_LOADED,
-                )
+                if folder.is_file():
+                    pipe = _from_single_file(cls, folder, key, config, self._dtype)
+                else:
+                    pipe = cls.from_pretrained(
+                        folder, dtype=self._dtype, local_files_only=True,
+                        requires_safety_checker=False, **_NOT_LOADED,
+                    )
         except Exception as exc:
+            what = "single-file checkpoint" if folder.is_file() else "folder"
             raise ModelError(f'[generate] {key} "{spec}": cannot be loaded as a '
-                             f"{cls.__name__} from {folder} ({type(exc).__name__}: {exc})") from exc
+                             f"{cls.__name__} from the {what} {folder} "
+                             f"({type(exc).__name__}: {exc})") from exc
         pipe.scheduler = self._scheduler_cls.from_config(pipe.scheduler.config)
         pipe.to(self._device)
         if self._device.startswith("cuda"):
@@ -405,7 +528,7 @@ class Models:
         else:
             pipe = self._load(folder, spec, key)
             info = ModelInfo(spec, weights_hash(folder), self.info.device, self.info.dtype,
-                             self.info.resolution)
+                             self.info.resolution, _training_line(folder, spec, key))
             log.info("inpainting model %s loaded: weights sha256 %s", spec,
                      info.weights_hash[:16])
         self._inpaint, self._inpaint_info = pipe, info

@@ -13,6 +13,11 @@ Tasks (PS3.3 provenance in :class:`node.dicom.Synthesis`):
 
 Every path that makes outputs for people (a job, ``synthnode generate``) goes through
 :func:`synthesize`: the source de-identified first, the outputs marked and scanned after.
+
+When the model has a training-set index, every output's images as the model made them (in its
+square, before they are mapped back to the source's geometry) are compared with it
+(``copycheck.py``); an output too close to a training image comes back as a
+:class:`~node.generate.copycheck.Refused` in place of its data set: never to be delivered.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from node.dicom import (
     carried_spacing,
     mark_deidentified,
 )
+from node.generate.copycheck import CopyScore, Refused
 from node.generate.pixels import (
     Region,
     composite,
@@ -168,6 +174,7 @@ class _Unit:
     mask: np.ndarray | None  # inpainting mask (R, R); 1 = regenerate
     finish: Callable[[np.ndarray], np.ndarray]  # model output -> frame in [0, 1]
     result: np.ndarray | None = None
+    made: np.ndarray | None = None  # the model's output (R, R, 3), what the copy check scores
 
     def group(self) -> tuple[TaskKind, str, float | None]:
         """Units with the same group share model calls (batched by [generate] batch_size):
@@ -199,17 +206,21 @@ class Generation:
         self.settings = settings
         self.models = models
 
-    def run(self, request: Request, source: Dataset | None = None) -> list[Dataset]:
-        """The SC objects of ``request``: ``num`` outputs (seeds seed, seed+1, ...)."""
+    def run(self, request: Request, source: Dataset | None = None) -> list[Dataset | Refused]:
+        """The SC objects of ``request``: ``num`` outputs (seeds seed, seed+1, ...); an output
+        the copy check refuses is a :class:`Refused` (never to be delivered)."""
         return self.run_many([(request, source)])[0]
 
-    def run_many(self, jobs: Sequence[tuple[Request, Dataset | None]]) -> list[list[Dataset]]:
+    def run_many(
+        self, jobs: Sequence[tuple[Request, Dataset | None]]
+    ) -> list[list[Dataset | Refused]]:
         """Several requests at once (e.g. from several jobs): their images go through the model
         together, batched by task and sampling parameters; each request's outputs are the same
-        as :meth:`run` would give (same seeds)."""
+        as :meth:`run` would give (same seeds), refusals included."""
         plans = [self._plan(request, source) for request, source in jobs]
         self._execute([u for outputs in plans for out in outputs for u in out.units])
-        return [[self._write(out) for out in outputs] for outputs in plans]
+        scores = iter(self._copy_scores([out for outputs in plans for out in outputs]))
+        return [[self._checked(out, next(scores)) for out in outputs] for outputs in plans]
 
     # -- planning --------------------------------------------------------------------------
 
@@ -291,11 +302,43 @@ class Generation:
                 made = models.inpaint(images, masks, prompts, seeds, negative_prompt=negative,
                                       keep_unmasked=False)
             for unit, image in zip(members, made, strict=True):
+                unit.made = image
                 unit.result = unit.finish(image)
+
+    # -- the copy check --------------------------------------------------------------------
+
+    def _copy_scores(self, outputs: list[_Output]) -> list[CopyScore | None]:
+        """Each output's nearest training image (the highest over its frames), None without a
+        copy check. An output made from a source instance is not compared with that instance
+        (its de-identified UID, as the training set knows it): being like its own source is
+        what img2img, inpaint and outpaint do."""
+        check = self.models.copy_check
+        if check is None or not outputs:
+            return [None] * len(outputs)
+        images, exclude = [], []
+        for out in outputs:
+            own = (str(out.source.SOPInstanceUID) if out.source is not None
+                   and out.request.task.uses_source_pixels else None)
+            for unit in out.units:
+                assert unit.made is not None
+                images.append(unit.made)
+                exclude.append(own)
+        scores = iter(check.score(np.stack(images), exclude))
+        return [CopyScore.worst([next(scores) for _ in out.units]) for out in outputs]
+
+    def _checked(self, out: _Output, score: CopyScore | None) -> Dataset | Refused:
+        """``out`` written, with its copy score recorded; a :class:`Refused` when the check
+        refuses it."""
+        ds = self._write(out, score)
+        check = self.models.copy_check
+        if score is None or check is None:
+            return ds
+        reason = check.refusal(score)
+        return Refused(ds, score, reason) if reason else ds
 
     # -- output ----------------------------------------------------------------------------
 
-    def _write(self, out: _Output) -> Dataset:
+    def _write(self, out: _Output, score: CopyScore | None = None) -> Dataset:
         gen = self.settings.generate
         request, source = out.request, out.source
         identity: NewIdentity | None = None
@@ -322,6 +365,7 @@ class Generation:
             prompt=out.prompt, negative_prompt=out.negative,
             strength=out.units[0].strength if request.task is TaskKind.IMG2IMG else None,
             parameters=_parameters(request), source_values=out.source_values,
+            training=info.training, copy_check=score.describe() if score is not None else "",
         )
         return build_sc([reference], pixels, provenance, self.settings.output,
                         series=request.series, identity=identity, index=out.index)
@@ -364,18 +408,19 @@ def _as_pixels(
 def synthesize(
     generation: Generation, jobs: Sequence[tuple[Request, Dataset | None]],
     deid: Deidentifier | None,
-) -> list[list[Dataset] | Quarantined]:
+) -> list[list[Dataset | Refused] | Quarantined]:
     """Each job's outputs, made from its source de-identified by ``deid`` (in place: the
     caller's data set becomes the de-identified one) and marked de-identified and synthetic
     (PS3.15 E.1.1). A job whose source ``deid`` quarantines (burned-in text it cannot clean, a
     likely face), or whose outputs would hold an original identifying value, gives that
-    :class:`Quarantined` instead: nothing is generated from, or returned for, it.
+    :class:`Quarantined` instead: nothing is generated from, or returned for, it. An output
+    the copy check refuses is a :class:`Refused` (marked too: it goes to quarantine).
 
     ``deid`` None keeps the sources' identity in the outputs: local experiments only, never to
     be shared. A job without a source (text2img) has a synthetic identity either way."""
     if deid is None:
         return list(generation.run_many(jobs))
-    results: list[list[Dataset] | Quarantined] = [[] for _ in jobs]
+    results: list[list[Dataset | Refused] | Quarantined] = [[] for _ in jobs]
     # 1. de-identify the sources, noting what must not survive into the outputs
     ready: list[tuple[int, Request, Dataset | None, Identifiers]] = []
     for i, (request, source) in enumerate(jobs):
@@ -407,8 +452,9 @@ def synthesize(
         )
         try:
             for out in outputs:
-                mark_deidentified(out, record, generation.settings.output, synthetic=True)
-                deid.encode(out, identifiers)
+                ds = out.dataset if isinstance(out, Refused) else out
+                mark_deidentified(ds, record, generation.settings.output, synthetic=True)
+                deid.encode(ds, identifiers)
         except Quarantined as exc:
             results[i] = exc
     return results

@@ -1,8 +1,9 @@
 """``synthnode mirror status``: per day, what was mirrored, quarantined and failed, and why.
 
-Built from the job records of de-identification jobs (the mirror's work), by the day (UTC) a
-job last changed. Reasons carry no UIDs (so that they group) and no patient data (the records
-never hold any).
+Built from the job records of the jobs whose outputs may go to a research archive
+(de-identification and synthesis: :data:`MIRRORED`), by the day (UTC) a job last changed.
+Reasons carry no UIDs (so that they group) and no patient data (the records never hold any);
+they keep their numbers (a copy check's score).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import datetime
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from node.config import SYNTHESIS_TASKS, TaskKind
 from node.jobs.state import Job, JobState
+
+MIRRORED = frozenset({TaskKind.DEIDENTIFY.value, *(t.value for t in SYNTHESIS_TASKS)})
+"""Job kinds the mirror status counts: what makes de-identified or synthetic outputs."""
 
 _UID_PREFIX = re.compile(r"^[^\s:]+: ")  # the instance a note is about
 _UIDS = re.compile(r"\b\d+(?:\.\d+){3,}\b")
@@ -25,7 +30,7 @@ class Day:
 
     day: datetime.date
     studies: int = 0
-    """Studies whose de-identified counterparts were delivered."""
+    """Studies whose de-identified (or synthetic) counterparts were delivered."""
     instances: int = 0
     quarantined: int = 0
     """Instances set aside (never sent)."""
@@ -41,12 +46,12 @@ def _reason(text: str) -> str:
     return _UIDS.sub("<uid>", _UID_PREFIX.sub("", text))
 
 
-def by_day(jobs: Iterable[Job], task: str = "deidentify") -> list[Day]:
-    """The days on which ``task`` jobs changed, newest first."""
+def by_day(jobs: Iterable[Job], tasks: Collection[str] = MIRRORED) -> list[Day]:
+    """The days on which jobs of the kinds ``tasks`` changed, newest first."""
     days: dict[datetime.date, Day] = {}
     studies: dict[datetime.date, set[str]] = {}
     for job in jobs:
-        if job.kind != task:
+        if job.kind not in tasks:
             continue
         when = datetime.datetime.fromtimestamp(job.updated_at, datetime.UTC).date()
         day = days.setdefault(when, Day(when))
