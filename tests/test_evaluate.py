@@ -197,10 +197,11 @@ def _random_feature_net(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Phantom training and held-out studies; the tiny base with a training-set index of the
-    training studies (as a fine-tune leaves it); a random TorchScript net; a config."""
+    """Phantom training and held-out studies; a model fine-tuned (briefly) from the tiny base
+    on the training studies, with its training record and training-set index; a random
+    TorchScript net; a config."""
     from node.config import GenerateSettings
-    from node.generate.copycheck import build_index
+    from node.generate.finetune import FinetuneSettings, finetune
     from node.generate.trainset import collect
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -210,14 +211,15 @@ def setup(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     # One training study among the held-out ones: what a leak between the sets looks like.
     shutil.copytree(train / "study000", held / "study900")
     model = root / "model"
-    shutil.copytree(tiny_base, model)
     net = _random_feature_net(root / "random-net.pt")
     settings = GenerateSettings.model_validate({
         "model": str(model), "cache_dir": str(root / "cache"), "steps": STEPS,
         "evaluate_features": [str(net)],
     })
     training = collect([train], R, settings.prompt_templates)
-    build_index(model, training, settings)
+    finetune(str(tiny_base), training, model,
+             FinetuneSettings(steps=10, batch_size=4, checkpoint_every=0, device="cpu",
+                              cache_dir=root / "cache"), progress=False)
     config = root / "node.toml"
     config.write_text(f'[generate]\nmodel = "{model}"\ncache_dir = "{root / "cache"}"\n'
                       f'steps = {STEPS}\nevaluate_features = ["{net}"]\n')
@@ -254,6 +256,8 @@ def test_evaluate_produces_every_metric_and_names_its_feature_spaces(
     n = PROMPTS * PER_PROMPT
     assert report["generation"]["images"] == n and report["held_out"]["images"] == 7
     assert report["model"]["weights_sha256"] and report["model"]["resolution"] == R
+    assert report["model"]["training_record"].startswith("fine-tuned from sha256:")
+    assert "on 6 images" in report["model"]["training_record"]
 
     # Feature spaces: the model's VAE (said not to be perceptual) and the listed TorchScript
     # file, by path and sha256.

@@ -599,7 +599,7 @@ def evaluate(
     report: dict[str, Any] = {
         "model": {"id": info.model_id, "weights_sha256": info.weights_hash,
                   "resolution": resolution, "device": info.device, "dtype": info.dtype,
-                  "training_record": _record(folder)},
+                  "training_record": info.training or None},
         "held_out": {"images": len(held.examples), "data_sha256": held.data_hash,
                      "skipped": dict(held.skipped)},
         "generation": {
@@ -625,16 +625,6 @@ def evaluate(
                                  copies, f"{Path(info.model_id).name} (weights sha256 "
                                  f"{info.weights_hash[:16]})")
     return report
-
-
-def _record(folder: Path) -> str | None:
-    from node.generate.training import TrainingRecord
-
-    try:
-        record = TrainingRecord.load(folder)
-    except ValueError as exc:
-        return f"unreadable: {exc}"
-    return record.describe() if record is not None else None
 
 
 def _sheet(
