@@ -162,7 +162,7 @@ class TorchScriptFeatures:
         if not path.is_file():
             raise ValueError(f'[generate] copy_features "{path}": no such file (a TorchScript '
                              'file, or "" for the model\'s own VAE encoder)')
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         try:
             self.net = torch.jit.load(str(path), map_location=device).eval()
         except (RuntimeError, ValueError) as exc:
@@ -590,7 +590,8 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes (a feature network's, in its feature space's name)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

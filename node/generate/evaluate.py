@@ -20,7 +20,6 @@ printed or drawn.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
@@ -444,7 +443,7 @@ def feature_spaces(settings: GenerateSettings, folder: Path, vae: Any,
     """Every feature space available offline: the model's VAE encoder (always), then each file
     of ``[generate] evaluate_features`` and ``copy_features`` (once each). ValueError naming
     the setting and the file when one is missing or not TorchScript."""
-    from node.generate.copycheck import TorchScriptFeatures, feature_space
+    from node.generate.copycheck import TorchScriptFeatures, feature_space, file_sha256
 
     spaces = [Space(feature_space(None, folder, vae=vae, device=device), "vae", note=VAE_NOTE)]
     files = [("evaluate_features", f) for f in settings.evaluate_features]
@@ -464,17 +463,9 @@ def feature_spaces(settings: GenerateSettings, folder: Path, vae: Any,
         except ValueError as exc:
             raise ValueError(str(exc).replace("[generate] copy_features", f"[generate] {key}")
                              ) from None
-        spaces.append(Space(features, "torchscript", str(path), _file_sha256(path),
+        spaces.append(Space(features, "torchscript", str(path), file_sha256(path),
                             TORCHSCRIPT_NOTE))
     return spaces
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _embed(space: Space, images: np.ndarray) -> np.ndarray:
