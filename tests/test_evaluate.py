@@ -377,7 +377,7 @@ def test_evaluate_names_bad_input(setup: dict[str, Any], tmp_path: Path,
 def test_prompts_are_cut_at_a_word_to_what_the_text_encoder_reads(tiny_base: Path) -> None:
     from transformers import CLIPTokenizer
 
-    from node.generate.evaluate import fit_prompt
+    from node.generate.models import fit_prompt
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_base / "tokenizer")
     text = "FINDINGS: " + " ".join(f"opacity{i}" for i in range(60)) + "."

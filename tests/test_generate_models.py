@@ -131,6 +131,26 @@ def test_text2img_shape_range_and_seeds(models: Models) -> None:
     assert np.abs(other_prompt[0] - out[0]).mean() > 0.001
 
 
+def test_a_long_prompt_leaves_no_report_words_in_the_output(cache_dir: Path) -> None:
+    """A prompt longer than the text encoder reads (a {report} prompt) is cut at a word before
+    the pipeline sees it: diffusers would otherwise print the cut-off words (report text) on
+    stderr, past the node's logging. Checked on what a fresh process actually printed."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from node.config import GenerateSettings\n"
+        "from node.generate.models import Models\n"
+        "m = Models(GenerateSettings(cache_dir=Path(sys.argv[1]), steps=1))\n"
+        "words = ' '.join(f'finding{i}' for i in range(80))\n"
+        "print(m.text2img([words + ' zqxmarker'], [0]).shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(cache_dir)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    printed = done.stdout + done.stderr
+    assert "(1, 64, 64, 3)" in done.stdout
+    assert "zqxmarker" not in printed and "truncated" not in printed, printed
+
+
 def test_batching_does_not_change_an_image(models: Models, cache_dir: Path) -> None:
     prompts, seeds = ["a", "b", "c"], [5, 6, 7]
     one_by_one = Models(settings(cache_dir, batch_size=1)).text2img(prompts, seeds)

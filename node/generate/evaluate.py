@@ -393,25 +393,6 @@ def seeds_for(prompt: int, per_prompt: int, seed: int) -> list[int]:
     return [seed + prompt * per_prompt + k for k in range(per_prompt)]
 
 
-def fit_prompt(tokenizer: Any, text: str) -> tuple[str, bool]:
-    """``text`` cut at a word boundary to what the text encoder reads (the tokenizer's
-    ``model_max_length``, 77 for CLIP, start and end tokens included), and whether it was cut.
-    The pipeline would cut it anyway, and log the cut-off words: report text in a log."""
-    limit = int(tokenizer.model_max_length)
-
-    def length(words: list[str]) -> int:
-        return len(tokenizer(" ".join(words), truncation=False, verbose=False).input_ids)
-
-    words = text.split()
-    if length(words) <= limit:
-        return text, False
-    low, high = 0, len(words)  # length(words[:low]) fits; length(words[:high]) does not
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if length(words[:middle]) <= limit else (low, middle)
-    return " ".join(words[:low]), True
-
-
 def _grey3(images: np.ndarray) -> np.ndarray:
     """RGB model outputs as the node delivers text2img: grey (the mean), as 3 equal channels."""
     grey = np.asarray(images, dtype=np.float32).mean(axis=-1, keepdims=True)
@@ -537,9 +518,9 @@ def evaluate(
         raise ValueError(f"--per-prompt {per_prompt}: at least 1")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps}: at least 1")
-    if models is None:
-        from node.generate.models import Models
+    from node.generate.models import Models, fit_prompt
 
+    if models is None:
         models = Models(settings)
     info = models.info
     folder: Path = models._folder_path

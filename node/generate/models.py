@@ -382,6 +382,26 @@ def _uncompile(pipe: Any) -> bool:
     return undone
 
 
+def fit_prompt(tokenizer: Any, text: str) -> tuple[str, bool]:
+    """``text`` cut at a word boundary to what the text encoder reads (the tokenizer's
+    ``model_max_length``, 77 for CLIP, start and end tokens included), and whether it was cut.
+    The pipeline would cut it anyway, and log the cut-off words: with ``{report}`` prompts,
+    report text in a log. :class:`Models` passes every prompt it runs through here."""
+    limit = int(tokenizer.model_max_length)
+
+    def length(words: list[str]) -> int:
+        return len(tokenizer(" ".join(words), truncation=False, verbose=False).input_ids)
+
+    words = text.split()
+    if length(words) <= limit:
+        return text, False
+    low, high = 0, len(words)  # length(words[:low]) fits; length(words[:high]) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if length(words[:middle]) <= limit else (low, middle)
+    return " ".join(words[:low]), True
+
+
 # --- the models --------------------------------------------------------------------------------
 
 
@@ -622,6 +642,9 @@ class Models:
             r = self.info.resolution
             return np.zeros((0, r, r, 3), dtype=np.float32)
         negative = self.settings.negative_prompt if negative_prompt is None else negative_prompt
+        tokenizer = self._text.tokenizer
+        negative = fit_prompt(tokenizer, negative)[0]
+        prompts = [fit_prompt(tokenizer, p)[0] for p in prompts]
         common = {
             "num_inference_steps": self.settings.steps if steps is None else steps,
             "guidance_scale": self.settings.guidance if guidance is None else guidance,
