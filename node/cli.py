@@ -65,6 +65,21 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def _generation_settings(args: argparse.Namespace) -> Settings:
+    """The settings of a command that generates (``--model`` overrides ``[generate] model``),
+    with its logging and torch configured."""
+    from node.process import configure_torch
+
+    settings = _settings(args)
+    if args.model:
+        settings = settings.model_copy(update={
+            "generate": settings.generate.model_copy(update={"model": args.model}),
+        })
+    configure_logging(settings.log.level)
+    configure_torch(settings.generate)
+    return settings
+
+
 def _config_path(args: argparse.Namespace) -> Path | None:
     if args.config is not None:
         return Path(args.config).resolve()
@@ -554,15 +569,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from node.generate.copycheck import Refused
     from node.generate.tasks import REPORT_FIELD, Generation, Request, deidentifier, synthesize
     from node.generate.trainset import clean_report, read_report, subject_identifiers
-    from node.process import configure_torch
 
-    settings = _settings(args)
-    if args.model:
-        settings = settings.model_copy(update={
-            "generate": settings.generate.model_copy(update={"model": args.model}),
-        })
-    configure_logging(settings.log.level)
-    configure_torch(settings.generate)
+    settings = _generation_settings(args)
     try:
         request = Request(
             TaskKind(args.task), prompt=args.prompt or "",
@@ -735,15 +743,8 @@ def cmd_model_finetune(args: argparse.Namespace) -> int:
 def cmd_model_evaluate(args: argparse.Namespace) -> int:
     from node.generate.evaluate import evaluate, summary
     from node.generate.models import ModelError
-    from node.process import configure_torch
 
-    settings = _settings(args)
-    if args.model:
-        settings = settings.model_copy(update={
-            "generate": settings.generate.model_copy(update={"model": args.model}),
-        })
-    configure_logging(settings.log.level)
-    configure_torch(settings.generate)
+    settings = _generation_settings(args)
     to_stdout = args.json == "-"
     if args.sheet is not None:
         sheet = args.sheet
