@@ -321,6 +321,8 @@ class _Destination(_Section):
     """What every ``[[destinations]]`` entry has."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    review: bool = Field(False, description="outputs for this destination wait for a "
+                                            "reviewer's approval (synthnode review)")
     module: ClassVar[str]
     """The module of ``node.archives`` that speaks to this kind (its ``ARCHIVE`` class)."""
 
@@ -797,6 +799,8 @@ class RuleTask(_Section):
         None, description="de-identification options for this task (a mirror's profile); "
                           "None = [deid] options"
     )
+    review: bool = Field(False, description="outputs are staged and delivered only after a "
+                                            "reviewer approves them (synthnode review)")
 
     @field_validator("options")
     @classmethod
@@ -903,6 +907,47 @@ def default_rules() -> list[Rule]:
     ]
 
 
+class ConsoleSettings(_Section):
+    """``[console]``: the operator console that ``serve`` runs on a port of its own: web pages,
+    ``/metrics`` (Prometheus), ``/healthz``, ``/readyz`` and STOW-RS ingest."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="localhost only by default; put a TLS reverse proxy or "
+                                  "tls_certificate in front before opening it wider")
+    port: int = Field(8090, ge=1, le=65535)
+    tls_certificate: Path | None = Field(None, description="PEM; with tls_private_key: HTTPS")
+    tls_private_key: Path | None = None
+    db: Path = Field(Path("var/console.sqlite3"),
+                     description="users, sessions and the overview's samples")
+    session_timeout_s: float = Field(8 * 3600.0, gt=0, description="a login lasts this long")
+    trusted_user_header: str = Field(
+        "", pattern=r"^[A-Za-z0-9-]{0,64}$",
+        description='single sign-on: the header a reverse proxy names the user in (e.g. '
+                    '"X-Remote-User"); the user must exist (synthnode user add); "" = off')
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="addresses whose trusted_user_header is believed")
+    sample_interval_s: float = Field(60.0, gt=0, description="overview charts: one sample per")
+    history_h: float = Field(24.0, gt=0, description="overview charts: hours kept and shown")
+    stow_max_bytes: int = Field(4 * 1024**3, gt=0,
+                                description="largest STOW-RS request body accepted")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ConsoleSettings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together")
+        return self
+
+
+class AuditSettings(_Section):
+    """``[audit]``: the append-only, hash-chained audit trail (associations, job states,
+    releases, reviews, quarantines, logins, config loads); never patient data."""
+
+    enabled: bool = True
+    db: Path = Path("var/audit.sqlite3")
+
+
 class LogSettings(_Section):
     """``[log]``: logs carry UIDs, AE titles and job ids, never names, IDs, dates or free text."""
 
@@ -923,6 +968,8 @@ class Settings(_Section):
     jobs: JobsSettings = JobsSettings()
     route: RouteSettings = RouteSettings()
     rules: list[Rule] = Field(default_factory=default_rules)
+    console: ConsoleSettings = ConsoleSettings()
+    audit: AuditSettings = AuditSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("destinations")
@@ -1217,6 +1264,12 @@ def load_settings(
             "deid": settings.deid.model_copy(
                 update={"honest_broker_file": resolve(broker) if broker else None}
             ),
+            "console": settings.console.model_copy(update={
+                "db": resolve(settings.console.db),
+                "tls_certificate": resolve_opt(settings.console.tls_certificate),
+                "tls_private_key": resolve_opt(settings.console.tls_private_key),
+            }),
+            "audit": settings.audit.model_copy(update={"db": resolve(settings.audit.db)}),
             "generate": settings.generate.model_copy(
                 update={
                     "cache_dir": resolve(settings.generate.cache_dir),

@@ -167,7 +167,7 @@ def test_errors_in_arrays_of_tables_name_the_entry_and_its_allowed_keys(tmp_path
     assert ('[[rules]] "ct-deid" (2nd) tasks (2nd, img2img).strength = 3: Input should be less '
             "than or equal to 1") in lines
     assert any(line.startswith('[[destinations]] "pacs" (1st) colour: unknown key (allowed: '
-                               "name, ae_title, host, port,") for line in lines), lines
+                               "name, review, ae_title, host, port,") for line in lines), lines
     assert any(line.startswith('[[deid.pixel_rules]] "us" (1st) regoins: unknown key (allowed: '
                                "name, manufacturer,") for line in lines), lines
     assert '[[deid.pixel_rules]] "us" (1st) regions: required key missing' in lines

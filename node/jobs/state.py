@@ -45,6 +45,14 @@ class JobState(StrEnum):
     """Failed ``[jobs] max_attempts`` times, or failed in a way no retry mends; kept with its
     reason until ``synthnode jobs retry`` re-queues it."""
 
+    REVIEW = "review"
+    """Outputs made and staged (``[jobs] work_dir/<job>/``), waiting for a reviewer: the task
+    or one of its destinations has ``review = true``. Approval re-queues it for delivery."""
+
+    REJECTED = "rejected"
+    """A reviewer rejected the outputs: never delivered, kept in the work folder with the
+    reason."""
+
 
 def job_id(study_uid: str, rule: str, task_index: int, task: str) -> str:
     """The job's id: the same for the same (study, rule, task), so a study handed on again
@@ -82,6 +90,12 @@ class Job:
     source: Source = SPOOL
     """Where the worker reads the study: the spool, or the archive it came from (the Orthanc
     plugin, backfill)."""
+    approved: bool = False
+    """A reviewer approved the staged outputs (jobs that need review deliver only then)."""
+    decided_by: str = ""
+    """Who approved or rejected it (a console user, or ``cli:<login>``)."""
+    decision_reason: str = ""
+    decided_at: float = 0.0
 
     @property
     def kind(self) -> str:
