@@ -181,6 +181,21 @@ class JobStore:
                 if str(k).startswith(_JOB)]
         return sorted(jobs, key=lambda j: (j.created_at, j.id))
 
+    def page(self, state: JobState | None = None, offset: int = 0, limit: int = 50,
+             text: str = "") -> list[Job]:
+        """Jobs newest first (by ``created_at``), of ``state`` (None: all), whose id, study UID
+        or rule contains ``text``; ``limit`` of them from ``offset``."""
+        jobs = [j for j in reversed(self.all()) if (state is None or j.state is state)
+                and (not text or text in j.id or text in j.study_uid or text in j.rule)]
+        return jobs[offset:offset + limit]
+
+    def count_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, 0 when none)."""
+        counts = dict.fromkeys(JobState, 0)
+        for job in self.all():
+            counts[job.state] += 1
+        return counts
+
     def beat(self, job_id: str, worker: str, now: float | None = None) -> None:
         at = time.time() if now is None else now
         self.storage.put_data(_BEAT + job_id, json.dumps([worker, at]).encode())
