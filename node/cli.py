@@ -214,12 +214,13 @@ def _date(text: str) -> datetime.date:
 def cmd_mirror_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from node.audit import trail_for
     from node.jobs import JobState, Queues
     from node.route.backfill import Backfill, BackfillError, Step, follow
 
     settings = _settings(args)
     configure_logging("WARNING")
-    queues = Queues(settings.jobs)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
     try:
         backfill = Backfill(settings, queues, args.source)
         try:
@@ -299,10 +300,11 @@ def _age(seconds: float) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.audit import trail_for
     from node.jobs import JobState, Queues
 
     settings = _settings(args)
-    queues = Queues(settings.jobs)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
     if args.jobs_command == "retry":
         code = 0
         ids = list(args.ids)
@@ -313,7 +315,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             return 2
         for job_id in ids:
             try:
-                job = queues.retry(job_id)
+                job = queues.retry(job_id, user=cli_user())
             except KeyError as exc:
                 print(f"synthnode jobs retry: {exc.args[0]}", file=sys.stderr)
                 code = 1
@@ -341,6 +343,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             extra = f"  last error: {j.last_error}" if j.last_error else ""
             if j.state is JobState.DONE:
                 extra = f"  {j.outputs} outputs, {j.quarantined} quarantined"
+            elif j.state is JobState.REVIEW:
+                extra = f"  {j.outputs} outputs staged for review"
+            elif j.state is JobState.REJECTED:
+                extra = f"  rejected by {j.decided_by}: {j.decision_reason}"
             elif j.state is JobState.PENDING and j.not_before > now:
                 extra += f"  (retry in {_age(j.not_before - now)})"
             print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
@@ -348,6 +354,78 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                   f"{extra}")
             for note in j.notes if j.state is JobState.DONE else ():
                 print(f"      {note}")  # why outputs were quarantined or skipped
+    return 0
+
+
+def cli_user() -> str:
+    """How the audit trail names a person at the command line: ``cli:<login>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from node.audit import trail_for
+    from node.jobs import Queues
+    from node.jobs.review import count_held, decide, held
+
+    settings = _settings(args)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
+    if args.review_command == "list":
+        jobs = held(queues.store, 0, 10_000)
+        if args.json:
+            print(json.dumps([json.loads(j.to_json()) for j in jobs], indent=2))
+            return 0
+        print(f"{count_held(queues.store)} jobs wait for review")
+        now = time.time()
+        for j in jobs:
+            print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
+                  f"{j.outputs} outputs  to {', '.join(j.destinations)}  "
+                  f"{_age(now - j.updated_at)} ago")
+        return 0
+    approve = args.review_command == "approve"
+    reason = args.reason or ""
+    try:
+        jobs = decide(queues, args.id, approve, cli_user(), reason)
+    except (KeyError, ValueError) as exc:
+        print(f"synthnode review {args.review_command}: {exc.args[0]}", file=sys.stderr)
+        return 1
+    for j in jobs:
+        print(f"{j.id} {'approved: queued for delivery' if approve else 'rejected'}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from node.audit import AuditTrail, export
+
+    settings = _settings(args)
+    trail = AuditTrail(settings.audit.db)
+    if args.audit_command == "verify":
+        if not settings.audit.db.exists():
+            print(f"synthnode audit verify: no audit trail at {settings.audit.db}",
+                  file=sys.stderr)
+            return 1
+        result = trail.verify()
+        if result.ok:
+            print(f"audit trail holds: {result.count} records, head {result.head}")
+            return 0
+        print(f"audit trail BROKEN at record {result.broken_at}: {result.reason} "
+              f"({result.count} records read; the chain holds up to {result.head})",
+              file=sys.stderr)
+        return 1
+    since = None
+    if args.since:
+        since = datetime.datetime.combine(args.since, datetime.time(),
+                                          datetime.UTC).timestamp()
+    if args.output:
+        with open(args.output, "w", newline="") as out:
+            n = export(trail, out, args.format, since)
+        print(f"{n} records written to {args.output}", file=sys.stderr)
+    else:
+        export(trail, sys.stdout, args.format, since)
     return 0
 
 
@@ -957,6 +1035,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("ids", nargs="*", metavar="ID")
     q.add_argument("--dead", action="store_true", help="every dead job")
     q.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("review", help="outputs held for a reviewer (review = true): list, "
+                       "approve, reject")
+    review_sub = p.add_subparsers(dest="review_command", required=True)
+    q = review_sub.add_parser("list", help="jobs whose outputs wait for review")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_review)
+    q = review_sub.add_parser("approve", help="deliver a job's staged outputs")
+    q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
+    q.add_argument("--reason", default="", help="recorded in the audit trail")
+    q.set_defaults(func=cmd_review)
+    q = review_sub.add_parser("reject", help="never deliver a job's outputs (they are kept)")
+    q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
+    q.add_argument("--reason", required=True, help="why (recorded with the job and audited)")
+    q.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("audit", help="the audit trail: export it, verify its hash chain")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+    q = audit_sub.add_parser("export", help="every record (from --since) as JSON lines or CSV")
+    q.add_argument("--since", type=_date, default=None, help="YYYY-MM-DD (UTC)")
+    q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    q.add_argument("--output", default=None, help="a file (default: standard output)")
+    q.set_defaults(func=cmd_audit)
+    q = audit_sub.add_parser("verify", help="check every record's hash and link; exit 1 at "
+                             "the first broken one")
+    q.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     p.add_argument("peer", help="AE@HOST:PORT, or a [[destinations]] DICOM peer's name")

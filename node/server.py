@@ -28,6 +28,8 @@ from types import FrameType
 from typing import Any
 
 from node import __version__
+from node.audit import config_hash, trail_for
+from node.audit import record as audit_record
 from node.config import Settings
 from node.jobs import Queues, Reaper, WorkerPool
 from node.jobs.worker import WORKERS_NAME, kill_leftovers
@@ -128,6 +130,8 @@ class Server:
         #    starts.
         if not startup_check(self.settings, ports=False):
             return 2
+        audit_record(self.settings, "config", "node", str(self.config or "(embedded default)"),
+                     sha256=config_hash(self.config), version=__version__, process="serve")
         record = lock.dir / WORKERS_NAME
         kill_leftovers(record, self.config)
         # 3. Recover the spool before any port opens.
@@ -150,7 +154,7 @@ class Server:
                 raise
             raise error from None
         # 5. Workers, the stability monitor and the schedule.
-        queues = Queues(self.settings.jobs)
+        queues = Queues(self.settings.jobs, trail=trail_for(self.settings))
         pool = WorkerPool(self.settings, self.config, record)
         monitor = StabilityMonitor(spool, Router(self.settings, queues).on_stable)
         schedule = Schedule(self.settings.spool.check_interval_s, (

@@ -54,6 +54,11 @@ class JobState(StrEnum):
     reason."""
 
 
+FINAL = (JobState.DONE, JobState.REJECTED)
+"""States after which a job never needs its study's source again (a rejected job's outputs stay
+in its work folder; a job in review still needs the source: it may be approved)."""
+
+
 def job_id(study_uid: str, rule: str, task_index: int, task: str) -> str:
     """The job's id: the same for the same (study, rule, task), so a study handed on again
     (a crash, more instances) names the same job and never a second one."""
@@ -162,10 +167,11 @@ class JobStore:
         return {k[len(_JOB):]: Job.from_json(v) for k, v in found.items()}
 
     def all_done(self, job_ids: Sequence[str], revision: int) -> bool:
-        """Whether every one of ``job_ids`` is done, for ``revision`` of its study or a
-        later one (the spool's retention asks this: :class:`node.spool.retention.JobLedger`)."""
+        """Whether every one of ``job_ids`` is done (or rejected), for ``revision`` of its
+        study or a later one (the spool's retention asks this:
+        :class:`node.spool.retention.JobLedger`)."""
         found = self.get_many(job_ids)
-        return all(j in found and found[j].state is JobState.DONE
+        return all(j in found and found[j].state in FINAL
                    and found[j].revision >= revision for j in job_ids)
 
     def put(self, job: Job) -> None:
