@@ -398,6 +398,55 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password (at least 12 characters): ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from node.audit import record
+    from node.console.auth import UserError, Users
+    from node.console.context import Role
+
+    settings = _settings(args)
+    users = Users(settings.console.db, settings.console.session_timeout_s)
+    me = cli_user()
+    try:
+        if args.user_command == "list":
+            for name, role, since in users.list():
+                when = datetime.datetime.fromtimestamp(since).strftime("%Y-%m-%d %H:%M")
+                print(f"{name:<24} {role.value:<9} since {when}")
+            return 0
+        if args.user_command == "add":
+            users.add(args.name, Role(args.role), _read_password(args))
+            record(settings, "user", me, args.name, action="add", role=args.role)
+            print(f"user {args.name} added ({args.role})")
+        elif args.user_command == "password":
+            users.set_password(args.name, _read_password(args))
+            record(settings, "user", me, args.name, action="password")
+            print(f"password of {args.name} changed (their sessions end)")
+        elif args.user_command == "role":
+            users.set_role(args.name, Role(args.role))
+            record(settings, "user", me, args.name, action="role", role=args.role)
+            print(f"user {args.name} is now {args.role}")
+        elif args.user_command == "remove":
+            users.remove(args.name)
+            record(settings, "user", me, args.name, action="remove")
+            print(f"user {args.name} removed (their sessions end)")
+    except (UserError, ValueError) as exc:
+        print(f"synthnode user {args.user_command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        users.close()
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from node.audit import AuditTrail, export
 
@@ -1050,6 +1099,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
     q.add_argument("--reason", required=True, help="why (recorded with the job and audited)")
     q.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("user", help="console users: add, list, remove, role, password")
+    user_sub = p.add_subparsers(dest="user_command", required=True)
+    roles = ["viewer", "reviewer", "admin"]
+    q = user_sub.add_parser("add", help="a console user (password from a prompt, or stdin)")
+    q.add_argument("name")
+    q.add_argument("--role", required=True, choices=roles,
+                   help="viewer: counts and states; reviewer: also review and audit; admin: "
+                        "also quarantined images and users")
+    q.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("list", help="every user and role")
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("remove", help="remove a user (their sessions end)")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("role", help="change a user's role")
+    q.add_argument("name")
+    q.add_argument("role", choices=roles)
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("password", help="set a user's password (their sessions end)")
+    q.add_argument("name")
+    q.add_argument("--password-stdin", action="store_true")
+    q.set_defaults(func=cmd_user)
 
     p = sub.add_parser("audit", help="the audit trail: export it, verify its hash chain")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)

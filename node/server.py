@@ -31,6 +31,8 @@ from node import __version__
 from node.audit import config_hash, trail_for
 from node.audit import record as audit_record
 from node.config import Settings
+from node.console.context import ConsoleContext
+from node.console.web import Console, ConsoleError
 from node.jobs import Queues, Reaper, WorkerPool
 from node.jobs.worker import WORKERS_NAME, kill_leftovers
 from node.periodic import Periodic
@@ -159,7 +161,10 @@ class Server:
         monitor = StabilityMonitor(spool, Router(self.settings, queues).on_stable)
         schedule = Schedule(self.settings.spool.check_interval_s, (
             Reaper(self.settings.jobs, queues).tick, Retention(spool, queues.store).tick))
+        console = self._console(spool, queues)
         try:
+            if console is not None:
+                console.start()
             pool.start()
             monitor.start()
             schedule.start()
@@ -172,9 +177,21 @@ class Server:
             )
             while not self.should_exit.wait(0.5):
                 pool.check()
+        except ConsoleError as exc:
+            raise StartError(str(exc)) from None
         finally:
+            if console is not None:
+                console.stop()
             self._shutdown(servers, monitor, schedule, spool, pool)
         return 0
+
+    def _console(self, spool: Spool, queues: Queues) -> Console | None:
+        """The operator console (``[console] enabled``), not started yet."""
+        if not self.settings.console.enabled:
+            return None
+        ctx = ConsoleContext(self.settings, self.config, spool, queues, self.counters,
+                             trail_for(self.settings))
+        return Console(ctx)
 
     def _shutdown(self, servers: list[NodeServer], monitor: StabilityMonitor,
                   schedule: Schedule, spool: Spool, pool: WorkerPool) -> None:

@@ -21,7 +21,10 @@ from pydicom.dataset import Dataset
 from node.config import Settings, TaskKind
 from node.jobs.manifest import Manifest
 from node.jobs.queue import Queues
-from node.jobs.state import Job, JobState, JobStore
+from node.jobs.state import Job, JobState, JobStore, needs_review
+
+__all__ = ["needs_review", "held", "count_held", "staged_outputs", "decide", "header_summary",
+           "thumbnail_png", "HeaderChange"]
 
 
 def held(store: JobStore, offset: int = 0, limit: int = 50) -> list[Job]:

@@ -38,7 +38,7 @@ from node.generate.job import SynthesisFailed, Synthesizer
 from node.generate.tasks import deidentifier
 from node.jobs.manifest import Manifest
 from node.jobs.queue import Queues
-from node.jobs.state import Job, JobState
+from node.jobs.state import Job, JobState, needs_review
 from node.reserve import DiskReserve
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class Runner:
         self.synthesizer = Synthesizer(settings)
         self.deidentifiers = Deidentifiers(
             settings.deid,
-            lambda deid: deidentifier(deid, settings.output, self.synthesizer.generation))
+            lambda deid: deidentifier(deid, settings.output, self.synthesizer.generation),
+            quarantine_dir=settings.output.quarantine_dir)
         self.reserve: DiskReserve = DiskReserve.for_settings(settings)
         # jobs that wait for space: how many times in a row (one log line each, and a wait
         # that grows so that a long backlog does not churn the queue every few seconds)
@@ -332,20 +333,6 @@ class Runner:
             audit.record(self.settings, "release", f"worker {self.name}", job.id,
                          destination=name, rule=job.rule, task=task, study=job.study_uid,
                          objects=len(results), user=job.decided_by)
-
-
-def needs_review(settings: Settings, job: Job) -> bool:
-    """Whether ``job``'s outputs wait for a reviewer: its task or one of its destinations has
-    ``review = true``."""
-    if job.task.review:
-        return True
-    for name in job.destinations:
-        try:
-            if settings.destination(name).review:
-                return True
-        except KeyError:
-            continue  # an unknown destination fails the delivery, with its own message
-    return False
 
 
 def _identify(path: Path) -> Outgoing:

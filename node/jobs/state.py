@@ -23,7 +23,7 @@ from huey.constants import EmptyData
 from huey.storage import BaseStorage
 
 from node.archives.base import SPOOL, Source, SourceKind
-from node.config import ORTHANC, Queue, RuleTask
+from node.config import ORTHANC, Queue, RuleTask, Settings
 
 _JOB = "job:"
 _BEAT = "hb:"
@@ -143,6 +143,20 @@ def _source(data: dict[str, Any]) -> Source:
     if pacs_source:
         return Source(SourceKind.DICOM, pacs_source, str(data["study_uid"]))
     return SPOOL
+
+
+def needs_review(settings: Settings, job: Job) -> bool:
+    """Whether ``job``'s outputs wait for a reviewer: its task or one of its destinations has
+    ``review = true``."""
+    if job.task.review:
+        return True
+    for name in job.destinations:
+        try:
+            if settings.destination(name).review:
+                return True
+        except KeyError:
+            continue  # an unknown destination fails the delivery, with its own message
+    return False
 
 
 @dataclass(frozen=True)
