@@ -447,6 +447,38 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from node.audit import trail_for
+    from node.jobs import Queues
+    from node.jobs import quarantine as q
+
+    settings = _settings(args)
+    if args.quarantine_command == "list":
+        found = q.entries(settings)
+        if args.json:
+            print(json.dumps([{"id": e.id, "job": e.job, "sop": e.sop, "study": e.study,
+                               "series": e.series, "kind": e.kind, "reason": e.reason,
+                               "at": e.at, "size": e.size} for e in found], indent=2))
+            return 0
+        print(f"{len(found)} quarantined (kept until released or discarded)")
+        now = time.time()
+        for e in found:
+            print(f"  {e.id}  {e.kind:<6} study {e.study}  {_age(now - e.at)} ago: {e.reason}")
+        return 0
+    configure_logging(settings.log.level)
+    try:
+        if args.quarantine_command == "release":
+            queues = Queues(settings.jobs, trail=trail_for(settings))
+            print(f"{args.id}: {q.release(settings, queues, args.id, cli_user())}")
+        else:
+            q.discard(settings, args.id, cli_user(), args.reason)
+            print(f"{args.id}: discarded")
+    except (KeyError, ValueError) as exc:
+        print(f"synthnode quarantine {args.quarantine_command}: {exc.args[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from node.audit import AuditTrail, export
 
@@ -1099,6 +1131,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
     q.add_argument("--reason", required=True, help="why (recorded with the job and audited)")
     q.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("quarantine", help="what was quarantined, kept until a person "
+                       "releases or discards it")
+    quarantine_sub = p.add_subparsers(dest="quarantine_command", required=True)
+    q = quarantine_sub.add_parser("list", help="every entry with its reason")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quarantine)
+    q = quarantine_sub.add_parser("release", help="de-identify a refused source again with the "
+                                  "settings as they are now and deliver it if it passes (an "
+                                  "output: deliver it as is)")
+    q.add_argument("id", help="JOB/NAME as quarantine list shows it")
+    q.set_defaults(func=cmd_quarantine)
+    q = quarantine_sub.add_parser("discard", help="delete an entry for good")
+    q.add_argument("id", help="JOB/NAME as quarantine list shows it")
+    q.add_argument("--reason", required=True, help="why (audited)")
+    q.set_defaults(func=cmd_quarantine)
 
     p = sub.add_parser("user", help="console users: add, list, remove, role, password")
     user_sub = p.add_subparsers(dest="user_command", required=True)

@@ -198,9 +198,11 @@ class Authenticator:
             found = self.users.session(token)
             if found is not None:
                 user, csrf = found
-                if self._header_user(request) not in (None, user.name):
-                    return None  # the proxy now names someone else: that session is not theirs
-                return user, csrf
+                if self._header_user(request) in (None, user.name):
+                    return user, csrf
+                # the proxy now names someone else: that session is not theirs; the header's
+                # user gets a session of their own below
+                self.users.end_session(token)
         if request.url.path.startswith("/dicomweb/"):
             basic = self._basic(request)
             if basic is not None:

@@ -84,7 +84,7 @@ class Deidentifiers:
                     keep_source(path, self.quarantine_dir, job_id, str(exc), original)
                 metrics.quarantined("deid")
                 continue
-            made.add(target, output)
+            made.add(target, output, sop)
             mappings.append(Mapping(original, Identity.of(output)))
         broker = self.settings.honest_broker_file
         if broker is not None and mappings:

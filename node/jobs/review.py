@@ -75,13 +75,15 @@ class HeaderChange:
 
 
 def _source_of(settings: Settings, job: Job, output: Dataset) -> Path | None:
-    """The spooled source an output was made from: the same SOP Instance UID for a forward;
-    for the other tasks the instance its Source Image Sequence or derivation names, else the
-    first instance of the series when the job has one series."""
+    """The spooled source an output was made from: as the job's manifest records it, else
+    the same SOP Instance UID (a forward), else what its Source Image Sequence names."""
     root = settings.spool.dir / job.study_uid
-    refs = [str(item.ReferencedSOPInstanceUID) for item in
-            output.get("SourceImageSequence", [])
-            if "ReferencedSOPInstanceUID" in item]
+    sop = str(output.get("SOPInstanceUID", ""))
+    made = Manifest.load(settings.jobs.work_dir / job.id, job.revision)
+    refs = [made.made_from[sop]] if made is not None and sop in made.made_from else []
+    refs += [sop] + [str(item.ReferencedSOPInstanceUID) for item in
+                     output.get("SourceImageSequence", [])
+                     if "ReferencedSOPInstanceUID" in item]
     for series in job.series_uids:
         for sop in refs:
             candidate = root / series / f"{sop}.dcm"
