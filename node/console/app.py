@@ -383,9 +383,11 @@ def make_app(ctx: ConsoleContext, users: Users, samples: Samples | None = None) 
         if request.url.path.startswith(("/dicomweb/", "/metrics", "/healthz", "/readyz")):
             return Response(json.dumps({"detail": exc.detail}), status_code=exc.status_code,
                             media_type="application/json", headers=exc.headers)
+        found = auth.with_csrf(request)
+        user, csrf = found if found is not None and found[0].via != "basic" else (None, "")
         return templates.TemplateResponse(request, "error.html", {
-            "status": exc.status_code, "detail": exc.detail, "user": None, "path": ""},
-            status_code=exc.status_code)
+            "status": exc.status_code, "detail": exc.detail, "user": user, "csrf": csrf,
+            "Role": Role, "path": ""}, status_code=exc.status_code)
 
     return app
 
