@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ _BATCH_BYTES = 1 << 20
 """Body bytes gathered before they are parsed and written (in a worker thread, off the event
 loop): bounds memory and the number of thread hops."""
 _MAX_WARNINGS = 50
+_MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$")
+"""What a part's Content-Type may be for a refusal (a log line) to repeat it."""
 
 
 @dataclass
@@ -130,8 +133,9 @@ class _Upload:
         kind = part.headers.get("content-type", "")
         media = parse_options_header(kind)[0].decode("latin-1").lower() if kind else DICOM
         if media != DICOM:
+            shown = media if _MEDIA_TYPE.match(media) else "(not a media type)"
             part.failure = (StoreStatus.CANNOT_UNDERSTAND,
-                            f'part Content-Type is "{media[:64]}", not {DICOM}')
+                            f"part Content-Type {shown} is not {DICOM}")
         elif self.reserve.shortfall() is not None:
             part.failure = (StoreStatus.OUT_OF_RESOURCES, RESERVE_COMMENT)
         else:
