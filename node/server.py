@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from node import __version__
+from node import __version__, metrics
 from node.audit import config_hash, trail_for
 from node.audit import record as audit_record
 from node.config import Settings
@@ -132,6 +132,9 @@ class Server:
         #    starts.
         if not startup_check(self.settings, ports=False):
             return 2
+        # Metrics of this process and of the workers it starts (they inherit the folder),
+        # summed at /metrics; emptied here: counters start at 0 with the process.
+        metrics.setup(self.settings.console.db.parent / "metrics")
         audit_record(self.settings, "config", "node", str(self.config or "(embedded default)"),
                      sha256=config_hash(self.config), version=__version__, process="serve")
         record = lock.dir / WORKERS_NAME
@@ -148,7 +151,8 @@ class Server:
         node = self.settings.node
         try:
             servers = start_listeners(node, spool, self.counters,
-                                      DiskReserve.for_settings(self.settings))
+                                      DiskReserve.for_settings(self.settings),
+                                      audit_settings=self.settings)
         except (ListenError, TLSError) as exc:
             spool.close()
             error = _listen_error(exc) if isinstance(exc, ListenError) else StartError(str(exc))
