@@ -68,13 +68,14 @@ def setup(directory: Path) -> None:
         else:
             entry.unlink()
     with _lock:
-        os.environ[ENV] = str(directory)
         # prometheus-client picks its value class (in memory, or memory-mapped files) when it
-        # is imported; this module was imported before: pick again, and drop the children made
-        # so far so that each label set is made anew with the multiprocess value class.
-        values.ValueClass = values.get_value_class()
+        # is imported; this module was imported before: drop the children made so far (before
+        # the switch: clearing is not implemented in multiprocess mode) so that each label set
+        # is made anew, then pick the multiprocess value class.
         for metric in METRICS:
             metric.clear()
+        os.environ[ENV] = str(directory)
+        values.ValueClass = values.get_value_class()
 
 
 def multiprocess_dir() -> Path | None:
