@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import requests
 
-from tests.nodeproc import SYNTHNODE, NodeProcess
+from node.localorthanc import OrthancProcess
+from tests.nodeproc import SYNTHNODE, NodeProcess, write_config
 
 PASSWORDS = {"ada": "ada-admin-password-1", "rita": "rita-reviewer-pass-2",
              "victor": "victor-viewer-pass-3"}
@@ -54,3 +56,40 @@ class Client:
         m = re.search(r'name="csrf" value="([^"]+)"', self.get(path).text)
         assert m, f"no CSRF token on {path}"
         return m.group(1)
+
+
+REVIEWED = """
+[[rules]]
+name = "deid-reviewed"
+[[rules.tasks]]
+task = "deidentify"
+review = true
+"""
+"""A rule whose de-identified outputs wait for a reviewer."""
+
+
+def console_node(node_factory: Any, tmp_path: Path, rules: str,
+                 orthanc: OrthancProcess | None = None,
+                 **over: dict[str, Any]) -> NodeProcess:
+    """A ``serve`` with the console on a free port, a worker, the test users (made with the
+    CLI before the start) and, with ``orthanc``, outputs going there; ``over`` changes
+    sections."""
+    from tests.conftest import free_port
+    from tests.test_jobs import KEY
+
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"port": free_port()},
+        "spool": {"dir": str(tmp_path / "spool"), "stable_after_s": 0.5,
+                  "check_interval_s": 0.2},
+        "deid": {"key": KEY},
+        "jobs": {"cpu_workers": 1, "heartbeat_s": 0.3, "heartbeat_timeout_s": 8.0},
+        "console": {"port": free_port(), "sample_interval_s": 0.5},
+    }
+    if orthanc is not None:
+        sections["orthanc"] = {"url": orthanc.url, "username": orthanc.username or "",
+                               "password": orthanc.password}
+    for name, keys in over.items():
+        sections.setdefault(name, {}).update(keys)
+    write_config(tmp_path / "node0.toml", sections, rules)
+    add_users(tmp_path / "node0.toml")
+    return node_factory(rules=rules, **sections)

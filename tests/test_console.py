@@ -15,20 +15,13 @@ import pytest
 from node.audit import AuditTrail
 from node.config import load_settings
 from node.jobs import JobState
-from tests.console import PASSWORDS, Client, add_users, console_url
+from tests.console import PASSWORDS, REVIEWED, Client, console_node, console_url
 from tests.nodeproc import SYNTHNODE, NodeProcess, storescu
 from tests.phi_corpus import PlantedStudy, make_planted_sr, make_planted_study
-from tests.test_jobs import KEY, records, wait_for
+from tests.test_jobs import records, wait_for
 
 pytestmark = pytest.mark.slow
 
-REVIEWED = """
-[[rules]]
-name = "deid-reviewed"
-[[rules.tasks]]
-task = "deidentify"
-review = true
-"""
 PAGES = ["/", "/studies", "/jobs", "/quarantine", "/review", "/models", "/audit", "/users"]
 ALLOWED = {"viewer": {"/", "/studies", "/jobs", "/quarantine", "/models"},
            "reviewer": {"/", "/studies", "/jobs", "/quarantine", "/models", "/review",
@@ -38,25 +31,7 @@ _UID = re.compile(rb"[0-9]+(?:\.[0-9]+){3,}")
 
 
 def _node(node_factory: Any, tmp_path: Path, **over: dict[str, Any]) -> NodeProcess:
-    sections: dict[str, dict[str, Any]] = {
-        "spool": {"stable_after_s": 0.5, "check_interval_s": 0.2},
-        "deid": {"key": KEY},
-        "jobs": {"cpu_workers": 1, "heartbeat_s": 0.3, "heartbeat_timeout_s": 8.0},
-        "console": {"sample_interval_s": 0.5},
-    }
-    for name, keys in over.items():
-        sections.setdefault(name, {}).update(keys)
-    config = tmp_path / "node0.toml"
-    # users first: the CLI writes [console] db where serve will read it
-    from tests.conftest import free_port
-    from tests.nodeproc import write_config
-
-    sections.setdefault("node", {}).setdefault("port", free_port())
-    sections["console"].setdefault("port", free_port())
-    sections["spool"].setdefault("dir", str(tmp_path / "spool"))
-    write_config(config, sections, REVIEWED)
-    add_users(config)
-    return node_factory(rules=REVIEWED, **sections)
+    return console_node(node_factory, tmp_path, REVIEWED, **over)
 
 
 def leaks(pages: list[str], *studies: PlantedStudy) -> list[str]:

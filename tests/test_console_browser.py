@@ -19,12 +19,11 @@ import requests
 from node.jobs import JobState
 from node.localorthanc import OrthancProcess
 from tests import browser
-from tests.conftest import free_port
-from tests.console import PASSWORDS, add_users, console_url
-from tests.nodeproc import storescu, write_config
+from tests.console import PASSWORDS, REVIEWED, console_node, console_url
+from tests.nodeproc import storescu
 from tests.phi_corpus import make_planted_sr, make_planted_study
-from tests.test_console import REVIEWED, leaks
-from tests.test_jobs import KEY, records, wait_for
+from tests.test_console import leaks
+from tests.test_jobs import records, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not browser.available(), reason="no chromium/chromedriver")]
@@ -48,19 +47,7 @@ def logout(b: browser.Browser) -> None:
 def test_reviewer_approves_in_the_browser_and_the_study_reaches_orthanc(
     node_factory, orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
-    sections = {
-        "node": {"port": free_port()},
-        "spool": {"dir": str(tmp_path / "spool"), "stable_after_s": 0.5,
-                  "check_interval_s": 0.2},
-        "deid": {"key": KEY},
-        "orthanc": {"url": orthanc.url, "username": orthanc.username or "",
-                    "password": orthanc.password},
-        "jobs": {"cpu_workers": 1, "heartbeat_s": 0.3, "heartbeat_timeout_s": 8.0},
-        "console": {"port": free_port(), "sample_interval_s": 0.5},
-    }
-    write_config(tmp_path / "node0.toml", sections, REVIEWED)
-    add_users(tmp_path / "node0.toml")
-    node = node_factory(rules=REVIEWED, **sections)
+    node = console_node(node_factory, tmp_path, REVIEWED, orthanc)
     base = console_url(node)
     shots = Path(os.environ.get("SYNTHNODE_SCREENSHOTS", tmp_path / "shots"))
 

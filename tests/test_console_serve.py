@@ -14,29 +14,17 @@ from pydicom import dcmread
 
 from node.jobs import JobState
 from node.localorthanc import OrthancProcess
-from tests.conftest import free_port
-from tests.console import PASSWORDS, add_users, console_url
-from tests.nodeproc import NodeProcess, make_study, storescu, write_config
+from tests.console import PASSWORDS, console_node, console_url
+from tests.nodeproc import NodeProcess, make_study, storescu
 from tests.opsserver import multipart
-from tests.test_jobs import DEID_ALL, KEY, records, wait_for
+from tests.test_jobs import DEID_ALL, records, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def _node(node_factory, tmp_path: Path, orthanc: OrthancProcess) -> NodeProcess:
-    sections = {
-        "node": {"port": free_port()},
-        "spool": {"dir": str(tmp_path / "spool"), "stable_after_s": 0.5,
-                  "check_interval_s": 0.2},
-        "deid": {"key": KEY},
-        "orthanc": {"url": orthanc.url, "username": orthanc.username or "",
-                    "password": orthanc.password},
-        "jobs": {"cpu_workers": 1, "heartbeat_s": 0.3, "heartbeat_timeout_s": 8.0},
-        "console": {"port": free_port()},
-    }
-    write_config(tmp_path / "node0.toml", sections, DEID_ALL)
-    add_users(tmp_path / "node0.toml")
-    return node_factory(rules=DEID_ALL, **sections)
+    return console_node(node_factory, tmp_path, DEID_ALL, orthanc,
+                        console={"sample_interval_s": 60.0})
 
 
 def stow(node: NodeProcess, files: list[bytes]) -> requests.Response:

@@ -20,19 +20,11 @@ from node.config import load_settings
 from node.jobs import JobState, Queues
 from node.jobs.review import count_held, header_summary, staged_outputs, thumbnail_png
 from node.localorthanc import OrthancProcess
+from tests.console import REVIEWED
 from tests.nodeproc import SYNTHNODE, NodeProcess, make_study, storescu
 from tests.test_jobs import jobs_node, records, wait_for
 
 pytestmark = pytest.mark.slow
-
-REVIEWED = """
-[[rules]]
-name = "deid-reviewed"
-[[rules.tasks]]
-task = "deidentify"
-review = true
-"""
-
 
 def cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SYNTHNODE, "--config", str(node.config), *args],
