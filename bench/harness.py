@@ -557,6 +557,8 @@ class NodeOptions:
     check_interval_s: float | None = None
     max_pdu_bytes: int | None = None
     deid_key: str | None = None
+    console_port: int | None = None
+    """The operator console's port; None: the console off (the receiver alone)."""
 
 
 class NodeServer(Receiver):
@@ -589,6 +591,9 @@ class NodeServer(Receiver):
         lines += ["[jobs]", f"cpu_workers = {o.cpu_workers}", "gpu_workers = 0"]
         if o.deid_key is not None:
             lines += ["[deid]", f'key = "{o.deid_key}"']
+        lines += ["[console]", f"enabled = {'true' if o.console_port else 'false'}"]
+        if o.console_port:
+            lines += [f"port = {o.console_port}", f'db = "{self.workdir / "console.db"}"']
         self.config.write_text("\n".join(lines + (self.tables or [])) + "\n")
 
     def command(self) -> list[str]:

@@ -214,12 +214,13 @@ def _date(text: str) -> datetime.date:
 def cmd_mirror_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from node.audit import trail_for
     from node.jobs import JobState, Queues
     from node.route.backfill import Backfill, BackfillError, Step, follow
 
     settings = _settings(args)
     configure_logging("WARNING")
-    queues = Queues(settings.jobs)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
     try:
         backfill = Backfill(settings, queues, args.source)
         try:
@@ -299,10 +300,11 @@ def _age(seconds: float) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.audit import trail_for
     from node.jobs import JobState, Queues
 
     settings = _settings(args)
-    queues = Queues(settings.jobs)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
     if args.jobs_command == "retry":
         code = 0
         ids = list(args.ids)
@@ -313,7 +315,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             return 2
         for job_id in ids:
             try:
-                job = queues.retry(job_id)
+                job = queues.retry(job_id, user=cli_user())
             except KeyError as exc:
                 print(f"synthnode jobs retry: {exc.args[0]}", file=sys.stderr)
                 code = 1
@@ -341,6 +343,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             extra = f"  last error: {j.last_error}" if j.last_error else ""
             if j.state is JobState.DONE:
                 extra = f"  {j.outputs} outputs, {j.quarantined} quarantined"
+            elif j.state is JobState.REVIEW:
+                extra = f"  {j.outputs} outputs staged for review"
+            elif j.state is JobState.REJECTED:
+                extra = f"  rejected by {j.decided_by}: {j.decision_reason}"
             elif j.state is JobState.PENDING and j.not_before > now:
                 extra += f"  (retry in {_age(j.not_before - now)})"
             print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
@@ -348,6 +354,159 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                   f"{extra}")
             for note in j.notes if j.state is JobState.DONE else ():
                 print(f"      {note}")  # why outputs were quarantined or skipped
+    return 0
+
+
+def cli_user() -> str:
+    """How the audit trail names a person at the command line: ``cli:<login>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from node.audit import trail_for
+    from node.jobs import Queues
+    from node.jobs.review import count_held, decide, held
+
+    settings = _settings(args)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
+    if args.review_command == "list":
+        jobs = held(queues.store, 0, 10_000)
+        if args.json:
+            print(json.dumps([json.loads(j.to_json()) for j in jobs], indent=2))
+            return 0
+        print(f"{count_held(queues.store)} jobs wait for review")
+        now = time.time()
+        for j in jobs:
+            print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
+                  f"{j.outputs} outputs  to {', '.join(j.destinations)}  "
+                  f"{_age(now - j.updated_at)} ago")
+        return 0
+    approve = args.review_command == "approve"
+    reason = args.reason or ""
+    try:
+        jobs = decide(queues, args.id, approve, cli_user(), reason)
+    except (KeyError, ValueError) as exc:
+        print(f"synthnode review {args.review_command}: {exc.args[0]}", file=sys.stderr)
+        return 1
+    for j in jobs:
+        print(f"{j.id} {'approved: queued for delivery' if approve else 'rejected'}")
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password (at least 12 characters): ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from node.audit import record
+    from node.console.auth import UserError, Users
+    from node.console.context import Role
+
+    settings = _settings(args)
+    users = Users(settings.console.db, settings.console.session_timeout_s)
+    me = cli_user()
+    try:
+        if args.user_command == "list":
+            for name, role, since in users.list():
+                when = datetime.datetime.fromtimestamp(since).strftime("%Y-%m-%d %H:%M")
+                print(f"{name:<24} {role.value:<9} since {when}")
+            return 0
+        if args.user_command == "add":
+            users.add(args.name, Role(args.role), _read_password(args))
+            record(settings, "user", me, args.name, action="add", role=args.role)
+            print(f"user {args.name} added ({args.role})")
+        elif args.user_command == "password":
+            users.set_password(args.name, _read_password(args))
+            record(settings, "user", me, args.name, action="password")
+            print(f"password of {args.name} changed (their sessions end)")
+        elif args.user_command == "role":
+            users.set_role(args.name, Role(args.role))
+            record(settings, "user", me, args.name, action="role", role=args.role)
+            print(f"user {args.name} is now {args.role}")
+        elif args.user_command == "remove":
+            users.remove(args.name)
+            record(settings, "user", me, args.name, action="remove")
+            print(f"user {args.name} removed (their sessions end)")
+    except (UserError, ValueError) as exc:
+        print(f"synthnode user {args.user_command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        users.close()
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from node.audit import trail_for
+    from node.jobs import Queues
+    from node.jobs import quarantine as q
+
+    settings = _settings(args)
+    if args.quarantine_command == "list":
+        found = q.entries(settings)
+        if args.json:
+            print(json.dumps([{"id": e.id, "job": e.job, "sop": e.sop, "study": e.study,
+                               "series": e.series, "kind": e.kind, "reason": e.reason,
+                               "at": e.at, "size": e.size} for e in found], indent=2))
+            return 0
+        print(f"{len(found)} quarantined (kept until released or discarded)")
+        now = time.time()
+        for e in found:
+            print(f"  {e.id}  {e.kind:<6} study {e.study}  {_age(now - e.at)} ago: {e.reason}")
+        return 0
+    configure_logging(settings.log.level)
+    try:
+        if args.quarantine_command == "release":
+            queues = Queues(settings.jobs, trail=trail_for(settings))
+            print(f"{args.id}: {q.release(settings, queues, args.id, cli_user())}")
+        else:
+            q.discard(settings, args.id, cli_user(), args.reason)
+            print(f"{args.id}: discarded")
+    except (KeyError, ValueError) as exc:
+        print(f"synthnode quarantine {args.quarantine_command}: {exc.args[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from node.audit import AuditTrail, export
+
+    settings = _settings(args)
+    trail = AuditTrail(settings.audit.db)
+    if args.audit_command == "verify":
+        if not settings.audit.db.exists():
+            print(f"synthnode audit verify: no audit trail at {settings.audit.db}",
+                  file=sys.stderr)
+            return 1
+        result = trail.verify()
+        if result.ok:
+            print(f"audit trail holds: {result.count} records, head {result.head}")
+            return 0
+        print(f"audit trail BROKEN at record {result.broken_at}: {result.reason} "
+              f"({result.count} records read; the chain holds up to {result.head})",
+              file=sys.stderr)
+        return 1
+    since = None
+    if args.since:
+        since = datetime.datetime.combine(args.since, datetime.time(),
+                                          datetime.UTC).timestamp()
+    if args.output:
+        with open(args.output, "w", newline="") as out:
+            n = export(trail, out, args.format, since)
+        print(f"{n} records written to {args.output}", file=sys.stderr)
+    else:
+        export(trail, sys.stdout, args.format, since)
     return 0
 
 
@@ -957,6 +1116,73 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("ids", nargs="*", metavar="ID")
     q.add_argument("--dead", action="store_true", help="every dead job")
     q.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("review", help="outputs held for a reviewer (review = true): list, "
+                       "approve, reject")
+    review_sub = p.add_subparsers(dest="review_command", required=True)
+    q = review_sub.add_parser("list", help="jobs whose outputs wait for review")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_review)
+    q = review_sub.add_parser("approve", help="deliver a job's staged outputs")
+    q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
+    q.add_argument("--reason", default="", help="recorded in the audit trail")
+    q.set_defaults(func=cmd_review)
+    q = review_sub.add_parser("reject", help="never deliver a job's outputs (they are kept)")
+    q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
+    q.add_argument("--reason", required=True, help="why (recorded with the job and audited)")
+    q.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("quarantine", help="what was quarantined, kept until a person "
+                       "releases or discards it")
+    quarantine_sub = p.add_subparsers(dest="quarantine_command", required=True)
+    q = quarantine_sub.add_parser("list", help="every entry with its reason")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quarantine)
+    q = quarantine_sub.add_parser("release", help="de-identify a refused source again with the "
+                                  "settings as they are now and deliver it if it passes (an "
+                                  "output: deliver it as is)")
+    q.add_argument("id", help="JOB/NAME as quarantine list shows it")
+    q.set_defaults(func=cmd_quarantine)
+    q = quarantine_sub.add_parser("discard", help="delete an entry for good")
+    q.add_argument("id", help="JOB/NAME as quarantine list shows it")
+    q.add_argument("--reason", required=True, help="why (audited)")
+    q.set_defaults(func=cmd_quarantine)
+
+    p = sub.add_parser("user", help="console users: add, list, remove, role, password")
+    user_sub = p.add_subparsers(dest="user_command", required=True)
+    roles = ["viewer", "reviewer", "admin"]
+    q = user_sub.add_parser("add", help="a console user (password from a prompt, or stdin)")
+    q.add_argument("name")
+    q.add_argument("--role", required=True, choices=roles,
+                   help="viewer: counts and states; reviewer: also review and audit; admin: "
+                        "also quarantined images and users")
+    q.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("list", help="every user and role")
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("remove", help="remove a user (their sessions end)")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("role", help="change a user's role")
+    q.add_argument("name")
+    q.add_argument("role", choices=roles)
+    q.set_defaults(func=cmd_user)
+    q = user_sub.add_parser("password", help="set a user's password (their sessions end)")
+    q.add_argument("name")
+    q.add_argument("--password-stdin", action="store_true")
+    q.set_defaults(func=cmd_user)
+
+    p = sub.add_parser("audit", help="the audit trail: export it, verify its hash chain")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+    q = audit_sub.add_parser("export", help="every record (from --since) as JSON lines or CSV")
+    q.add_argument("--since", type=_date, default=None, help="YYYY-MM-DD (UTC)")
+    q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    q.add_argument("--output", default=None, help="a file (default: standard output)")
+    q.set_defaults(func=cmd_audit)
+    q = audit_sub.add_parser("verify", help="check every record's hash and link; exit 1 at "
+                             "the first broken one")
+    q.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     p.add_argument("peer", help="AE@HOST:PORT, or a [[destinations]] DICOM peer's name")

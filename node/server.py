@@ -27,8 +27,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from node import __version__
+from node import __version__, metrics
+from node.audit import config_hash, trail_for
+from node.audit import record as audit_record
 from node.config import Settings
+from node.console.context import ConsoleContext
+from node.console.web import Console, ConsoleError
 from node.jobs import Queues, Reaper, WorkerPool
 from node.jobs.worker import WORKERS_NAME, kill_leftovers
 from node.periodic import Periodic
@@ -128,6 +132,11 @@ class Server:
         #    starts.
         if not startup_check(self.settings, ports=False):
             return 2
+        # Metrics of this process and of the workers it starts (they inherit the folder),
+        # summed at /metrics; emptied here: counters start at 0 with the process.
+        metrics.setup(self.settings.console.db.parent / "metrics")
+        audit_record(self.settings, "config", "node", str(self.config or "(embedded default)"),
+                     sha256=config_hash(self.config), version=__version__, process="serve")
         record = lock.dir / WORKERS_NAME
         kill_leftovers(record, self.config)
         # 3. Recover the spool before any port opens.
@@ -142,7 +151,8 @@ class Server:
         node = self.settings.node
         try:
             servers = start_listeners(node, spool, self.counters,
-                                      DiskReserve.for_settings(self.settings))
+                                      DiskReserve.for_settings(self.settings),
+                                      audit_settings=self.settings)
         except (ListenError, TLSError) as exc:
             spool.close()
             error = _listen_error(exc) if isinstance(exc, ListenError) else StartError(str(exc))
@@ -150,12 +160,15 @@ class Server:
                 raise
             raise error from None
         # 5. Workers, the stability monitor and the schedule.
-        queues = Queues(self.settings.jobs)
+        queues = Queues(self.settings.jobs, trail=trail_for(self.settings))
         pool = WorkerPool(self.settings, self.config, record)
         monitor = StabilityMonitor(spool, Router(self.settings, queues).on_stable)
         schedule = Schedule(self.settings.spool.check_interval_s, (
             Reaper(self.settings.jobs, queues).tick, Retention(spool, queues.store).tick))
+        console = self._console(spool, queues)
         try:
+            if console is not None:
+                console.start()
             pool.start()
             monitor.start()
             schedule.start()
@@ -168,9 +181,21 @@ class Server:
             )
             while not self.should_exit.wait(0.5):
                 pool.check()
+        except ConsoleError as exc:
+            raise StartError(str(exc)) from None
         finally:
+            if console is not None:
+                console.stop()
             self._shutdown(servers, monitor, schedule, spool, pool)
         return 0
+
+    def _console(self, spool: Spool, queues: Queues) -> Console | None:
+        """The operator console (``[console] enabled``), not started yet."""
+        if not self.settings.console.enabled:
+            return None
+        ctx = ConsoleContext(self.settings, self.config, spool, queues, self.counters,
+                             trail_for(self.settings))
+        return Console(ctx)
 
     def _shutdown(self, servers: list[NodeServer], monitor: StabilityMonitor,
                   schedule: Schedule, spool: Spool, pool: WorkerPool) -> None:

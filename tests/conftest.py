@@ -67,6 +67,8 @@ def node_factory(tmp_path: Path):
         sections.setdefault("spool", {})
         sections["spool"].setdefault("dir", str(tmp_path / "spool"))
         sections["spool"].setdefault("stable_after_s", 3600)
+        sections.setdefault("console", {})
+        sections["console"].setdefault("port", free_port())
         sections.setdefault("jobs", {})
         sections["jobs"].setdefault("cpu_workers", 0)
         sections["jobs"].setdefault("gpu_workers", 0)

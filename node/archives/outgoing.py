@@ -62,11 +62,17 @@ class Made:
     """Identified as they were made, so that dispatch need not read their headers again."""
     quarantined: int = 0
     notes: list[str] = field(default_factory=list)
+    made_from: dict[str, str] = field(default_factory=dict)
+    """Output SOP Instance UID -> the source instance's, where one source made it (what a
+    reviewer's header summary compares)."""
 
-    def add(self, path: Path, ds: Dataset) -> None:
-        """Add the output written to ``path`` from ``ds``, identified by ``ds``'s header."""
+    def add(self, path: Path, ds: Dataset, source_sop: str = "") -> None:
+        """Add the output written to ``path`` from ``ds``, identified by ``ds``'s header
+        (made from the instance ``source_sop``, when given)."""
         self.files.append(Outgoing(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                                    str(ds.file_meta.TransferSyntaxUID)))
+        if source_sop:
+            self.made_from[str(ds.SOPInstanceUID)] = source_sop
 
 
 def log_outcome(logger: logging.Logger, where: str, item: Outgoing, outcome: Outcome,

@@ -7,16 +7,20 @@ there is disk space for the next output; what those raise passes through unchang
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from node import metrics
 from node.archives.outgoing import Made
 from node.config import DeidOption, DeidSettings
 from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
 from node.deid.engine import Deidentifier, Quarantined
+from node.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +28,13 @@ log = logging.getLogger(__name__)
 class Deidentifiers:
     """A worker's de-identifiers, one per set of options, kept warm from job to job."""
 
-    def __init__(self, deid: DeidSettings, build: Callable[[DeidSettings], Deidentifier]) -> None:
+    def __init__(self, deid: DeidSettings, build: Callable[[DeidSettings], Deidentifier],
+                 quarantine_dir: Path | None = None) -> None:
         """``build`` makes a de-identifier for its settings (with the inpainting hook where a
-        pixel rule fills with generated anatomy); it is called once per set of options."""
+        pixel rule fills with generated anatomy); it is called once per set of options.
+        ``quarantine_dir``: where quarantined sources are kept (None: not kept)."""
         self.settings = deid
+        self.quarantine_dir = quarantine_dir
         self._build = build
         self._warm: dict[tuple[str, ...], Deidentifier] = {}
 
@@ -73,10 +80,31 @@ class Deidentifiers:
                 made.quarantined += 1
                 made.notes.append(f"{sop}: {exc}")
                 log.warning("job %s: instance %s quarantined: %s", job_id, sop, exc)
+                if self.quarantine_dir is not None:
+                    keep_source(path, self.quarantine_dir, job_id, str(exc), original)
+                metrics.quarantined("deid")
                 continue
-            made.add(target, output)
+            made.add(target, output, sop)
             mappings.append(Mapping(original, Identity.of(output)))
         broker = self.settings.honest_broker_file
         if broker is not None and mappings:
             record_mappings(broker, mappings)
         return made
+
+
+def keep_source(path: Path, quarantine_dir: Path, job_id: str, reason: str,
+                identity: Identity) -> Path:
+    """Keep a copy of a source de-identification quarantined, until a person decides
+    (``synthnode quarantine`` or the console): ``<quarantine_dir>/<job_id>/<sop>.dcm`` beside
+    ``<sop>.reason.json`` (UIDs and the reason: no patient data). The file is the
+    identifiable original: only admins see it."""
+    folder = quarantine_dir / job_id
+    folder.mkdir(parents=True, exist_ok=True)
+    sop = identity.sop_instance_uid
+    target = folder / f"{sop}.dcm"
+    atomic_write(target, path.read_bytes(), durable=True, mode=0o600)
+    atomic_write(folder / f"{sop}.reason.json", json.dumps({
+        "job": job_id, "file": target.name, "kind": "deid", "reason": reason,
+        "sop": sop, "study": identity.study_instance_uid,
+        "series": identity.series_instance_uid, "at": time.time()}, indent=2), durable=True)
+    return target

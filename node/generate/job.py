@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from node import metrics
 from node.archives.outgoing import Made
 from node.config import RuleTask, Settings, TaskKind
 from node.deid import Deidentifier, Quarantined
@@ -141,15 +142,17 @@ class Synthesizer:
         for out in outputs:
             if isinstance(out, Refused):
                 self._refuse(out, work, job_id)
+                metrics.quarantined("copy")
                 made.quarantined += 1
                 made.notes.append(f"{out.sop_instance_uid}: {out.reason}")
                 continue
             saved = save_checked(out, work, self.settings.output, job_id)
             if saved.quarantined:
+                metrics.quarantined("validation")
                 made.quarantined += 1
                 made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
             else:
-                made.add(saved.path, out)
+                made.add(saved.path, out, sop)
 
     @staticmethod
     def _report(reports: list[Path], images: list[Path], deid: Deidentifier | None,

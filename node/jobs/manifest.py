@@ -38,7 +38,8 @@ class Manifest:
                  for name, sop_class, sop_instance, ts in manifest["files"]]
         if not all(isinstance(f.source, Path) and f.source.exists() for f in files):
             return None
-        return Made(files, int(manifest["quarantined"]), list(manifest["notes"]))
+        return Made(files, int(manifest["quarantined"]), list(manifest["notes"]),
+                    dict(manifest.get("sources", {})))
 
     @staticmethod
     def write(work: Path, made: Made, revision: int) -> None:
@@ -46,5 +47,6 @@ class Manifest:
         manifest = {"revision": revision,
                     "files": [[Path(str(f.source)).name, f.sop_class_uid, f.sop_instance_uid,
                                f.transfer_syntax_uid] for f in made.files],
-                    "quarantined": made.quarantined, "notes": made.notes}
+                    "quarantined": made.quarantined, "notes": made.notes,
+                    "sources": made.made_from}
         atomic_write(work / MANIFEST, json.dumps(manifest))

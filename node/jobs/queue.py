@@ -14,6 +14,7 @@ from collections.abc import Callable
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.api import TaskWrapper
 
+from node.audit import AuditError, AuditTrail
 from node.config import JobsSettings, Queue, QueueBackend
 from node.jobs.state import Job, JobState, JobStore
 
@@ -38,9 +39,12 @@ class Queues:
     ``run`` is what a worker process executes for a job id (its consumer's task body);
     producers (the router, the ``jobs`` command) leave it unset."""
 
-    def __init__(self, settings: JobsSettings, run: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: JobsSettings, run: Callable[[str], None] | None = None,
+                 trail: AuditTrail | None = None) -> None:
         self.settings = settings
         self.run = run
+        self.trail = trail
+        """Where job state changes are recorded (node.audit; None: not recorded)."""
         self.huey = {q: make_huey(settings, q) for q in Queue}
         self.store = JobStore(make_huey(settings, "jobs").storage)
         self._tasks: dict[Queue, TaskWrapper] = {
@@ -74,6 +78,7 @@ class Queues:
             return False
         self.store.put(job)
         self.enqueue(job)
+        self.audit(job, "node", "pending", revision=job.revision, queue=job.queue.value)
         log.info("job %s queued on %s: %s of rule %s, study %s revision %d", job.id,
                  job.queue, job.kind, job.rule, job.study_uid, job.revision)
         return True
@@ -87,6 +92,7 @@ class Queues:
             why = "permanent failure" if permanent else f"{job.attempts} attempts"
             dead = job.but(state=JobState.DEAD, last_error=reason)
             self.store.put(dead)
+            self.audit(dead, "node", "dead", reason=reason)
             log.error("job %s dead (%s): %s", job.id, why, reason)
             return dead
         delay = min(s.backoff_initial_s * 2 ** max(0, job.attempts - 1), s.backoff_max_s)
@@ -94,6 +100,7 @@ class Queues:
                         not_before=time.time() + delay)
         self.store.put(again)
         self.enqueue(again, delay)
+        self.audit(again, "node", "pending", reason=reason)
         log.warning("job %s attempt %d failed, retry in %.0f s: %s", job.id, job.attempts,
                     delay, reason)
         return again
@@ -108,17 +115,66 @@ class Queues:
         self.enqueue(again, delay_s)
         return again
 
-    def retry(self, job_id: str) -> Job:
-        """Re-queue a job by hand (``synthnode jobs retry``): attempts start again.
-        KeyError when there is no such job."""
+    def retry(self, job_id: str, user: str = "") -> Job:
+        """Re-queue a job by hand (``synthnode jobs retry``, the console): attempts start
+        again. KeyError when there is no such job."""
         job = self.store.get(job_id)
         if job is None:
             raise KeyError(f'no job "{job_id}"')
         job = job.but(state=JobState.PENDING, attempts=0, not_before=0.0)
         self.store.put(job)
         self.enqueue(job)
+        self.audit(job, user or "node", "pending", action="retry")
         log.info("job %s re-queued by hand on queue %s", job.id, job.queue)
         return job
+
+    # -- the review gate ---------------------------------------------------------------------
+
+    def _in_review(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise KeyError(f'no job "{job_id}"')
+        if job.state is not JobState.REVIEW:
+            raise ValueError(f"job {job_id} is {job.state.value}, not waiting for review")
+        return job
+
+    def approve(self, job_id: str, user: str, reason: str = "") -> Job:
+        """A reviewer approves ``job_id``'s staged outputs: it is queued again and delivers
+        them (made once; not made again). KeyError for an unknown job, ValueError when it is
+        not waiting for review."""
+        job = self._in_review(job_id).but(
+            state=JobState.PENDING, approved=True, decided_by=user, decision_reason=reason,
+            decided_at=time.time(), not_before=0.0)
+        self.store.put(job)
+        self.enqueue(job)
+        self.audit(job, user, "approved", event="review", decision="approve", reason=reason)
+        log.info("job %s approved by %s: queued for delivery", job.id, user)
+        return job
+
+    def reject(self, job_id: str, user: str, reason: str) -> Job:
+        """A reviewer rejects ``job_id``'s staged outputs: never delivered, kept in the work
+        folder with ``reason`` (required)."""
+        if not reason.strip():
+            raise ValueError("a rejection needs a reason")
+        job = self._in_review(job_id).but(
+            state=JobState.REJECTED, decided_by=user, decision_reason=reason,
+            decided_at=time.time())
+        self.store.put(job)
+        self.audit(job, user, "rejected", event="review", decision="reject", reason=reason)
+        log.info("job %s rejected by %s", job.id, user)
+        return job
+
+    def audit(self, job: Job, actor: str, state: str, event: str = "job",
+              **data: object) -> None:
+        """One audit record of ``job``'s change (logged, not raised, when it cannot be
+        written)."""
+        if self.trail is None:
+            return
+        try:
+            self.trail.record(event, actor, job.id, state=state, rule=job.rule,
+                              task=job.kind, study=job.study_uid, **data)
+        except AuditError as exc:
+            log.error("job %s: audit record not written: %s", job.id, exc)
 
     def sizes(self) -> dict[Queue, int]:
         """Messages waiting per queue (scheduled retries not counted)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from node import audit, metrics
 from node.archives import ArchiveError, Outgoing, read_source, send_to
 from node.archives.outgoing import Made, load
 from node.config import Settings, TaskKind
@@ -37,7 +38,7 @@ from node.generate.job import SynthesisFailed, Synthesizer
 from node.generate.tasks import deidentifier
 from node.jobs.manifest import Manifest
 from node.jobs.queue import Queues
-from node.jobs.state import Job, JobState
+from node.jobs.state import Job, JobState, needs_review
 from node.reserve import DiskReserve
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class Runner:
         self.synthesizer = Synthesizer(settings)
         self.deidentifiers = Deidentifiers(
             settings.deid,
-            lambda deid: deidentifier(deid, settings.output, self.synthesizer.generation))
+            lambda deid: deidentifier(deid, settings.output, self.synthesizer.generation),
+            quarantine_dir=settings.output.quarantine_dir)
         self.reserve: DiskReserve = DiskReserve.for_settings(settings)
         # jobs that wait for space: how many times in a row (one log line each, and a wait
         # that grows so that a long backlog does not churn the queue every few seconds)
@@ -122,6 +124,7 @@ class Runner:
                       not_before=0.0)
         store.put(job)
         store.beat(job.id, self.name)
+        self._audit(job, "running")
         log.info("job %s started: %s of rule %s on study %s (%d series), attempt %d of %d",
                  job.id, job.kind, job.rule, job.study_uid, len(job.series_uids),
                  job.attempts, jobs.max_attempts)
@@ -131,6 +134,7 @@ class Runner:
         beat_thread.start()
         started = time.monotonic()
         waited = False
+        final = "failed"
         try:
             made = self.execute(job)
         except WaitForSpace as exc:
@@ -147,27 +151,54 @@ class Runner:
                 self._wait_for_space(job.but(attempts=job.attempts - 1),
                                      f"disk full writing its outputs ({exc.strerror})")
         except JobFailed as exc:
-            self.queues.fail(job, exc.reason, exc.permanent)
+            final = self.queues.fail(job, exc.reason, exc.permanent).state.value
         except Exception as exc:  # noqa: BLE001 - a job's failure never kills the worker
             log.exception("job %s failed unexpectedly", job.id)
-            self.queues.fail(job, f"internal error: {describe(exc)}", permanent=False)
+            final = self.queues.fail(job, f"internal error: {describe(exc)}",
+                                     permanent=False).state.value
         else:
             current = store.get(job.id)
             if current is not None and current.revision > job.revision:
                 log.info("job %s: study changed while it ran; the newer run follows", job.id)
+            elif self._held(job):
+                final = JobState.REVIEW.value
+                store.put(job.but(state=JobState.REVIEW, last_error="", outputs=len(made.files),
+                                  quarantined=made.quarantined, notes=tuple(made.notes[:20])))
+                self._audit(job, "review", outputs=len(made.files),
+                            quarantined=made.quarantined)
+                log.info("job %s held for review in %.2f s: %d outputs staged, %d quarantined "
+                         "(synthnode review approve %s)", job.id, time.monotonic() - started,
+                         len(made.files), made.quarantined, job.id)
             else:
+                final = JobState.DONE.value
                 store.put(job.but(state=JobState.DONE, last_error="", outputs=len(made.files),
                                   quarantined=made.quarantined, notes=tuple(made.notes[:20])))
                 shutil.rmtree(self._work(job), ignore_errors=True)
                 shutil.rmtree(self._source_dir(job), ignore_errors=True)
+                self._audit(job, "done", outputs=len(made.files), quarantined=made.quarantined)
                 log.info("job %s done in %.2f s: %d outputs delivered, %d quarantined",
                          job.id, time.monotonic() - started, len(made.files), made.quarantined)
         finally:
+            if not waited:
+                metrics.job_finished(job.kind, final, time.monotonic() - started)
             beating.set()
             beat_thread.join()
             store.clear_beat(job.id)
             if not waited:
                 self._waiting.pop(job.id, None)
+
+    def needs_review(self, job: Job) -> bool:
+        """Whether ``job``'s outputs wait for a reviewer: its task or one of its destinations
+        has ``review = true``."""
+        return needs_review(self.settings, job)
+
+    def _held(self, job: Job) -> bool:
+        return self.needs_review(job) and not job.approved
+
+    def _audit(self, job: Job, state: str, **data: object) -> None:
+        audit.record(self.settings, "job", f"worker {self.name}", job.id, state=state,
+                     rule=job.rule, task=job.kind, study=job.study_uid, attempts=job.attempts,
+                     **data)
 
     def _writes(self, job: Job) -> bool:
         """Does ``job`` write to the work folder or the quarantine? (Forwarding what is in the
@@ -224,6 +255,8 @@ class Runner:
                 made.files.append(_identify(path))
         else:
             made = self._reuse(work, job) or self._make(job, sources, work)
+        if self._held(job):
+            return made  # staged: delivered once a reviewer approves (Queues.approve)
         self._deliver(job, made.files)
         return made
 
@@ -292,9 +325,14 @@ class Runner:
             except KeyError as exc:
                 raise JobFailed(str(exc.args[0]), permanent=True) from None
             failed = [r for r in results if not r.ok]
+            metrics.delivered(name, len(results) - len(failed), ok=True)
             if failed:
+                metrics.delivered(name, len(failed), ok=False)
                 raise JobFailed(f"{len(failed)} of {len(results)} objects not delivered to "
                                 f"{failed[0].destination}: {failed[0].reason}")
+            audit.record(self.settings, "release", f"worker {self.name}", job.id,
+                         destination=name, rule=job.rule, task=task, study=job.study_uid,
+                         objects=len(results), user=job.decided_by)
 
 
 def _identify(path: Path) -> Outgoing:

@@ -40,7 +40,7 @@ from huey.constants import EmptyData
 from huey.storage import BaseStorage, RedisStorage, SqliteStorage
 
 from node.archives.base import SPOOL, Source, SourceKind
-from node.config import ORTHANC, Queue, RuleTask
+from node.config import ORTHANC, Queue, RuleTask, Settings
 
 _JOB = "job:"
 _BEAT = "hb:"
@@ -69,6 +69,11 @@ class JobState(StrEnum):
     REJECTED = "rejected"
     """A reviewer rejected the outputs: never delivered, kept in the work folder with the
     reason."""
+
+
+FINAL = (JobState.DONE, JobState.REJECTED)
+"""States after which a job never needs its study's source again (a rejected job's outputs stay
+in its work folder; a job in review still needs the source: it may be approved)."""
 
 
 def job_id(study_uid: str, rule: str, task_index: int, task: str) -> str:
@@ -157,6 +162,20 @@ def _source(data: dict[str, Any]) -> Source:
     return SPOOL
 
 
+def needs_review(settings: Settings, job: Job) -> bool:
+    """Whether ``job``'s outputs wait for a reviewer: its task or one of its destinations has
+    ``review = true``."""
+    if job.task.review:
+        return True
+    for name in job.destinations:
+        try:
+            if settings.destination(name).review:
+                return True
+        except KeyError:
+            continue  # an unknown destination fails the delivery, with its own message
+    return False
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     worker: str
@@ -185,10 +204,11 @@ class JobStore:
         return {k[len(_JOB):]: Job.from_json(v) for k, v in found.items()}
 
     def all_done(self, job_ids: Sequence[str], revision: int) -> bool:
-        """Whether every one of ``job_ids`` is done, for ``revision`` of its study or a
-        later one (the spool's retention asks this: :class:`node.spool.retention.JobLedger`)."""
+        """Whether every one of ``job_ids`` is done (or rejected), for ``revision`` of its
+        study or a later one (the spool's retention asks this:
+        :class:`node.spool.retention.JobLedger`)."""
         found = self.get_many(job_ids)
-        return all(j in found and found[j].state is JobState.DONE
+        return all(j in found and found[j].state in FINAL
                    and found[j].revision >= revision for j in job_ids)
 
     def put(self, job: Job) -> None:

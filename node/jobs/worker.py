@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from node.audit import trail_for
 from node.config import ENV_CONFIG, Queue, Settings
 from node.files import atomic_write
 from node.jobs.queue import Queues
@@ -87,7 +88,7 @@ def run_worker(settings: Settings, queue: Queue | str, workers: int = 1, nice: i
         return PARENT_GONE
     if nice:
         os.nice(nice)
-    queues = Queues(settings.jobs)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
     queues.run = Runner(settings, queues).run  # the runner needs the queues it takes jobs from
     consumer = queues.huey[queue].create_consumer(
         workers=workers, worker_type="thread" if workers == 1 else "process", periodic=False,

@@ -18,7 +18,10 @@ from enum import IntEnum
 from pathlib import Path
 
 from pydicom import uid as tsuid
+from pydicom.filereader import _read_file_meta_info, read_preamble
 
+from node.errors import describe
+from node.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from node.uids import is_valid_uid
 
 
@@ -36,6 +39,18 @@ class StoreStatus(IntEnum):
 
     CANNOT_UNDERSTAND = 0xC000
     """The data set is unparsable, truncated, or lacks (or has invalid) identifying UIDs."""
+
+    # STOW-RS failure reasons (PS3.18 Table 10.5.3-1) that C-STORE never needs: there the
+    # association's negotiation already refuses an unknown SOP class or transfer syntax.
+
+    PROCESSING_FAILURE = 0x0110
+    """An unexpected error while storing (STOW-RS)."""
+
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    """The SOP class is not a storage SOP class the node accepts (STOW-RS)."""
+
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+    """The transfer syntax is not one the node accepts (STOW-RS)."""
 
 
 class RejectedDataset(Exception):
@@ -233,3 +248,78 @@ def check_against_request(header: Header, sop_class_uid: str, sop_instance_uid: 
             f"data set SOP Instance UID {header.sop_instance_uid} differs from the request's "
             f"Affected SOP Instance UID {sop_instance_uid}",
         )
+
+
+_STORAGE = frozenset(STORAGE_SOP_CLASSES)
+_SYNTAXES = frozenset(TRANSFER_SYNTAXES)
+
+
+@dataclass(frozen=True)
+class Part10:
+    """A checked DICOM file (PS3.10: preamble, ``DICM``, file meta, data set)."""
+
+    header: Header
+    transfer_syntax: str
+    dataset_offset: int
+    """Where the data set begins, after the file meta."""
+
+
+def meta_uids(path: Path) -> tuple[str, str]:
+    """(Media Storage SOP Class UID, SOP Instance UID) from the file meta of ``path``, "" for
+    each that cannot be read: what a failure report can name."""
+    try:
+        with path.open("rb") as f:
+            read_preamble(f, force=False)
+            meta = _read_file_meta_info(f)
+        return (str(meta.get("MediaStorageSOPClassUID", "")),
+                str(meta.get("MediaStorageSOPInstanceUID", "")))
+    except Exception:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
+        return "", ""
+
+
+def inspect_part10(path: Path) -> Part10:
+    """The checks of a C-STORE, for a whole DICOM file (a STOW-RS part): a file meta that
+    names a storage SOP class and transfer syntax the node accepts (what the presentation
+    context settles for C-STORE), a complete data set (:func:`inspect_dataset`, the file
+    mapped, never read into memory) whose SOP Class and Instance UIDs are those of the meta.
+    Raises :class:`RejectedDataset` naming the problem."""
+    with path.open("rb") as f:
+        if f.read(132)[128:] != b"DICM":
+            raise RejectedDataset(
+                StoreStatus.CANNOT_UNDERSTAND,
+                "not a DICOM file: no 128-byte preamble and \"DICM\" (PS3.10) at its start")
+        try:
+            meta = _read_file_meta_info(f)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
+            raise RejectedDataset(
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"the file meta group (0002) cannot be read ({describe(exc)})") from None
+        offset = f.tell()
+    sop_class = str(meta.get("MediaStorageSOPClassUID", "")).strip("\0 ")
+    sop_instance = str(meta.get("MediaStorageSOPInstanceUID", "")).strip("\0 ")
+    syntax = str(meta.get("TransferSyntaxUID", "")).strip("\0 ")
+    for name, value in (("Media Storage SOP Class UID (0002,0002)", sop_class),
+                        ("Media Storage SOP Instance UID (0002,0003)", sop_instance),
+                        ("Transfer Syntax UID (0002,0010)", syntax)):
+        if not value:
+            raise RejectedDataset(StoreStatus.CANNOT_UNDERSTAND,
+                                  f"the file meta lacks its {name}")
+    if syntax not in _SYNTAXES:
+        raise RejectedDataset(StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED,
+                              f"transfer syntax {syntax} is not one the node accepts")
+    if sop_class not in _STORAGE:
+        raise RejectedDataset(StoreStatus.SOP_CLASS_NOT_SUPPORTED,
+                              f"SOP class {sop_class} is not a storage SOP class the node "
+                              "accepts")
+    header = inspect_file(path, offset, syntax)
+    if header.sop_class_uid != sop_class:
+        raise RejectedDataset(
+            StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"data set SOP Class UID {header.sop_class_uid} does not match the file meta's "
+            f"{sop_class}")
+    if header.sop_instance_uid != sop_instance:
+        raise RejectedDataset(
+            StoreStatus.CANNOT_UNDERSTAND,
+            f"data set SOP Instance UID {header.sop_instance_uid} differs from the file meta's "
+            f"{sop_instance}")
+    return Part10(header, syntax, offset)

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,7 +28,8 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from node.config import NodeSettings
+from node import audit, metrics
+from node.config import NodeSettings, Settings
 from node.dicomnet import make_ae
 from node.errors import describe
 from node.receive.check import (
@@ -52,9 +54,15 @@ from node.tls import describe_failure, server_context
 log = logging.getLogger(__name__)
 
 
+_OUTCOMES = {"stored": "stored", "duplicates": "duplicate", "rejected": "refused",
+             "failed": "failed", "below_reserve": "below_reserve"}
+"""ReceiveCounters field -> the outcome label of :func:`node.metrics.received`."""
+
+
 @dataclass
 class ReceiveCounters:
-    """Counts since start, for logs and ``status``."""
+    """Counts since start, for logs and ``status``; every instance counted here (C-STORE or
+    STOW-RS) is counted in the metrics too."""
 
     stored: int = 0
     duplicates: int = 0
@@ -65,9 +73,40 @@ class ReceiveCounters:
     associations: int = 0
     _lock: Lock = field(default_factory=Lock, repr=False)
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, nbytes: int = 0, source: str = "dicom") -> None:
+        """One more ``name`` (a field); an instance's outcome also goes to the metrics with its
+        size in bytes and ``source`` ("dicom": C-STORE, "stow": STOW-RS)."""
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
+        outcome = _OUTCOMES.get(name)
+        if outcome is not None:
+            metrics.received(outcome, nbytes, source)
+
+
+@dataclass
+class AssociationTally:
+    """What one association brought: its ``association`` audit record when it ends."""
+
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    failed: int = 0
+    below_reserve: int = 0
+    accepted: bool = False
+
+
+_tallies: weakref.WeakKeyDictionary[Association, AssociationTally] = (
+    weakref.WeakKeyDictionary())
+_tallies_lock = Lock()
+
+
+def tally_of(assoc: Association) -> AssociationTally:
+    """The counts of ``assoc`` (made on first use)."""
+    with _tallies_lock:
+        found = _tallies.get(assoc)
+        if found is None:
+            found = _tallies[assoc] = AssociationTally()
+        return found
 
 
 RESERVE_COMMENT = "free disk below the reserve ([spool] reserve_bytes); retry later"
@@ -117,6 +156,8 @@ def handle_store(event: Event, spool: Spool, counters: ReceiveCounters,
     assoc = event.assoc
     req = cast(C_STORE, event.request)
     sop_instance = str(req.AffectedSOPInstanceUID or "")
+    tally = tally_of(assoc)
+    nbytes = 0
     try:
         received = getattr(req, "_dataset_path", None)  # set when received in chunks
         incoming = getattr(req, "_dataset_file", None)
@@ -125,6 +166,7 @@ def handle_store(event: Event, spool: Spool, counters: ReceiveCounters,
         if (intake is not None and intake.shortfall() is not None) or (
                 isinstance(incoming, Incoming) and incoming.refused):
             counters.add("below_reserve")
+            tally.below_reserve += 1
             log.debug("C-STORE refused from %s sop_instance=%s: below the disk reserve",
                       peer_name(assoc), sop_instance)
             return _status(StoreStatus.OUT_OF_RESOURCES, RESERVE_COMMENT)
@@ -137,13 +179,15 @@ def handle_store(event: Event, spool: Spool, counters: ReceiveCounters,
                 offset = dataset_offset(f.fileno())
             header = inspect_file(path, offset, transfer_syntax)
             check_against_request(header, str(context.abstract_syntax), sop_instance)
+            nbytes = path.stat().st_size
             row = InstanceRow(header.sop_instance_uid, header.study_uid, header.series_uid,
-                              header.sop_class_uid, transfer_syntax, path.stat().st_size)
+                              header.sop_class_uid, transfer_syntax, nbytes)
             outcome = spool.store_file(path, row, calling_aet=calling, called_aet=called)
         else:
             header = inspect_dataset(event.encoded_dataset(include_meta=False), transfer_syntax)
             check_against_request(header, str(context.abstract_syntax), sop_instance)
             file_bytes = event.encoded_dataset(include_meta=True)
+            nbytes = len(file_bytes)
             outcome = spool.store(
                 file_bytes,
                 InstanceRow(
@@ -154,30 +198,35 @@ def handle_store(event: Event, spool: Spool, counters: ReceiveCounters,
                 called_aet=called,
             )
     except RejectedDataset as exc:
-        counters.add("rejected")
+        counters.add("rejected", nbytes)
+        tally.refused += 1
         log.warning(
             "C-STORE refused from %s sop_instance=%s status=0x%04X: %s",
             peer_name(assoc), sop_instance, exc.status, exc.reason,
         )
         return _status(exc.status, exc.reason)
     except SpoolError as exc:
-        counters.add("failed")
+        counters.add("failed", nbytes)
+        tally.failed += 1
         log.error(
             "C-STORE failed from %s sop_instance=%s status=0x%04X: %s",
             peer_name(assoc), sop_instance, StoreStatus.OUT_OF_RESOURCES, exc.reason,
         )
         return _status(StoreStatus.OUT_OF_RESOURCES, exc.reason)
     except Exception as exc:  # noqa: BLE001 - a handler must answer, never raise
-        counters.add("failed")
+        counters.add("failed", nbytes)
+        tally.failed += 1
         log.exception(
             "C-STORE failed from %s sop_instance=%s: unexpected %s",
             peer_name(assoc), sop_instance, type(exc).__name__,
         )
         return _status(StoreStatus.OUT_OF_RESOURCES, f"internal error ({describe(exc)})")
     if outcome is StoreOutcome.STORED:
-        counters.add("stored")
+        counters.add("stored", nbytes)
+        tally.stored += 1
     else:
-        counters.add("duplicates")
+        counters.add("duplicates", nbytes)
+        tally.duplicates += 1
         level = logging.DEBUG if outcome is StoreOutcome.DUPLICATE else logging.WARNING
         log.log(
             level,
@@ -194,7 +243,26 @@ def handle_echo(event: Event) -> int:
 
 def handle_accepted(event: Event, counters: ReceiveCounters) -> None:
     counters.add("associations")
+    metrics.association("accepted")
+    tally_of(event.assoc).accepted = True
     log.debug("association accepted from %s", peer_name(event.assoc))
+
+
+def handle_closed(event: Event, settings: Settings | None) -> None:
+    """EVT_CONN_CLOSE: an accepted association ended (released or aborted): its ``association``
+    audit record, with what it brought."""
+    assoc = event.assoc
+    with _tallies_lock:
+        tally = _tallies.pop(assoc, None)
+    if settings is None or tally is None or not tally.accepted:
+        return
+    req = assoc.requestor
+    audit.record(settings, "association", str(req.ae_title).strip(), subject=peer_name(assoc),
+                 calling=str(req.ae_title).strip(), called=str(assoc.acceptor.ae_title).strip(),
+                 peer=f"{req.address}:{req.port}", stored=tally.stored,
+                 duplicates=tally.duplicates, refused=tally.refused, failed=tally.failed,
+                 below_reserve=tally.below_reserve,
+                 action="aborted" if assoc.is_aborted else "released")
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -263,10 +331,12 @@ def handle_rejected(event: Event, policy: CallingPolicy) -> None:
         why = wrong_address
     elif assoc.requestor.primitive and assoc.requestor.primitive.called_ae_title != called:
         why = f"called AE title is not {called}"
+    metrics.association("rejected")
     log.warning("association from %s rejected: %s", peer_name(assoc), why)
 
 
 def handle_aborted(event: Event) -> None:
+    metrics.association("aborted")
     log.warning("association from %s aborted; data in flight was not stored",
                 peer_name(event.assoc))
     discard_partial(event.assoc.dimse.message)
@@ -368,6 +438,7 @@ class ListenError(Exception):
 def start_listeners(
     settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None,
     reserve: DiskReserve | None = None, chunked: bool = True,
+    audit_settings: Settings | None = None,
 ) -> list[NodeServer]:
     """Start listening (non-blocking): on ``port`` without TLS unless ``[node.tls] plain =
     false``, and on ``[node.tls] port`` with TLS. The TLS files are loaded before any port
@@ -376,7 +447,8 @@ def start_listeners(
     ``reserve``: refuse new instances (0xA700) while it is short. ``chunked``: receive data
     sets into files in the spool's temporary folder as they arrive (bounded memory whatever
     the size) rather than in memory; the process must have been set up for it at its start
-    (:func:`node.receive.chunked.receive_chunked`), RuntimeError otherwise."""
+    (:func:`node.receive.chunked.receive_chunked`), RuntimeError otherwise. ``audit_settings``: the
+    settings whose audit trail gets an ``association`` record as each association ends."""
     tls = server_context(settings.tls) if settings.tls is not None else None
     counters = counters or ReceiveCounters()
     ae = build_ae(settings)
@@ -387,6 +459,7 @@ def start_listeners(
         (evt.EVT_ACCEPTED, handle_accepted, [counters]),
         (evt.EVT_REJECTED, handle_rejected, [policy]),
         (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_CONN_CLOSE, handle_closed, [audit_settings]),
     ]
     if chunked:
         receive_into(ae, ReceiveTarget(spool.tmp_dir, reserve))
@@ -412,10 +485,11 @@ def start_listeners(
 def start_scp(
     settings: NodeSettings, spool: Spool, counters: ReceiveCounters | None = None,
     reserve: DiskReserve | None = None, chunked: bool = True,
+    audit_settings: Settings | None = None,
 ) -> ThreadedAssociationServer:
     """Start the node's one listener (non-blocking) and return it; with ``[node.tls]`` beside
     a plain port there are two: use :func:`start_listeners`."""
     if settings.tls is not None and settings.listens_plain:
         raise ValueError("[node.tls] with plain = true gives two listeners: "
                          "use start_listeners")
-    return start_listeners(settings, spool, counters, reserve, chunked)[0]
+    return start_listeners(settings, spool, counters, reserve, chunked, audit_settings)[0]

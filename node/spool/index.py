@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS studies (
     handed_revision  INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
+CREATE INDEX IF NOT EXISTS studies_last ON studies (last_received_at);
 CREATE TABLE IF NOT EXISTS study_jobs (
     study_uid        TEXT NOT NULL,
     job_id           TEXT NOT NULL,
@@ -232,6 +233,32 @@ class Index:
             StudySummary(r[0], StudyState(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
             for r in rows
         ]
+
+    def study_page(self, offset: int = 0, limit: int = 50) -> list[StudySummary]:
+        """Studies newest first (by their last instance), ``limit`` from ``offset``: the
+        studies are paged first (indexed), their instances counted after."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.study_uid, s.state, s.revision, COUNT(DISTINCT i.series_uid),"
+                " COUNT(i.sop_instance_uid), COALESCE(SUM(i.size_bytes), 0),"
+                " s.first_received_at, s.last_received_at, s.note"
+                " FROM (SELECT * FROM studies ORDER BY last_received_at DESC LIMIT ? OFFSET ?)"
+                " s LEFT JOIN instances i ON i.study_uid = s.study_uid"
+                " GROUP BY s.study_uid ORDER BY s.last_received_at DESC",
+                (limit, offset),
+            ).fetchall()
+        return [
+            StudySummary(r[0], StudyState(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            for r in rows
+        ]
+
+    def totals(self) -> tuple[int, int, int]:
+        """(studies, instances, bytes) in the spool."""
+        with self._lock:
+            studies = self._db.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+            instances, size = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM instances").fetchone()
+        return int(studies), int(instances), int(size)
 
     # -- jobs ------------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ def _configure() -> tuple[Any, Any]:
                            "environment with synthnode installed")
     site.addsitedir(packages)  # processes .pth files: editable installs work too
 
+    from node.audit import trail_for
     from node.config import load_settings
     from node.jobs import Queues
     from node.route.orthanc import OrthancStudies
@@ -78,7 +79,8 @@ def _configure() -> tuple[Any, Any]:
     logger.addHandler(_OrthancLog())
     logger.setLevel(logging.INFO)
     settings = load_settings(section.get("Config") or None)
-    return settings, OrthancStudies(settings, Queues(settings.jobs), _rest_get)
+    queues = Queues(settings.jobs, trail=trail_for(settings))
+    return settings, OrthancStudies(settings, queues, _rest_get)
 
 
 def _rest_get(path: str) -> bytes:

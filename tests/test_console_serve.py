@@ -1,0 +1,105 @@
+"""The console's machine endpoints inside a real ``synthnode serve`` with a worker process and a
+real Orthanc: STOW-RS uploads flow through the rules like C-STORE ones, a truncated part fails
+alone, a ``kill -9`` right after a 200 answer loses nothing; ``/metrics`` (parsed by
+prometheus-client) sums serve's and the worker's counters as instances arrive and leave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+
+from node.jobs import JobState
+from node.localorthanc import OrthancProcess
+from tests.conftest import free_port
+from tests.console import PASSWORDS, add_users, console_url
+from tests.nodeproc import NodeProcess, make_study, storescu, write_config
+from tests.opsserver import multipart
+from tests.test_jobs import DEID_ALL, KEY, records, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _node(node_factory, tmp_path: Path, orthanc: OrthancProcess) -> NodeProcess:
+    sections = {
+        "node": {"port": free_port()},
+        "spool": {"dir": str(tmp_path / "spool"), "stable_after_s": 0.5,
+                  "check_interval_s": 0.2},
+        "deid": {"key": KEY},
+        "orthanc": {"url": orthanc.url, "username": orthanc.username or "",
+                    "password": orthanc.password},
+        "jobs": {"cpu_workers": 1, "heartbeat_s": 0.3, "heartbeat_timeout_s": 8.0},
+        "console": {"port": free_port()},
+    }
+    write_config(tmp_path / "node0.toml", sections, DEID_ALL)
+    add_users(tmp_path / "node0.toml")
+    return node_factory(rules=DEID_ALL, **sections)
+
+
+def stow(node: NodeProcess, files: list[bytes]) -> requests.Response:
+    body, content_type = multipart(files)
+    return requests.post(console_url(node) + "/dicomweb/studies", data=body, timeout=60,
+                         auth=("rita", PASSWORDS["rita"]),
+                         headers={"Content-Type": content_type,
+                                  "Accept": "application/dicom+json"})
+
+
+def scrape(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = requests.get(console_url(node) + "/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_stow_flows_through_the_rules_and_survives_kill_9_after_200(
+    node_factory, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    node = _node(node_factory, tmp_path, orthanc)
+    first = make_study(tmp_path / "a", series=1, per_series=3)
+    second = make_study(tmp_path / "b", series=1, per_series=2)
+    truncated = first[0].read_bytes()[:600]
+    r = stow(node, [*(p.read_bytes() for p in first), truncated])
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert len(body["00081199"]["Value"]) == 3 and len(body["00081198"]["Value"]) == 1
+
+    r = stow(node, [p.read_bytes() for p in second])
+    assert r.status_code == 200, r.text
+    node.kill9()  # right after the answer: what it acknowledged is on disk and indexed
+    spooled = node.spooled()
+    sent = {str(dcmread(p).SOPInstanceUID): p for p in first + second}
+    assert set(spooled) == set(sent)
+
+    node.start()
+    wait_for(lambda: len(jobs := records(node)) == 2
+             and all(j.state is JobState.DONE for j in jobs), what="both studies' jobs")
+    assert len(orthanc.get_json("/instances")) == 5
+
+
+def test_metrics_sum_serve_and_its_worker(
+    node_factory, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    node = _node(node_factory, tmp_path, orthanc)
+    before = scrape(node)
+    stored = ("synthnode_received_instances_total", (("outcome", "stored"),
+                                                     ("source", "dicom")))
+    delivered = ("synthnode_delivered_objects_total", (("destination", "orthanc"),
+                                                       ("result", "ok")))
+    assert before.get(stored, 0.0) == 0.0 and before.get(delivered, 0.0) == 0.0
+    files = make_study(tmp_path / "in", series=2, per_series=2)
+    assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: (jobs := records(node)) and jobs[0].state is JobState.DONE,
+             what="the job")
+    after = scrape(node)
+    assert after[stored] == 4.0
+    assert after[delivered] == 4.0  # counted in the worker process, summed by serve
+    done = ("synthnode_job_duration_seconds_count", (("state", "done"),
+                                                     ("task", "deidentify")))
+    assert after[done] == 1.0
+    assert after[("synthnode_associations_total", (("outcome", "accepted"),))] >= 1.0
+    assert after[("synthnode_jobs", (("state", "done"),))] == 1.0
+    assert requests.get(console_url(node) + "/healthz", timeout=30).status_code == 200
+    ready = requests.get(console_url(node) + "/readyz", timeout=30)
+    assert ready.status_code == 200, ready.text
