@@ -293,3 +293,51 @@ def test_the_index_agrees_with_the_records_after_the_writer_is_killed(
     records = {j.id: j for j in store.all()}
     assert len(records) > 300
     check(store, records, ("", "ct-"))
+
+
+def test_of_state_walks_one_state_oldest_first(settings: JobsSettings) -> None:
+    store = JobStore(storage(settings))
+    jobs = {j.id: j for j in make_jobs(200, seed=4)}
+    for job in jobs.values():
+        store.put(job)
+    cut = sorted(j.created_at for j in jobs.values())[120]
+    for state in (JobState.DONE, JobState.RUNNING):
+        want = list(reversed(reference(jobs, state, "")))
+        assert [j.id for j in store.of_state(state, chunk=7)] == want
+        assert [j.id for j in store.of_state(state, created_before=cut)] == [
+            i for i in want if jobs[i].created_at < cut]
+
+
+def test_the_reaper_reads_running_and_old_done_jobs_through_the_index(
+    settings: JobsSettings,
+) -> None:
+    """The reaper (node.jobs.reaper), which walks the index now: a running job whose worker
+    stopped beating is retried, one that beats is left alone; done jobs past keep_done_s are
+    forgotten, newer ones and other states kept."""
+    from node.jobs import Queues, Reaper
+
+    settings = settings.model_copy(update={"keep_done_s": 3600.0, "heartbeat_timeout_s": 30.0})
+    queues = Queues(settings)
+    store = queues.store
+    now = time.time()
+    old, lost, alive, recent, dead = make_jobs(5, seed=8)
+    made = {
+        "old": replace(old, state=JobState.DONE, created_at=now - 9000, updated_at=now - 8000),
+        "lost": replace(lost, state=JobState.RUNNING, attempts=1, worker="w:1",
+                        created_at=now - 500, updated_at=now - 400),
+        "alive": replace(alive, state=JobState.RUNNING, attempts=1, worker="w:2",
+                         created_at=now - 500, updated_at=now - 400),
+        "recent": replace(recent, state=JobState.DONE, created_at=now - 9000,
+                          updated_at=now - 60),  # made long ago, done lately: kept
+        "dead": replace(dead, state=JobState.DEAD, created_at=now - 9000,
+                        updated_at=now - 8000),
+    }
+    for job in made.values():
+        store.put(job)
+    store.beat(made["alive"].id, "w:2", now - 5)
+    assert Reaper(settings, queues).tick(now) == 1
+    assert store.get(made["old"].id) is None
+    assert store.get(made["lost"].id).state is JobState.PENDING  # type: ignore[union-attr]
+    for name in ("alive", "recent", "dead"):
+        assert store.get(made[name].id) == made[name], name
+    assert store.count_by_state()[JobState.DONE] == 1

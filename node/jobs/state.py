@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -239,6 +240,22 @@ class JobStore:
             return [Job.from_json(raw) for raw in self._index.page(state, offset, limit, text)]
         return _scan(self.all(), state, text)[offset:offset + limit]
 
+    def of_state(self, state: JobState, created_before: float | None = None,
+                 chunk: int = 500) -> Iterator[Job]:
+        """Jobs of ``state`` (created before ``created_before``, if given), oldest first, read
+        ``chunk`` records at a time: what the reaper walks (running jobs; done jobs old
+        enough to forget) without reading every record. A job that changes state or goes
+        away meanwhile is skipped."""
+        if self._index is not None:
+            ids = self._index.ids_of(state, created_before)
+        else:
+            ids = [j.id for j in self.all() if j.state is state
+                   and (created_before is None or j.created_at < created_before)]
+        for i in range(0, len(ids), chunk):
+            found = self.get_many(ids[i:i + chunk])
+            yield from (found[j] for j in ids[i:i + chunk]
+                        if j in found and found[j].state is state)
+
     def count(self, state: JobState | None = None, text: str = "") -> int:
         """How many jobs :meth:`page` pages through for ``state`` and ``text``."""
         if self._index is not None:
@@ -412,6 +429,15 @@ class _SqliteIndex:
             " order by p.created_at desc, p.id desc",
             (*params, limit, offset), results=True)
         return [bytes(r[0]) for r in rows]
+
+    def ids_of(self, state: JobState, created_before: float | None) -> list[str]:
+        self._ensure()
+        rows = self.storage.sql(
+            "select id from synthnode_jobs where queue_name = ? and state = ?"
+            " and created_at < ? order by created_at, id",
+            (self.name, state.value, math.inf if created_before is None else created_before),
+            results=True)
+        return [str(r[0]) for r in rows]
 
     def count(self, state: JobState | None, text: str) -> int:
         self._ensure()
@@ -601,6 +627,12 @@ class _RedisIndex:
             return []
         values = self.conn.hmget(self.records, [_JOB + i for i in ids])
         return [v for v in values if v is not None]
+
+    def ids_of(self, state: JobState, created_before: float | None) -> list[str]:
+        self._ensure()
+        top = "+inf" if created_before is None else f"({created_before!r}"
+        return [i.decode() for i in self.conn.zrangebyscore(self.state_keys[state], "-inf",
+                                                             top)]
 
     def count(self, state: JobState | None, text: str) -> int:
         self._ensure()
