@@ -26,13 +26,14 @@ class Reaper:
     def tick(self, now: float) -> int:
         """One pass; returns how many lost jobs were retried (or dead-lettered)."""
         store = self.queues.store
-        lost = 0
-        for job in store.all():
-            if job.state is JobState.DONE and now - job.updated_at > self.settings.keep_done_s:
+        keep = self.settings.keep_done_s
+        # Through the job store's index: done jobs created before the horizon (updated_at is
+        # never before created_at), and running jobs, not every record on every pass.
+        for job in store.of_state(JobState.DONE, created_before=now - keep):
+            if now - job.updated_at > keep:
                 store.delete(job.id)
-                continue
-            if job.state is not JobState.RUNNING:
-                continue
+        lost = 0
+        for job in store.of_state(JobState.RUNNING):
             beat = store.heartbeat(job.id)
             last = beat.at if beat is not None else job.updated_at
             if now - last < self.settings.heartbeat_timeout_s:
