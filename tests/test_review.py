@@ -153,3 +153,54 @@ def test_audit_verify_detects_an_edited_and_a_deleted_record(tmp_path: Path) -> 
     db.commit()
     deleted = verify()
     assert deleted.returncode == 1 and "record 2 is missing" in deleted.stderr
+
+
+FORWARD_REVIEWED = """
+[[rules]]
+name = "forward-reviewed"
+[[rules.tasks]]
+task = "forward"
+review = true
+"""
+
+
+def test_a_reviewed_forward_sends_what_was_staged_and_a_rejected_one_keeps_it(
+    node_factory, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """A forward makes no outputs: held for review, it stages its originals (hard links in
+    its work folder, with a manifest). The spool keeps a held study's source past its
+    retention; a rejected study's source may go (rejected is final), its staged files stay;
+    an approved one delivers exactly what was staged."""
+    node = jobs_node(node_factory, tmp_path, orthanc, rules=FORWARD_REVIEWED,
+                     spool={"retention_s": 0})
+    kept, dropped = (make_study(tmp_path / name, series=1, per_series=2) for name in "ab")
+    assert storescu(node.port, kept + dropped).returncode == 0
+    wait_for(in_state(node, JobState.REVIEW, 2), what="both forwards held for review")
+    settings = load_settings(node.config, environ={})
+    by_study = {j.study_uid: j for j in records(node)}
+    approve, reject = (by_study[str(dcmread(files[0]).StudyInstanceUID)]
+                       for files in (kept, dropped))
+    sops = {str(dcmread(f).SOPInstanceUID) for f in kept}
+    staged = staged_outputs(settings, approve)
+    assert [p.parent for p in staged] == [settings.jobs.work_dir / approve.id] * 2
+    assert {str(dcmread(p).SOPInstanceUID) for p in staged} == sops
+    time.sleep(1.0)  # retention 0 s: a held study's source would be gone by now
+    assert len(node.spooled()) == 4
+    assert orthanc.get_json("/instances") == []
+
+    rejected = cli(node, "review", "reject", reject.id, "--reason", "wrong patient")
+    assert rejected.returncode == 0, rejected.stderr
+    wait_for(lambda: len(node.spooled()) == 2, what="the rejected study's source released")
+    assert len(left := staged_outputs(settings, reject)) == 2 and all(p.exists() for p in left)
+
+    approved = cli(node, "review", "approve", approve.id)
+    assert approved.returncode == 0, approved.stderr
+    wait_for(lambda: len(orthanc.get_json("/instances")) == 2, what="the approved forward")
+    wait_for(lambda: {j.id: j.state for j in records(node)} == {
+        approve.id: JobState.DONE, reject.id: JobState.REJECTED}, what="done and rejected")
+    stored = {orthanc.get_json(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+              for i in orthanc.get_json("/instances")}
+    assert stored == sops
+    assert not (settings.jobs.work_dir / approve.id).exists()
+    releases = audit_of(node).search(event="release")
+    assert [(r.subject, r.data["objects"]) for r in releases] == [(approve.id, 2)]

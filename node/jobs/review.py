@@ -37,12 +37,13 @@ def count_held(store: JobStore) -> int:
 
 
 def staged_outputs(settings: Settings, job: Job) -> list[Path]:
-    """The files a job would deliver: its manifest's outputs (for a forward, the spooled
-    originals, found through the spool's folder layout)."""
-    if job.task.task is TaskKind.FORWARD:
+    """The files a job would deliver: its manifest's outputs (a forward held for review
+    stages links to its originals there too; one staged before that: the spooled originals,
+    found through the spool's folder layout)."""
+    made = Manifest.load(settings.jobs.work_dir / job.id, job.revision)
+    if made is None and job.task.task is TaskKind.FORWARD:
         root = settings.spool.dir / job.study_uid
         return sorted(p for s in job.series_uids for p in (root / s).glob("*.dcm"))
-    made = Manifest.load(settings.jobs.work_dir / job.id, job.revision)
     return [] if made is None else [o.source for o in made.files if isinstance(o.source, Path)]
 
 

@@ -101,7 +101,10 @@ class Runner:
         if job is None:
             log.warning("job %s: no record (purged?); message dropped", job_id)
             return
-        if job.state in (JobState.DONE, JobState.DEAD):
+        if job.state in (JobState.DONE, JobState.DEAD, JobState.REVIEW, JobState.REJECTED):
+            # (in review it waits for a person: only Queues.approve queues it again; a stray
+            # message, say the reaper's for a worker taken for dead, must not make it again
+            # nor take a rejected job back into review)
             log.debug("job %s already %s; message dropped", job.id, job.state.value)
             return
         if job.not_before > now + 1.0:
@@ -203,7 +206,8 @@ class Runner:
     def _writes(self, job: Job) -> bool:
         """Does ``job`` write to the work folder or the quarantine? (Forwarding what is in the
         spool does not.)"""
-        return job.task.task is not TaskKind.FORWARD or job.source.fetched
+        return (job.task.task is not TaskKind.FORWARD or job.source.fetched
+                or self._held(job))  # (a forward staged for review: links, else copies)
 
     def _check_space(self) -> None:
         # Read now, not cached: a job writes far faster than the receiver's cache period, and
@@ -244,17 +248,17 @@ class Runner:
     def execute(self, job: Job) -> Made:
         """Make (or reuse) the outputs and deliver them to every destination."""
         task = job.task
-        sources = self._sources(job)
         work = self._work(job)
+        # Outputs made by an earlier attempt (or staged for a reviewer) are delivered as they
+        # are: the sources are not read, nor fetched from their archive, again.
         if task.task is TaskKind.FORWARD:
-            made = Made()
-            fetched = job.source.fetched  # (the router may have seen no header)
-            for path in sources:
-                if fetched and self._own(job, _read(path, header_only=True), made):
-                    continue
-                made.files.append(_identify(path))
+            made = self._reuse(work, job) if job.approved else None
+            if made is None:
+                made = self._forwarded(job, self._sources(job))
+                if self._held(job):
+                    made = self._stage(work, job, made)
         else:
-            made = self._reuse(work, job) or self._make(job, sources, work)
+            made = self._reuse(work, job) or self._make(job, self._sources(job), work)
         if self._held(job):
             return made  # staged: delivered once a reviewer approves (Queues.approve)
         self._deliver(job, made.files)
@@ -274,6 +278,35 @@ class Runner:
     def _source_dir(self, job: Job) -> Path:
         """Where a study fetched for the job lies (one folder per series)."""
         return self.settings.jobs.work_dir / f"{job.id}.source"
+
+    def _forwarded(self, job: Job, sources: list[Path]) -> Made:
+        made = Made()
+        fetched = job.source.fetched  # (the router may have seen no header)
+        for path in sources:
+            if fetched and self._own(job, _read(path, header_only=True), made):
+                continue
+            made.files.append(_identify(path))
+        return made
+
+    def _stage(self, work: Path, job: Job, made: Made) -> Made:
+        """A forward that waits for review: its files hard-linked (copied where the spool is
+        on another file system) into the work folder with a manifest. What the reviewer sees
+        is then what leaves once approved, whatever the spool (instances added or replaced,
+        retention after a rejection) or a fetched copy does meanwhile."""
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        staged = Made(quarantined=made.quarantined, notes=list(made.notes))
+        for n, item in enumerate(made.files):
+            target = work / f"{n:06d}.dcm"
+            try:
+                os.link(Path(str(item.source)), target)
+            except OSError:
+                self._check_space()
+                shutil.copyfile(Path(str(item.source)), target)
+            staged.files.append(Outgoing(target, item.sop_class_uid, item.sop_instance_uid,
+                                         item.transfer_syntax_uid))
+        Manifest.write(work, staged, job.revision)
+        return staged
 
     def _reuse(self, work: Path, job: Job) -> Made | None:
         made = Manifest.load(work, job.revision)
