@@ -155,7 +155,7 @@ def test_login_failures_are_slowed_and_audited_and_logout_ends_the_session(
     trail = AuditTrail(load_settings(node.config, environ={}).audit.db)
     logins = [(r.actor, r.data.get("ok"), r.data.get("action")) for r in
               reversed(trail.search(event="login"))]
-    assert logins == [("ada", False, None), ("nobody", False, None), ("ada", True, None),
+    assert logins == [("ada", False, None), ("(unknown user)", False, None), ("ada", True, None),
                       ("ada", None, "logout")]
     assert PASSWORDS["ada"] not in "".join(str(r.as_dict()) for r in trail.iter())
 

@@ -150,7 +150,9 @@ def make_app(ctx: ConsoleContext, users: Users, samples: Samples | None = None) 
         address = request.client.host if request.client else ""
         user = await asyncio.to_thread(users.check_password, name, password)
         if user is None:
-            audit.record(settings, "login", name[:64], name[:64], ok=False, address=address)
+            # a name that is no user's is not recorded: it may be anything typed there
+            known = name[:64] if users.get(name[:64]) is not None else "(unknown user)"
+            audit.record(settings, "login", known, known, ok=False, address=address)
             await asyncio.sleep(FAILED_LOGIN_DELAY_S)
             return RedirectResponse("/login?error=1&next=" + urllib.parse.quote(target),
                                     status_code=303)
