@@ -5,6 +5,7 @@ prometheus-client) sums serve's and the worker's counters as instances arrive an
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from pydicom import dcmread
 from node.jobs import JobState
 from node.localorthanc import OrthancProcess
 from tests.console import PASSWORDS, console_node, console_url
-from tests.nodeproc import NodeProcess, make_study, storescu
+from tests.nodeproc import SYNTHNODE, NodeProcess, make_study, storescu
 from tests.opsserver import multipart
 from tests.test_jobs import DEID_ALL, records, wait_for
 
@@ -91,3 +92,24 @@ def test_metrics_sum_serve_and_its_worker(
     assert requests.get(console_url(node) + "/healthz", timeout=30).status_code == 200
     ready = requests.get(console_url(node) + "/readyz", timeout=30)
     assert ready.status_code == 200, ready.text
+
+
+def test_a_cached_basic_credential_follows_removals_and_role_changes(
+    node_factory, tmp_path: Path
+) -> None:
+    """A STOW client's verified credentials are believed for a while without Argon2 again;
+    the user's existence and role are still read on every request."""
+    node = console_node(node_factory, tmp_path, "", jobs={"cpu_workers": 0})
+    files = make_study(tmp_path / "in", series=1, per_series=3)
+    assert stow(node, [files[0].read_bytes()]).status_code == 200
+    wrong = requests.post(console_url(node) + "/dicomweb/studies", data=b"", timeout=30,
+                          auth=("rita", "not-her-password"),
+                          headers={"Content-Type": 'multipart/related; type="application/dicom";'
+                                                   " boundary=b"})
+    assert wrong.status_code == 401
+    cli = [*SYNTHNODE, "--config", str(node.config), "user"]
+    subprocess.run([*cli, "role", "rita", "viewer"], check=True, timeout=60,
+                   capture_output=True)
+    assert stow(node, [files[1].read_bytes()]).status_code == 403
+    subprocess.run([*cli, "remove", "rita"], check=True, timeout=60, capture_output=True)
+    assert stow(node, [files[2].read_bytes()]).status_code == 401

@@ -183,9 +183,17 @@ class Authenticator:
     """Who a request is: its session, its HTTP Basic credentials (DICOMweb routes only) or the
     trusted proxy's header."""
 
+    BASIC_CACHE_S = 60.0
+    """How long a verified HTTP Basic credential is believed without Argon2 again (a STOW
+    client sends one with every request; Argon2 costs tens of milliseconds by design). The
+    user's existence and role are read from the table on every request all the same."""
+
     def __init__(self, users: Users, settings: ConsoleSettings) -> None:
         self.users = users
         self.settings = settings
+        self._verified: dict[str, float] = {}
+        """HMAC of a verified (name, password) -> when it was verified."""
+        self._key = secrets.token_bytes(32)
 
     def __call__(self, request: Request) -> User | None:
         found = self.with_csrf(request)
@@ -233,8 +241,19 @@ class Authenticator:
             name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return None
+        mac = hmac.new(self._key, f"{name}\0{password}".encode(), "sha256").hexdigest()
+        now = time.monotonic()
+        at = self._verified.get(mac)
+        if at is not None and now - at < self.BASIC_CACHE_S:
+            known = self.users.get(name)  # removed since, or another role: as it is now
+            return None if known is None else User(known.name, known.role, via="basic")
         user = self.users.check_password(name, password)
-        return None if user is None else User(user.name, user.role, via="basic")
+        if user is None:
+            return None
+        if len(self._verified) > 1000:
+            self._verified.clear()
+        self._verified[mac] = now
+        return User(user.name, user.role, via="basic")
 
 
 def csrf_ok(expected: str, given: str | None) -> bool:

@@ -202,8 +202,7 @@ class _Upload:
     def _store(self, part: _Part) -> None:
         counters = self.ctx.counters
         path = part.path
-        cls, sop = meta_uids(path) if path is not None else ("", "")
-        result = _Result(part.number, cls, sop)
+        result = _Result(part.number, "", "")
         try:
             if part.write_error is not None:
                 raise SpoolError.of(part.write_error)
@@ -241,6 +240,9 @@ class _Upload:
                          part.size, source="stow")
         finally:
             if path is not None:
+                if result.status is not None and not result.sop_instance:
+                    # what the refusal names, read only when refused
+                    result.sop_class, result.sop_instance = meta_uids(path)
                 path.unlink(missing_ok=True)  # moved into the spool, or refused
         if result.status is not None:
             log.warning("STOW-RS part %d from %s refused sop_instance=%s status=0x%04X: %s",
