@@ -479,6 +479,41 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_lookup(args: argparse.Namespace) -> int:
+    """The honest broker's re-identification: which patient and studies a pseudonym stands for
+    (from ``[deid] honest_broker_file``), printed here only; the lookup is audited with the
+    pseudonym and the count, never what was found."""
+    from node.audit import record
+
+    settings = _settings(args)
+    path = settings.deid.honest_broker_file
+    if path is None:
+        print("synthnode broker lookup: no [deid] honest_broker_file is set: the node keeps no "
+              "mapping to look up", file=sys.stderr)
+        return 2
+    try:
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except OSError as exc:
+        print(f"synthnode broker lookup: {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    found = [x for x in lines if x.get("pseudonym") == args.pseudonym]
+    record(settings, "broker", cli_user(), args.pseudonym, pseudonym=args.pseudonym,
+           count=len(found), action="lookup")
+    if not found:
+        print(f"synthnode broker lookup: no mapping for pseudonym {args.pseudonym}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    first = found[0]
+    print(f"{args.pseudonym}: patient {first.get('patient_id')} ({first.get('patient_name')})")
+    for x in found:
+        print(f"  study {x.get('study_instance_uid')} -> {x.get('new_study_instance_uid')}  "
+              f"sop {x.get('sop_instance_uid')} -> {x.get('new_sop_instance_uid')}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from node.audit import AuditTrail, export
 
@@ -1172,6 +1207,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--password-stdin", action="store_true")
     q.set_defaults(func=cmd_user)
+
+    p = sub.add_parser("broker", help="the honest broker's mapping ([deid] "
+                       "honest_broker_file)")
+    broker_sub = p.add_subparsers(dest="broker_command", required=True)
+    q = broker_sub.add_parser("lookup", help="who a pseudonym stands for (audited)")
+    q.add_argument("pseudonym")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_broker_lookup)
 
     p = sub.add_parser("audit", help="the audit trail: export it, verify its hash chain")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
