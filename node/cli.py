@@ -383,13 +383,13 @@ def cmd_review(args: argparse.Namespace) -> int:
         now = time.time()
         for j in jobs:
             print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
-                  f"{j.outputs} outputs  to {', '.join(j.destinations)}  "
+                  f"rev {j.revision}  {j.outputs} outputs  to {', '.join(j.destinations)}  "
                   f"{_age(now - j.updated_at)} ago")
         return 0
     approve = args.review_command == "approve"
     reason = args.reason or ""
     try:
-        jobs = decide(queues, args.id, approve, cli_user(), reason)
+        jobs = decide(queues, args.id, approve, cli_user(), reason, args.revision)
     except (KeyError, ValueError) as exc:
         print(f"synthnode review {args.review_command}: {exc.args[0]}", file=sys.stderr)
         return 1
@@ -1161,10 +1161,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = review_sub.add_parser("approve", help="deliver a job's staged outputs")
     q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
     q.add_argument("--reason", default="", help="recorded in the audit trail")
+    q.add_argument("--revision", type=int, default=None,
+                   help="the study revision you reviewed (review list shows it): refused if "
+                        "the job was staged again since")
     q.set_defaults(func=cmd_review)
     q = review_sub.add_parser("reject", help="never deliver a job's outputs (they are kept)")
     q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
     q.add_argument("--reason", required=True, help="why (recorded with the job and audited)")
+    q.add_argument("--revision", type=int, default=None,
+                   help="the study revision you reviewed (review list shows it): refused if "
+                        "the job was staged again since")
     q.set_defaults(func=cmd_review)
 
     p = sub.add_parser("quarantine", help="what was quarantined, kept until a person "

@@ -67,7 +67,10 @@ def test_nothing_leaves_before_approval_then_everything_arrives(
     listed = cli(node, "review", "list")
     assert listed.returncode == 0 and job.id in listed.stdout
 
-    approved = cli(node, "review", "approve", job.id, "--reason", "checked by hand")
+    stale = cli(node, "review", "approve", job.id, "--revision", str(job.revision + 1))
+    assert stale.returncode == 1 and "staged again" in stale.stderr
+    approved = cli(node, "review", "approve", job.id, "--reason", "checked by hand",
+                   "--revision", str(job.revision))
     assert approved.returncode == 0, approved.stderr
     wait_for(lambda: len(orthanc.get_json("/instances")) == 3, what="the approved outputs")
     wait_for(in_state(node, JobState.DONE, 1), what="the job done")

@@ -228,7 +228,9 @@ def make_app(ctx: ConsoleContext, users: Users, samples: Samples | None = None) 
         rule = next((r for r in settings.rules if r.name == job.rule), None)
         match = ({k: v for k, v in rule.match.model_dump(mode="json").items() if v}
                  if rule is not None else None)
-        history = ctx.audit.search(subject=job.id, limit=50) if ctx.audit else []
+        # (audit records and decisions hold reasons people typed: reviewers and admins only)
+        history = (ctx.audit.search(subject=job.id, limit=50)
+                   if ctx.audit and user.role.allows(Role.REVIEWER) else [])
         return page(request, "job.html", user, csrf, job=job, match=match, msg=msg,
                     history=history, needs_review=review.needs_review(settings, job),
                     now=time.time())
@@ -283,8 +285,10 @@ def make_app(ctx: ConsoleContext, users: Users, samples: Samples | None = None) 
         if decision not in ("approve", "reject"):
             raise HTTPException(400, 'decision is "approve" or "reject"')
         try:
+            shown = form.get("revision", "")
             done = review.decide(ctx.queues, target, decision == "approve", user.name,
-                                 form.get("reason", "").strip())
+                                 form.get("reason", "").strip(),
+                                 int(shown) if shown.isdigit() else None)
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
         except ValueError as exc:

@@ -7,6 +7,7 @@ there is disk space for the next output; what those raise passes through unchang
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from node.config import DeidOption, DeidSettings
 from node.deid.batch import Identity, Mapping, deidentify_to_file, record_mappings
 from node.deid.engine import Deidentifier, Quarantined
 from node.files import atomic_write
+from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,12 @@ def keep_source(path: Path, quarantine_dir: Path, job_id: str, reason: str,
     folder = quarantine_dir / job_id
     folder.mkdir(parents=True, exist_ok=True)
     sop = identity.sop_instance_uid
-    target = folder / f"{sop}.dcm"
+    # the file's name from its UID only when it is one (a fetched source's header was never
+    # checked): else a name no header can steer out of the folder
+    name = sop if is_valid_uid(sop) else "sha256-" + hashlib.sha256(sop.encode()).hexdigest()
+    target = folder / f"{name}.dcm"
     atomic_write(target, path.read_bytes(), durable=True, mode=0o600)
-    atomic_write(folder / f"{sop}.reason.json", json.dumps({
+    atomic_write(folder / f"{name}.reason.json", json.dumps({
         "job": job_id, "file": target.name, "kind": "deid", "reason": reason,
         "sop": sop, "study": identity.study_instance_uid,
         "series": identity.series_instance_uid, "at": time.time()}, indent=2), durable=True)

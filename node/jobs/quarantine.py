@@ -38,7 +38,7 @@ from node.jobs.queue import Queues
 
 log = logging.getLogger(__name__)
 
-_PART = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_PART = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _entry(note: Path) -> Entry | None:
     except (OSError, ValueError):
         return None
     name = note.name.removesuffix(".reason.json")
-    path = note.parent / str(data.get("file") or f"{name}.dcm")
+    path = note.parent / Path(str(data.get("file") or f"{name}.dcm")).name
     if not path.exists():
         return None
     study, series, sop = (str(data.get(k, "")) for k in ("study", "series", "sop"))

@@ -130,19 +130,24 @@ class Queues:
 
     # -- the review gate ---------------------------------------------------------------------
 
-    def _in_review(self, job_id: str) -> Job:
+    def _in_review(self, job_id: str, revision: int | None = None) -> Job:
         job = self.store.get(job_id)
         if job is None:
             raise KeyError(f'no job "{job_id}"')
         if job.state is not JobState.REVIEW:
             raise ValueError(f"job {job_id} is {job.state.value}, not waiting for review")
+        if revision is not None and job.revision != revision:
+            raise ValueError(f"job {job_id} was staged again for revision {job.revision} of its "
+                             f"study (more instances arrived) after revision {revision} was "
+                             "shown: look at it again")
         return job
 
-    def approve(self, job_id: str, user: str, reason: str = "") -> Job:
+    def approve(self, job_id: str, user: str, reason: str = "",
+                revision: int | None = None) -> Job:
         """A reviewer approves ``job_id``'s staged outputs: it is queued again and delivers
         them (made once; not made again). KeyError for an unknown job, ValueError when it is
         not waiting for review."""
-        job = self._in_review(job_id).but(
+        job = self._in_review(job_id, revision).but(
             state=JobState.PENDING, approved=True, decided_by=user, decision_reason=reason,
             decided_at=time.time(), not_before=0.0)
         self.store.put(job)
@@ -151,12 +156,12 @@ class Queues:
         log.info("job %s approved by %s: queued for delivery", job.id, user)
         return job
 
-    def reject(self, job_id: str, user: str, reason: str) -> Job:
+    def reject(self, job_id: str, user: str, reason: str, revision: int | None = None) -> Job:
         """A reviewer rejects ``job_id``'s staged outputs: never delivered, kept in the work
         folder with ``reason`` (required)."""
         if not reason.strip():
             raise ValueError("a rejection needs a reason")
-        job = self._in_review(job_id).but(
+        job = self._in_review(job_id, revision).but(
             state=JobState.REJECTED, decided_by=user, decision_reason=reason,
             decided_at=time.time())
         self.store.put(job)

@@ -47,7 +47,8 @@ def staged_outputs(settings: Settings, job: Job) -> list[Path]:
     return [] if made is None else [o.source for o in made.files if isinstance(o.source, Path)]
 
 
-def decide(queues: Queues, target: str, approve: bool, user: str, reason: str) -> list[Job]:
+def decide(queues: Queues, target: str, approve: bool, user: str, reason: str,
+           revision: int | None = None) -> list[Job]:
     """Approve or reject ``target``: a job id, or a study UID (every job of it in review).
     KeyError when nothing matches; ValueError for a job not in review or a rejection without
     a reason."""
@@ -60,7 +61,9 @@ def decide(queues: Queues, target: str, approve: bool, user: str, reason: str) -
         if not jobs:
             raise KeyError(f'no job "{target}" and no study of that UID in review')
     act = queues.approve if approve else queues.reject
-    return [act(j.id, user, reason) for j in jobs]
+    # ``revision``: the one the reviewer was shown (a job decided by its id)
+    seen = revision if job is not None else None
+    return [act(j.id, user, reason, seen) for j in jobs]
 
 
 # -- what a reviewer sees -----------------------------------------------------------------------

@@ -115,6 +115,14 @@ class Runner:
             if beat is not None and now - beat.at < jobs.heartbeat_timeout_s:
                 log.debug("job %s is running on %s; message dropped", job.id, beat.worker)
                 return
+        if (job.approved and self.needs_review(job)
+                and Manifest.load(self._work(job), job.revision) is None):
+            # approved outputs that are gone (a local work folder, a lost file) are never made
+            # again and sent unseen: made again, they wait for a reviewer again
+            log.warning("job %s: the approved outputs are no longer staged; making them again "
+                        "for a new review", job.id)
+            job = job.but(approved=False, decided_by="", decision_reason="", decided_at=0.0)
+            store.put(job)
         if self._writes(job) and not Manifest.exists(self._work(job)):
             # (outputs made by an earlier attempt are only delivered: that frees space)
             short = self.reserve.shortfall()
