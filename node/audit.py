@@ -85,6 +85,8 @@ FIELDS = {
     # the node's own texts and settings
     "reason", "decision", "action", "ok", "path", "sha256", "version", "kind", "count",
     "pseudonym", "series_uids",
+    # review decisions per series
+    "rejected_series", "series_decision", "undecided",
 }
 """Keys :func:`AuditTrail.record` accepts in ``data``."""
 

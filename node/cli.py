@@ -358,19 +358,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cli_user() -> str:
-    """How the audit trail names a person at the command line: ``cli:<login>``."""
-    import getpass
+    """How the audit trail names a person at the command line: ``cli:<login>``, the login of
+    the process's user id (not $LOGNAME or $USER, which anyone can set)."""
+    import pwd
 
     try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
+        return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
+    except KeyError:
         return f"cli:uid{os.getuid()}"
 
 
 def cmd_review(args: argparse.Namespace) -> int:
     from node.audit import trail_for
-    from node.jobs import Queues
-    from node.jobs.review import count_held, decide, held
+    from node.jobs import JobState, Queues
+    from node.jobs.review import count_held, decide, held, output_series
 
     settings = _settings(args)
     queues = Queues(settings.jobs, trail=trail_for(settings))
@@ -385,16 +386,31 @@ def cmd_review(args: argparse.Namespace) -> int:
             print(f"  {j.id}  {j.kind:<10} rule {j.rule}  study {j.study_uid}  "
                   f"rev {j.revision}  {j.outputs} outputs  to {', '.join(j.destinations)}  "
                   f"{_age(now - j.updated_at)} ago")
+            for uid, n in output_series(settings, j).items():
+                d = j.series_decision(uid)
+                said = "undecided" if d is None else (
+                    f"{'approved' if d.approve else 'rejected'} by {d.user}")
+                print(f"      series {uid or '(not from one series)'}: {n} outputs, {said}")
         return 0
     approve = args.review_command == "approve"
     reason = args.reason or ""
     try:
-        jobs = decide(queues, args.id, approve, cli_user(), reason, args.revision)
+        jobs = decide(queues, args.id, approve, cli_user(), reason, args.revision,
+                      series=args.series, settings=settings)
     except (KeyError, ValueError) as exc:
         print(f"synthnode review {args.review_command}: {exc.args[0]}", file=sys.stderr)
         return 1
     for j in jobs:
-        print(f"{j.id} {'approved: queued for delivery' if approve else 'rejected'}")
+        if j.state is JobState.REVIEW:
+            left = sum(1 for s in output_series(settings, j) if j.series_decision(s) is None)
+            print(f"{j.id}: series {args.series} {'approved' if approve else 'rejected'}; "
+                  f"{left} series still to decide")
+        elif j.state is JobState.REJECTED:
+            print(f"{j.id} rejected")
+        else:
+            rejected = len(j.rejected_series)
+            print(f"{j.id} approved: queued for delivery"
+                  + (f" ({rejected} series rejected, not delivered)" if rejected else ""))
     return 0
 
 
@@ -1164,6 +1180,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--revision", type=int, default=None,
                    help="the study revision you reviewed (review list shows it): refused if "
                         "the job was staged again since")
+    q.add_argument("--series", default=None, metavar="UID",
+                   help="only the outputs made from this source series (review list shows "
+                        "them); the job is delivered once each of its series is decided")
     q.set_defaults(func=cmd_review)
     q = review_sub.add_parser("reject", help="never deliver a job's outputs (they are kept)")
     q.add_argument("id", help="a job id, or a study UID (every job of it in review)")
@@ -1171,6 +1190,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--revision", type=int, default=None,
                    help="the study revision you reviewed (review list shows it): refused if "
                         "the job was staged again since")
+    q.add_argument("--series", default=None, metavar="UID",
+                   help="only the outputs made from this source series: never delivered, "
+                        "the job's other series delivered once approved")
     q.set_defaults(func=cmd_review)
 
     p = sub.add_parser("quarantine", help="what was quarantined, kept until a person "

@@ -707,7 +707,11 @@ class JobsSettings(_Section):
         20.0, gt=0, description="a running job silent this long has lost its worker: retried"
     )
     work_dir: Path = Field(Path("var/work"), description="outputs staged before dispatch")
-    keep_done_s: float = Field(7 * 86400.0, ge=0, description="job records kept after done")
+    keep_done_s: float = Field(7 * 86400.0, ge=0, description="job records kept after done "
+                               "(with a done job's outputs of series a reviewer rejected)")
+    keep_rejected_s: float = Field(
+        30 * 86400.0, ge=0, description="a rejected job's staged outputs (a forward's: copies "
+        "of the originals) and its record kept this long after the decision, then removed")
 
 
 class Queue(StrEnum):

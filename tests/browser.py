@@ -59,6 +59,20 @@ class Browser:
 
         return self.driver.find_element(By.ID, element_id)
 
+    def submit(self, element_id: str, timeout_s: float = 30.0) -> str:
+        """Click ``element_id`` (a form's button) and wait until the page it leads to has
+        replaced this one (a click returns before the navigation); that page's HTML."""
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        button = self.by_id(element_id)
+        html = self.driver.find_element("tag name", "html")
+        button.click()
+        WebDriverWait(self.driver, timeout_s).until(expected_conditions.staleness_of(html))
+        WebDriverWait(self.driver, timeout_s).until(
+            lambda d: d.execute_script("return document.readyState") == "complete")
+        return self.keep()
+
     def has_id(self, element_id: str) -> bool:
         from selenium.webdriver.common.by import By
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,12 @@ def login(b: browser.Browser, name: str) -> None:
     b.get("/login")
     b.by_id("login-user").send_keys(name)
     b.by_id("login-password").send_keys(PASSWORDS[name])
-    b.by_id("login-submit").click()
-    b.keep()
+    b.submit("login-submit")
     assert b.has_id("whoami"), b.driver.page_source[:500]
 
 
 def logout(b: browser.Browser) -> None:
-    b.by_id("logout").click()
-    b.keep()
+    b.submit("logout")
     assert b.has_id("login-user")
 
 
@@ -65,7 +64,8 @@ def test_reviewer_approves_in_the_browser_and_the_study_reaches_orthanc(
                        what="the job held for review")
         b.wait_for("/review", lambda html: f'id="approve-{job.id}"' in html, 30,
                    "the held job on the review page")
-        assert len(b.css(f"#held-{job.id} img.thumb")) == 4
+        assert len(b.css(f"#held-{job.id} .thumbs img.thumb")) == 4
+        assert len(b.css(f"#series-{job.id} img.thumb")) == 4  # two per source series
         assert orthanc.get_json("/instances") == []
         b.get("/")
         b.screenshot(shots / "console-overview.png")
@@ -81,13 +81,22 @@ def test_reviewer_approves_in_the_browser_and_the_study_reaches_orthanc(
         assert forged.status_code == 403 and "CSRF" in forged.text
         assert records(node)[0].state is JobState.REVIEW
 
+        # one series rejected on its own (with its reason); the job stays held
+        b.by_id(f"reason-{job.id}-2").send_keys("burned-in label")
+        assert "series rejected; 1 job(s) wait for their other series" in b.submit(
+            f"reject-{job.id}-2")
+        assert "rejected by rita" in b.driver.page_source
+        assert records(node)[0].state is JobState.REVIEW
+        # then the job as a whole: its other series is delivered, the rejected one never
         b.by_id(f"reason-{job.id}").send_keys("looked at every image")
-        b.by_id(f"approve-{job.id}").click()
-        assert "1 job(s) approved" in b.keep()
-        wait_for(lambda: len(orthanc.get_json("/instances")) == 4, what="the outputs in Orthanc")
+        assert "1 job(s) approved" in b.submit(f"approve-{job.id}")
+        wait_for(lambda: len(orthanc.get_json("/instances")) == 2, what="the outputs in Orthanc")
         b.wait_for(f"/jobs/{job.id}", lambda html: 'id="job-state">done<' in html, 60,
                    "the job done")
         assert "approved by rita" in b.driver.page_source
+        assert "rejected by rita" in b.driver.page_source
+        time.sleep(1.0)  # the rejected series would have followed by now
+        assert len(orthanc.get_json("/instances")) == 2
 
         # a reviewer cannot open the users page
         b.get("/users")

@@ -207,3 +207,59 @@ def test_a_reviewed_forward_sends_what_was_staged_and_a_rejected_one_keeps_it(
     assert not (settings.jobs.work_dir / approve.id).exists()
     releases = audit_of(node).search(event="release")
     assert [(r.subject, r.data["objects"]) for r in releases] == [(approve.id, 2)]
+
+
+def test_per_series_decisions_deliver_the_approved_series_only(
+    node_factory, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """Each source series of a held job decided on its own from the command line: nothing
+    leaves until the last is decided; then the approved series reach Orthanc, the rejected
+    one never does and is kept beside the job with its reason."""
+    node = jobs_node(node_factory, tmp_path, orthanc, rules=REVIEWED)
+    files = make_study(tmp_path / "in", series=3, per_series=2)
+    series = [str(dcmread(f).SeriesInstanceUID) for f in files[::2]]
+    assert len(set(series)) == 3
+    assert storescu(node.port, files).returncode == 0
+    wait_for(in_state(node, JobState.REVIEW, 1), what="the job held for review")
+    job = records(node)[0]
+    listed = cli(node, "review", "list")
+    assert all(f"series {uid}: 2 outputs, undecided" in listed.stdout for uid in series)
+
+    wrong = cli(node, "review", "approve", job.id, "--series", "1.2.3.4.5")
+    assert wrong.returncode == 1 and "no outputs of series 1.2.3.4.5" in wrong.stderr
+    first = cli(node, "review", "approve", job.id, "--series", series[0])
+    assert first.returncode == 0 and "2 series still to decide" in first.stdout
+    second = cli(node, "review", "reject", job.id, "--series", series[1], "--reason",
+                 "burned-in label")
+    assert second.returncode == 0 and "1 series still to decide" in second.stdout
+    time.sleep(1.0)  # a per-series decision that released the job would have delivered
+    assert orthanc.get_json("/instances") == []
+    assert records(node)[0].state is JobState.REVIEW
+    assert f"series {series[1]}: 2 outputs, rejected by cli:" in cli(node, "review",
+                                                                      "list").stdout
+
+    last = cli(node, "review", "approve", job.id, "--series", series[2])
+    assert last.returncode == 0 and "1 series rejected, not delivered" in last.stdout
+    wait_for(in_state(node, JobState.DONE, 1), what="the job done")
+    stored = orthanc.get_json("/instances")
+    assert len(stored) == 4
+    time.sleep(1.0)
+    assert len(orthanc.get_json("/instances")) == 4
+    done = records(node)[0]
+    assert f"series {series[1]}: 2 outputs rejected in review, not delivered" in done.notes
+
+    settings = load_settings(node.config, environ={})
+    kept = settings.jobs.work_dir / f"{job.id}.rejected"
+    kept_sops = {str(dcmread(p).SOPInstanceUID) for p in kept.glob("*.dcm")}
+    sent_sops = {orthanc.get_json(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+                 for i in stored}
+    assert len(kept_sops) == 2 and not kept_sops & sent_sops
+    decisions = json.loads((kept / "decisions.json").read_text())
+    assert [(d["series_uid"], d["reason"]) for d in decisions] == [(series[1],
+                                                                    "burned-in label")]
+    trail = audit_of(node)
+    reviews = list(reversed(trail.search(event="review")))
+    assert [(r.data["series"], r.data["decision"]) for r in reviews] == [
+        (series[0], "approve"), (series[1], "reject"), (series[2], "approve")]
+    releases = trail.search(event="release")
+    assert [(r.subject, r.data["objects"]) for r in releases] == [(job.id, 4)]

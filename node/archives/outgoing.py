@@ -65,14 +65,19 @@ class Made:
     made_from: dict[str, str] = field(default_factory=dict)
     """Output SOP Instance UID -> the source instance's, where one source made it (what a
     reviewer's header summary compares)."""
+    series_of: dict[str, str] = field(default_factory=dict)
+    """Output SOP Instance UID -> the source series it was made from (what a reviewer decides
+    per series on)."""
 
-    def add(self, path: Path, ds: Dataset, source_sop: str = "") -> None:
+    def add(self, path: Path, ds: Dataset, source_sop: str = "", source_series: str = "") -> None:
         """Add the output written to ``path`` from ``ds``, identified by ``ds``'s header
-        (made from the instance ``source_sop``, when given)."""
+        (made from the instance ``source_sop`` of the series ``source_series``, when given)."""
         self.files.append(Outgoing(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                                    str(ds.file_meta.TransferSyntaxUID)))
         if source_sop:
             self.made_from[str(ds.SOPInstanceUID)] = source_sop
+        if source_series:
+            self.series_of[str(ds.SOPInstanceUID)] = source_series
 
 
 def log_outcome(logger: logging.Logger, where: str, item: Outgoing, outcome: Outcome,

@@ -260,8 +260,11 @@ def make_app(ctx: ConsoleContext, users: Users, samples: Samples | None = None) 
                     summary = review.header_summary(settings, job, outputs[0])
                 except Exception as exc:  # noqa: BLE001 - shown, not fatal to the page
                     log.warning("review summary of job %s: %s", job.id, type(exc).__name__)
+            groups = review.series_groups(settings, job)
+            series = [{"uid": uid, "n": len(found), "thumbs": found[:4],
+                       "decision": job.series_decision(uid)} for uid, found in groups.items()]
             items.append({"job": job, "outputs": outputs[:8], "more": max(0, len(outputs) - 8),
-                          "summary": summary})
+                          "summary": summary, "series": series if len(series) > 1 else []})
         return page(request, "review.html", user, csrf, items=items, page_no=page_no,
                     total=review.count_held(ctx.queues.store), msg=msg, now=time.time())
 
@@ -288,12 +291,18 @@ def make_app(ctx: ConsoleContext, users: Users, samples: Samples | None = None) 
             shown = form.get("revision", "")
             done = review.decide(ctx.queues, target, decision == "approve", user.name,
                                  form.get("reason", "").strip(),
-                                 int(shown) if shown.isdigit() else None)
+                                 int(shown) if shown.isdigit() else None,
+                                 series=form.get("series") or None, settings=settings)
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
         except ValueError as exc:
             return back("/review", str(exc))
         verb = "approved" if decision == "approve" else "rejected"
+        if form.get("series"):
+            left = sum(1 for j in done if j.state is JobState.REVIEW)
+            return back("/review", f"series {verb}" + (
+                f"; {left} job(s) wait for their other series" if left else
+                f"; {len(done)} job(s) decided"))
         return back("/review", f"{len(done)} job(s) {verb}")
 
     # -- quarantine ------------------------------------------------------------------------

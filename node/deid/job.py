@@ -86,7 +86,7 @@ class Deidentifiers:
                     keep_source(path, self.quarantine_dir, job_id, str(exc), original)
                 metrics.quarantined("deid")
                 continue
-            made.add(target, output, sop)
+            made.add(target, output, sop, original.series_instance_uid)
             mappings.append(Mapping(original, Identity.of(output)))
         broker = self.settings.honest_broker_file
         if broker is not None and mappings:

@@ -117,10 +117,12 @@ class Synthesizer:
                      if not own(ds, made)]
             if not batch:
                 continue
-            sops = [str(ds.SOPInstanceUID) for ds in batch]  # before de-identification
+            # (before de-identification)
+            origins = [(str(ds.SOPInstanceUID), str(ds.get("SeriesInstanceUID", "")))
+                       for ds in batch]
             results = self._synthesize([(request, ds) for ds in batch], deid)
-            for sop, outputs in zip(sops, results, strict=True):
-                self._write(outputs, sop, work, made, job_id)
+            for (sop, series_uid), outputs in zip(origins, results, strict=True):
+                self._write(outputs, sop, work, made, job_id, series_uid)
         return made
 
     def _synthesize(self, jobs: list[tuple[Request, Dataset | None]],
@@ -131,9 +133,9 @@ class Synthesizer:
             raise SynthesisFailed(f"generation failed: {exc}") from None
 
     def _write(self, outputs: list[Dataset | Refused] | Quarantined, sop: str, work: Path,
-               made: Made, job_id: str) -> None:
-        """One source's outputs written to ``work`` and counted in ``made`` (or its
-        quarantine noted)."""
+               made: Made, job_id: str, series_uid: str = "") -> None:
+        """One source's outputs (of the instance ``sop`` of ``series_uid``) written to
+        ``work`` and counted in ``made`` (or its quarantine noted)."""
         if isinstance(outputs, Quarantined):
             made.quarantined += 1
             made.notes.append(f"{sop}: not synthesized: {outputs}")
@@ -152,7 +154,7 @@ class Synthesizer:
                 made.quarantined += 1
                 made.notes.append(f"{saved.sop_instance_uid}: {saved.reason}")
             else:
-                made.add(saved.path, out, sop)
+                made.add(saved.path, out, sop, series_uid)
 
     @staticmethod
     def _report(reports: list[Path], images: list[Path], deid: Deidentifier | None,

@@ -15,6 +15,11 @@ from node.files import atomic_write
 MANIFEST = "manifest.json"
 
 
+def rejected_dir(work_dir: Path, job_id: str) -> Path:
+    """Where an approved job keeps its outputs of the series a reviewer rejected."""
+    return work_dir / f"{job_id}.rejected"
+
+
 class Manifest:
     """``manifest.json`` in a job's work folder: its outputs (file name and the identifiers
     dispatch negotiates on), what was quarantined and the notes, for one study revision."""
@@ -39,7 +44,7 @@ class Manifest:
         if not all(isinstance(f.source, Path) and f.source.exists() for f in files):
             return None
         return Made(files, int(manifest["quarantined"]), list(manifest["notes"]),
-                    dict(manifest.get("sources", {})))
+                    dict(manifest.get("sources", {})), dict(manifest.get("series", {})))
 
     @staticmethod
     def write(work: Path, made: Made, revision: int) -> None:
@@ -48,5 +53,5 @@ class Manifest:
                     "files": [[Path(str(f.source)).name, f.sop_class_uid, f.sop_instance_uid,
                                f.transfer_syntax_uid] for f in made.files],
                     "quarantined": made.quarantined, "notes": made.notes,
-                    "sources": made.made_from}
+                    "sources": made.made_from, "series": made.series_of}
         atomic_write(work / MANIFEST, json.dumps(manifest))

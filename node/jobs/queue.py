@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.api import TaskWrapper
 
 from node.audit import AuditError, AuditTrail
 from node.config import JobsSettings, Queue, QueueBackend
-from node.jobs.state import Job, JobState, JobStore
+from node.jobs.state import Job, JobState, JobStore, SeriesDecision
 
 log = logging.getLogger(__name__)
 
@@ -130,43 +130,103 @@ class Queues:
 
     # -- the review gate ---------------------------------------------------------------------
 
-    def _in_review(self, job_id: str, revision: int | None = None) -> Job:
-        job = self.store.get(job_id)
-        if job is None:
+    def _in_review(self, job_id: str, revision: int | None = None) -> tuple[bytes, Job]:
+        """The job's record as stored (for :meth:`_decided`) and the job, checked to be in
+        review at ``revision`` (the one the reviewer was shown, when given)."""
+        found = self.store.get_raw(job_id)
+        if found is None:
             raise KeyError(f'no job "{job_id}"')
+        raw, job = found
         if job.state is not JobState.REVIEW:
             raise ValueError(f"job {job_id} is {job.state.value}, not waiting for review")
         if revision is not None and job.revision != revision:
             raise ValueError(f"job {job_id} was staged again for revision {job.revision} of its "
                              f"study (more instances arrived) after revision {revision} was "
                              "shown: look at it again")
-        return job
+        return raw, job
+
+    def _decided(self, raw: bytes, job: Job) -> None:
+        """Store a decision only over the record it was made on: a second reviewer, or the
+        job staged again meanwhile, makes it fail rather than both taking effect."""
+        if not self.store.swap(raw, job):
+            now = self.store.get(job.id)
+            state = "gone" if now is None else now.state.value
+            raise ValueError(f"job {job.id} changed while you decided (it is {state} now, "
+                             "decided by someone else or staged again): look at it again")
 
     def approve(self, job_id: str, user: str, reason: str = "",
                 revision: int | None = None) -> Job:
         """A reviewer approves ``job_id``'s staged outputs: it is queued again and delivers
-        them (made once; not made again). KeyError for an unknown job, ValueError when it is
-        not waiting for review."""
-        job = self._in_review(job_id, revision).but(
-            state=JobState.PENDING, approved=True, decided_by=user, decision_reason=reason,
-            decided_at=time.time(), not_before=0.0)
-        self.store.put(job)
-        self.enqueue(job)
-        self.audit(job, user, "approved", event="review", decision="approve", reason=reason)
-        log.info("job %s approved by %s: queued for delivery", job.id, user)
+        them (made once; not made again), less any series rejected on its own. KeyError for
+        an unknown job, ValueError when it is not (or no longer) waiting for review."""
+        raw, job = self._in_review(job_id, revision)
+        job = self._approved(job, user, reason)
+        self._decided(raw, job)
+        self._release(job, user, reason)
         return job
+
+    def _approved(self, job: Job, user: str, reason: str) -> Job:
+        return job.but(state=JobState.PENDING, approved=True, decided_by=user,
+                       decision_reason=reason, decided_at=time.time(), not_before=0.0)
+
+    def _release(self, job: Job, user: str, reason: str, **data: object) -> None:
+        self.enqueue(job)
+        rejected = sorted(job.rejected_series)
+        self.audit(job, user, "approved", event="review", decision="approve", reason=reason,
+                   **({"rejected_series": rejected} if rejected else {}), **data)
+        log.info("job %s approved by %s: queued for delivery%s", job.id, user,
+                 f" ({len(rejected)} series rejected)" if rejected else "")
 
     def reject(self, job_id: str, user: str, reason: str, revision: int | None = None) -> Job:
         """A reviewer rejects ``job_id``'s staged outputs: never delivered, kept in the work
         folder with ``reason`` (required)."""
         if not reason.strip():
             raise ValueError("a rejection needs a reason")
-        job = self._in_review(job_id, revision).but(
-            state=JobState.REJECTED, decided_by=user, decision_reason=reason,
-            decided_at=time.time())
-        self.store.put(job)
-        self.audit(job, user, "rejected", event="review", decision="reject", reason=reason)
+        raw, job = self._in_review(job_id, revision)
+        job = job.but(state=JobState.REJECTED, decided_by=user, decision_reason=reason,
+                      decided_at=time.time())
+        self._decided(raw, job)
+        self._rejected(job, user, reason)
+        return job
+
+    def _rejected(self, job: Job, user: str, reason: str, **data: object) -> None:
+        self.audit(job, user, "rejected", event="review", decision="reject", reason=reason,
+                   **data)
         log.info("job %s rejected by %s", job.id, user)
+
+    def decide_series(self, job_id: str, series_uid: str, approve: bool, user: str,
+                      reason: str, series: Collection[str],
+                      revision: int | None = None) -> Job:
+        """A reviewer decides on the outputs made from one source series ``series_uid`` of
+        ``job_id`` (``series``: all the series its outputs come from). The job stays in review
+        until each of them is decided; then it is approved (delivering the approved series
+        only) or, every series rejected, rejected. ValueError for a series the outputs do not
+        come from, or a rejection without a reason."""
+        if not approve and not reason.strip():
+            raise ValueError("a rejection needs a reason")
+        if series_uid not in series:
+            raise ValueError(f"job {job_id} holds no outputs of series {series_uid}")
+        raw, job = self._in_review(job_id, revision)
+        job = job.with_series_decision(SeriesDecision(series_uid, approve, user, reason,
+                                                      time.time()))
+        verb, decision = ("approved", "approve") if approve else ("rejected", "reject")
+        open_series = [s for s in series if job.series_decision(s) is None]
+        if open_series:
+            self._decided(raw, job)
+            self.audit(job, user, "review", event="review", decision=decision,
+                       reason=reason, series=series_uid, undecided=len(open_series))
+            log.info("job %s: series %s %s by %s; %d series to decide", job.id, series_uid,
+                     verb, user, len(open_series))
+            return job
+        if any(job.series_decision(s).approve for s in series):  # type: ignore[union-attr]
+            job = self._approved(job, user, "")
+            self._decided(raw, job)
+            self._release(job, user, reason, series=series_uid, series_decision=decision)
+        else:
+            job = job.but(state=JobState.REJECTED, decided_by=user, decision_reason=reason,
+                          decided_at=time.time())
+            self._decided(raw, job)
+            self._rejected(job, user, reason, series=series_uid)
         return job
 
     def audit(self, job: Job, actor: str, state: str, event: str = "job",

@@ -23,8 +23,9 @@ from node.jobs.manifest import Manifest
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState, JobStore, needs_review
 
-__all__ = ["needs_review", "held", "count_held", "staged_outputs", "decide", "header_summary",
-           "thumbnail_png", "HeaderChange"]
+__all__ = ["needs_review", "held", "count_held", "staged_outputs", "series_groups", "output_series",
+           "decide",
+           "header_summary", "thumbnail_png", "HeaderChange"]
 
 
 def held(store: JobStore, offset: int = 0, limit: int = 50) -> list[Job]:
@@ -47,11 +48,31 @@ def staged_outputs(settings: Settings, job: Job) -> list[Path]:
     return [] if made is None else [o.source for o in made.files if isinstance(o.source, Path)]
 
 
+def series_groups(settings: Settings, job: Job) -> dict[str, list[int]]:
+    """The staged outputs by the source series they come from: each series' outputs as
+    indexes into :func:`staged_outputs` (in the job's series order; "" for outputs not made
+    from one series, which only a decision on the whole job decides)."""
+    made = Manifest.load(settings.jobs.work_dir / job.id, job.revision)
+    if made is None:
+        return {}
+    groups: dict[str, list[int]] = {s: [] for s in job.series_uids}
+    for n, item in enumerate(f for f in made.files if isinstance(f.source, Path)):
+        groups.setdefault(made.series_of.get(item.sop_instance_uid, ""), []).append(n)
+    return {s: found for s, found in groups.items() if found}
+
+
+def output_series(settings: Settings, job: Job) -> dict[str, int]:
+    """How many staged outputs come from each source series (see :func:`series_groups`)."""
+    return {s: len(found) for s, found in series_groups(settings, job).items()}
+
+
 def decide(queues: Queues, target: str, approve: bool, user: str, reason: str,
-           revision: int | None = None) -> list[Job]:
-    """Approve or reject ``target``: a job id, or a study UID (every job of it in review).
-    KeyError when nothing matches; ValueError for a job not in review or a rejection without
-    a reason."""
+           revision: int | None = None, series: str | None = None,
+           settings: Settings | None = None) -> list[Job]:
+    """Approve or reject ``target``: a job id, or a study UID (every job of it in review);
+    with ``series`` (a source series UID; needs ``settings``), only the outputs made from that
+    series, the job staying in review until each of its series is decided. KeyError when
+    nothing matches; ValueError for a job not in review or a rejection without a reason."""
     job = queues.store.get(target)
     if job is not None:
         jobs = [job]
@@ -60,10 +81,23 @@ def decide(queues: Queues, target: str, approve: bool, user: str, reason: str,
                 if j.study_uid == target]
         if not jobs:
             raise KeyError(f'no job "{target}" and no study of that UID in review')
-    act = queues.approve if approve else queues.reject
     # ``revision``: the one the reviewer was shown (a job decided by its id)
     seen = revision if job is not None else None
-    return [act(j.id, user, reason, seen) for j in jobs]
+    if series is None:
+        act = queues.approve if approve else queues.reject
+        return [act(j.id, user, reason, seen) for j in jobs]
+    if settings is None:
+        raise TypeError("a decision per series needs the settings (to read the outputs)")
+    if not series:
+        raise ValueError("name the source series (its UID) to decide on")
+    held_series = {j.id: output_series(settings, j) for j in jobs}
+    if job is None:  # a study: its jobs that hold outputs of the series
+        jobs = [j for j in jobs if series in held_series[j.id]]
+        if not jobs:
+            raise KeyError(f"no job of study {target} in review holds outputs of series "
+                           f"{series}")
+    return [queues.decide_series(j.id, series, approve, user, reason, list(held_series[j.id]),
+                                 seen) for j in jobs]
 
 
 # -- what a reviewer sees -----------------------------------------------------------------------

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import shutil
 import socket
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from pydicom import dcmread
@@ -34,9 +36,10 @@ from node.deid import DeidentificationError
 from node.deid.job import Deidentifiers
 from node.dicom import own_output
 from node.errors import describe
+from node.files import atomic_write
 from node.generate.job import SynthesisFailed, Synthesizer
 from node.generate.tasks import deidentifier
-from node.jobs.manifest import Manifest
+from node.jobs.manifest import Manifest, rejected_dir
 from node.jobs.queue import Queues
 from node.jobs.state import Job, JobState, needs_review
 from node.reserve import DiskReserve
@@ -182,8 +185,10 @@ class Runner:
                          len(made.files), made.quarantined, job.id)
             else:
                 final = JobState.DONE.value
+                notes = self._keep_rejected(job, made)
                 store.put(job.but(state=JobState.DONE, last_error="", outputs=len(made.files),
-                                  quarantined=made.quarantined, notes=tuple(made.notes[:20])))
+                                  quarantined=made.quarantined,
+                                  notes=tuple([*notes, *made.notes][:20])))
                 shutil.rmtree(self._work(job), ignore_errors=True)
                 shutil.rmtree(self._source_dir(job), ignore_errors=True)
                 self._audit(job, "done", outputs=len(made.files), quarantined=made.quarantined)
@@ -269,11 +274,33 @@ class Runner:
             made = self._reuse(work, job) or self._make(job, self._sources(job), work)
         if self._held(job):
             return made  # staged: delivered once a reviewer approves (Queues.approve)
-        self._deliver(job, made.files)
+        rejected = job.rejected_series if job.approved else frozenset()
+        self._deliver(job, [f for f in made.files
+                            if made.series_of.get(f.sop_instance_uid, "") not in rejected])
         return made
 
     def _work(self, job: Job) -> Path:
         return self.settings.jobs.work_dir / job.id
+
+    def _keep_rejected(self, job: Job, made: Made) -> list[str]:
+        """An approved job's outputs of the series a reviewer rejected: moved, never sent, to
+        ``<work_dir>/<job>.rejected/`` with the decisions (removed after ``[jobs]
+        keep_rejected_s``); the notes saying so (UIDs and counts only)."""
+        rejected = job.rejected_series if job.approved else frozenset()
+        if not rejected:
+            return []
+        kept = rejected_dir(self.settings.jobs.work_dir, job.id)
+        kept.mkdir(parents=True, exist_ok=True)
+        counts = dict.fromkeys(sorted(rejected), 0)
+        for item in made.files:
+            series_uid = made.series_of.get(item.sop_instance_uid, "")
+            if series_uid in rejected and isinstance(item.source, Path):
+                os.replace(item.source, kept / item.source.name)
+                counts[series_uid] += 1
+        atomic_write(kept / "decisions.json", json.dumps(
+            [asdict(d) for d in job.series_decisions if not d.approve]))
+        return [f"series {uid}: {n} outputs rejected in review, not delivered"
+                for uid, n in counts.items()]
 
     def _sources(self, job: Job) -> list[Path]:
         """The job's series: where they lie in the spool, or fetched from their archive."""
@@ -293,7 +320,9 @@ class Runner:
         for path in sources:
             if fetched and self._own(job, _read(path, header_only=True), made):
                 continue
-            made.files.append(_identify(path))
+            item = _identify(path)
+            made.files.append(item)
+            made.series_of[item.sop_instance_uid] = path.parent.name  # (<series>/<sop>.dcm)
         return made
 
     def _stage(self, work: Path, job: Job, made: Made) -> Made:
@@ -303,7 +332,8 @@ class Runner:
         retention after a rejection) or a fetched copy does meanwhile."""
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        staged = Made(quarantined=made.quarantined, notes=list(made.notes))
+        staged = Made(quarantined=made.quarantined, notes=list(made.notes),
+                      series_of=dict(made.series_of))
         for n, item in enumerate(made.files):
             target = work / f"{n:06d}.dcm"
             try:

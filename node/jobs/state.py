@@ -85,6 +85,17 @@ def job_id(study_uid: str, rule: str, task_index: int, task: str) -> str:
 
 
 @dataclass(frozen=True)
+class SeriesDecision:
+    """A reviewer's decision on the outputs made from one source series of a job."""
+
+    series_uid: str
+    approve: bool
+    user: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
 class Job:
     """One task of one rule on the series of one study that the rule matched."""
 
@@ -119,11 +130,29 @@ class Job:
     """Who approved or rejected it (a console user, or ``cli:<login>``)."""
     decision_reason: str = ""
     decided_at: float = 0.0
+    series_decisions: tuple[SeriesDecision, ...] = ()
+    """Decisions on single series of its outputs (by their source series; one per series): a
+    rejected series is never delivered when the job is approved; one left undecided follows
+    the job's decision."""
 
     @property
     def kind(self) -> str:
         """The task's kind, as logs and listings show it."""
         return self.task.task.value
+
+    def series_decision(self, series_uid: str) -> SeriesDecision | None:
+        """The decision on ``series_uid`` (None: it follows the job's decision)."""
+        return next((d for d in self.series_decisions if d.series_uid == series_uid), None)
+
+    @property
+    def rejected_series(self) -> frozenset[str]:
+        """Source series whose outputs a reviewer rejected (never delivered)."""
+        return frozenset(d.series_uid for d in self.series_decisions if not d.approve)
+
+    def with_series_decision(self, decision: SeriesDecision) -> Job:
+        """A copy with ``decision`` in place of any earlier one on that series."""
+        kept = tuple(d for d in self.series_decisions if d.series_uid != decision.series_uid)
+        return self.but(series_decisions=(*kept, decision))
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -139,6 +168,8 @@ class Job:
         for name in ("series_uids", "destinations", "notes"):
             data[name] = tuple(data.get(name, ()))
         data["source"] = _source(data)
+        data["series_decisions"] = tuple(SeriesDecision(**d)
+                                         for d in data.get("series_decisions", ()))
         if "generation" in data:  # (its name in records of 0.1)
             data["revision"] = data.pop("generation")
         return cls(**data)
@@ -211,6 +242,28 @@ class JobStore:
         found = self.get_many(job_ids)
         return all(j in found and found[j].state in FINAL
                    and found[j].revision >= revision for j in job_ids)
+
+    def get_raw(self, job_id: str) -> tuple[bytes, Job] | None:
+        """The record as stored (what :meth:`swap` compares) and the job it holds."""
+        raw = self.storage.peek_data(_JOB + job_id)
+        return None if raw is EmptyData else (bytes(raw), Job.from_json(raw))
+
+    def swap(self, expected: bytes, job: Job) -> bool:
+        """Store ``job`` only if its record is still ``expected`` (read by :meth:`get_raw`),
+        in one atomic step: whether it was stored. Two reviewers deciding one job at once, or a
+        decision racing a worker, cannot both win."""
+        if isinstance(self._index, _RedisIndex):
+            return self._index.put(job, expected)
+        if isinstance(self.storage, SqliteStorage):
+            with self.storage.db(commit=True) as curs:  # (begin exclusive)
+                curs.execute("update kv set value = ? where queue = ? and key = ? and value = ?",
+                             (job.to_json(), self.storage.name, _JOB + job.id, expected))
+                return bool(curs.rowcount == 1)
+        current = self.storage.peek_data(_JOB + job.id)  # (a test's memory storage)
+        if current is EmptyData or bytes(current) != expected:
+            return False
+        self.storage.put_data(_JOB + job.id, job.to_json())
+        return True
 
     def put(self, job: Job) -> None:
         if isinstance(self._index, _RedisIndex):
@@ -491,7 +544,11 @@ return indexed
 
 _REDIS_PUT_LUA = r"""
 -- KEYS: the records' hash, the all-jobs zset, the search-text hash, one zset per state
--- ARGV: id, record, created_at, the number of its state (1 = the first state zset), text
+-- ARGV: id, record, created_at, the number of its state (1 = the first state zset), text,
+-- and optionally the record expected there now (nothing is written, and 0 returned, if not)
+if #ARGV >= 6 and redis.call('HGET', KEYS[1], 'job:' .. ARGV[1]) ~= ARGV[6] then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'job:' .. ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 local mine = 3 + tonumber(ARGV[4])
@@ -573,13 +630,17 @@ class _RedisIndex:
                                                          *job_ids[i:i + self.build_chunk]]))
         return found
 
-    def put(self, job: Job) -> None:
+    def put(self, job: Job, expected: bytes | None = None) -> bool:
         """The record and its index entries in one atomic script call (like MULTI/EXEC, and
-        half its cost on this hot path: one command, one reply). No :meth:`_ensure` here: a
-        store not indexed yet gets every record indexed when it is first read."""
-        self._put(keys=self._put_keys, args=[
-            job.id, job.to_json(), repr(job.created_at), self._state_number[job.state],
-            f"{job.id}\0{job.study_uid}\0{job.rule}"])
+        half its cost on this hot path: one command, one reply); with ``expected``, only if
+        the record is that now. Whether it was written. No :meth:`_ensure` here: a store not
+        indexed yet gets every record indexed when it is first read."""
+        args: list[Any] = [job.id, job.to_json(), repr(job.created_at),
+                           self._state_number[job.state],
+                           f"{job.id}\0{job.study_uid}\0{job.rule}"]
+        if expected is not None:
+            args.append(expected)
+        return bool(self._put(keys=self._put_keys, args=args))
 
     def delete(self, job_id: str) -> None:
         pipe = self.conn.pipeline(transaction=True)
