@@ -932,10 +932,25 @@ class ConsoleSettings(_Section):
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "::1"],
         description="addresses whose trusted_user_header is believed")
+    trusted_proxy_secret_env: str = Field(
+        "", pattern=_ENV_NAME,
+        description="the environment variable holding the secret the proxy sends in "
+                    "X-Synthnode-Proxy-Secret (at least 16 characters); needed with "
+                    "trusted_user_header: without it any process on a trusted address, any "
+                    "local user's, could name any user")
     sample_interval_s: float = Field(60.0, gt=0, description="overview charts: one sample per")
     history_h: float = Field(24.0, gt=0, description="overview charts: hours kept and shown")
     stow_max_bytes: int = Field(4 * 1024**3, gt=0,
                                 description="largest STOW-RS request body accepted")
+
+    @model_validator(mode="after")
+    def _proxy_secret(self) -> ConsoleSettings:
+        if self.trusted_user_header and not self.trusted_proxy_secret_env:
+            raise ValueError("[console] trusted_user_header needs trusted_proxy_secret_env: the "
+                             "environment variable holding a secret your proxy sends in "
+                             "X-Synthnode-Proxy-Secret (else any process on a trusted address "
+                             "could name any user)")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ConsoleSettings:

@@ -165,8 +165,9 @@ class Server:
         monitor = StabilityMonitor(spool, Router(self.settings, queues).on_stable)
         schedule = Schedule(self.settings.spool.check_interval_s, (
             Reaper(self.settings.jobs, queues).tick, Retention(spool, queues.store).tick))
-        console = self._console(spool, queues)
+        console: Console | None = None
         try:
+            console = self._console(spool, queues)
             if console is not None:
                 console.start()
             pool.start()

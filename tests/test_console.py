@@ -160,15 +160,21 @@ def test_login_failures_are_slowed_and_audited_and_logout_ends_the_session(
     assert PASSWORDS["ada"] not in "".join(str(r.as_dict()) for r in trail.iter())
 
 
+SECRET = "proxy-secret-0123456789abcdef"
+
+
 @pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
-def test_trusted_header_only_from_trusted_proxies(
-    node_factory, tmp_path: Path, trusted: bool
+def test_trusted_header_only_from_trusted_proxies_with_their_secret(
+    node_factory, tmp_path: Path, trusted: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SYNTHNODE_TEST_PROXY_SECRET", SECRET)  # (the node inherits it)
     proxies = ["127.0.0.1"] if trusted else ["192.0.2.10"]
     node = _node(node_factory, tmp_path, jobs={"cpu_workers": 0},
-                 console={"trusted_user_header": "X-Remote-User", "trusted_proxies": proxies})
+                 console={"trusted_user_header": "X-Remote-User", "trusted_proxies": proxies,
+                          "trusted_proxy_secret_env": "SYNTHNODE_TEST_PROXY_SECRET"})
+    proxy = {"X-Synthnode-Proxy-Secret": SECRET}
     c = Client(console_url(node), [])
-    r = c.get("/users", headers={"X-Remote-User": "ada"}, allow_redirects=False)
+    r = c.get("/users", headers={"X-Remote-User": "ada", **proxy}, allow_redirects=False)
     if not trusted:
         assert r.status_code == 303 and r.headers["location"].startswith("/login")
         return
@@ -176,11 +182,36 @@ def test_trusted_header_only_from_trusted_proxies(
     # the proxy's user gets a session, and CSRF protection with it
     assert c.http.cookies.get("synthnode_session")
     r = c.post("/users", {"action": "add", "name": "mallory", "role": "admin",
-                          "password": "x" * 16}, headers={"X-Remote-User": "ada"})
+                          "password": "x" * 16}, headers={"X-Remote-User": "ada", **proxy})
     assert r.status_code == 403
+    # from a trusted address but without the proxy's secret (any local process), or with a
+    # wrong one: nobody
+    for forged in ({}, {"X-Synthnode-Proxy-Secret": SECRET[:-1] + "X"},
+                   {"X-Synthnode-Proxy-Secret": ""}):
+        fresh = Client(console_url(node), [])
+        r = fresh.get("/users", headers={"X-Remote-User": "ada", **forged},
+                      allow_redirects=False)
+        assert r.status_code == 303 and not fresh.http.cookies.get("synthnode_session"), forged
     # an unknown name is nobody; another name than the session's ends the session's use
     fresh = Client(console_url(node), [])
-    r = fresh.get("/", headers={"X-Remote-User": "eve"}, allow_redirects=False)
+    r = fresh.get("/", headers={"X-Remote-User": "eve", **proxy}, allow_redirects=False)
     assert r.status_code == 303
-    r = c.get("/users", headers={"X-Remote-User": "victor"})
+    r = c.get("/users", headers={"X-Remote-User": "victor", **proxy})
     assert r.status_code == 403  # now victor (a viewer), not ada's session
+
+
+def test_a_proxy_header_without_its_secret_does_not_start(tmp_path: Path) -> None:
+    """trusted_user_header without trusted_proxy_secret_env is a config error; with the
+    variable unset or short, serve refuses to start, naming it."""
+    from node.config import ConsoleSettings
+    from node.console.auth import UserError, proxy_secret
+
+    with pytest.raises(ValueError, match="needs trusted_proxy_secret_env"):
+        ConsoleSettings(trusted_user_header="X-Remote-User")
+    s = ConsoleSettings(trusted_user_header="X-Remote-User",
+                        trusted_proxy_secret_env="PROXY_SECRET")
+    for env in ({}, {"PROXY_SECRET": "short"}):
+        with pytest.raises(UserError, match="PROXY_SECRET"):
+            proxy_secret(s, env)
+    assert proxy_secret(s, {"PROXY_SECRET": SECRET}) == SECRET
+    assert proxy_secret(ConsoleSettings(), {}) == ""

@@ -111,5 +111,13 @@ def test_a_cached_basic_credential_follows_removals_and_role_changes(
     subprocess.run([*cli, "role", "rita", "viewer"], check=True, timeout=60,
                    capture_output=True)
     assert stow(node, [files[1].read_bytes()]).status_code == 403
+    subprocess.run([*cli, "role", "rita", "reviewer"], check=True, timeout=60,
+                   capture_output=True)
+    assert stow(node, [files[1].read_bytes()]).status_code == 200
+    # a new password: the old one, verified and cached a moment ago, is refused at once
+    subprocess.run([*cli, "password", "rita", "--password-stdin"],
+                   input="a-new-password-for-rita\n", text=True, check=True, timeout=60,
+                   capture_output=True)
+    assert stow(node, [files[2].read_bytes()]).status_code == 401
     subprocess.run([*cli, "remove", "rita"], check=True, timeout=60, capture_output=True)
     assert stow(node, [files[2].read_bytes()]).status_code == 401

@@ -28,7 +28,14 @@ from fastapi.templating import Jinja2Templates
 from starlette.requests import Request
 
 from node import __version__, audit
-from node.console.auth import COOKIE, FAILED_LOGIN_DELAY_S, Authenticator, Users, csrf_ok
+from node.console.auth import (
+    COOKIE,
+    FAILED_LOGIN_DELAY_S,
+    Authenticator,
+    Users,
+    csrf_ok,
+    proxy_secret,
+)
 from node.console.context import ConsoleContext, Role, User
 from node.console.samples import Samples, measure, rate, series, spark
 from node.jobs import JobState, review
@@ -65,7 +72,7 @@ def _bytes(n: float) -> str:
 def make_app(ctx: ConsoleContext, users: Users, samples: Samples | None = None) -> FastAPI:
     """The console for ``ctx``; ``samples`` feeds the overview's charts."""
     settings = ctx.settings
-    auth = Authenticator(users, settings.console)
+    auth = Authenticator(users, settings.console, proxy_secret(settings.console))
     ctx.authenticate = auth
     app = FastAPI(title="synthnode console", docs_url=None, redoc_url=None, openapi_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))

@@ -7,8 +7,9 @@ state-changing request made with a session must carry that CSRF token (form fiel
 header ``X-CSRF-Token``). HTTP Basic is believed only on the DICOMweb routes (STOW-RS clients),
 where a browser form cannot forge the request (multipart/related). With
 ``[console] trusted_user_header`` a reverse proxy names the user: believed only from
-``trusted_proxies``, and only for a user that exists here (the role is ours); such a browser
-gets a session too, so CSRF protection holds for it as well.
+``trusted_proxies`` with the shared secret in :data:`PROXY_SECRET_HEADER` (from the environment
+variable ``trusted_proxy_secret_env``), and only for a user that exists here (the role is
+ours); such a browser gets a session too, so CSRF protection holds for it as well.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from argon2 import PasswordHasher
@@ -31,6 +34,9 @@ from node.config import ConsoleSettings
 from node.console.context import Role, User
 
 COOKIE = "synthnode_session"
+PROXY_SECRET_HEADER = "X-Synthnode-Proxy-Secret"
+"""The header in which a trusted proxy proves itself (``[console] trusted_proxy_secret_env``)."""
+PROXY_SECRET_MIN = 16
 NAME_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
 FAILED_LOGIN_DELAY_S = 1.0
 """How long a failed login waits before it answers (slows guessing)."""
@@ -128,6 +134,14 @@ class Users:
                                    (name,)).fetchone()
         return None if row is None else User(row[0], Role(row[1]))
 
+    def credential(self, name: str) -> tuple[User, str] | None:
+        """The user and their stored password hash (what a cached credential is bound to: a
+        new password makes every cached one stale)."""
+        with self._lock:
+            row = self._db.execute("SELECT name, role, hash FROM users WHERE name = ?",
+                                   (name,)).fetchone()
+        return None if row is None else (User(row[0], Role(row[1])), str(row[2]))
+
     def list(self) -> list[tuple[str, Role, float]]:
         with self._lock:
             rows = self._db.execute(
@@ -188,9 +202,12 @@ class Authenticator:
     client sends one with every request; Argon2 costs tens of milliseconds by design). The
     user's existence and role are read from the table on every request all the same."""
 
-    def __init__(self, users: Users, settings: ConsoleSettings) -> None:
+    def __init__(self, users: Users, settings: ConsoleSettings, proxy_secret: str = "") -> None:
         self.users = users
         self.settings = settings
+        self._proxy_secret = proxy_secret.encode()
+        """What the trusted proxy sends in :data:`PROXY_SECRET_HEADER` (empty: the proxy
+        header is never believed)."""
         self._verified: dict[str, float] = {}
         """HMAC of a verified (name, password) -> when it was verified."""
         self._key = secrets.token_bytes(32)
@@ -230,6 +247,9 @@ class Authenticator:
             return None
         if request.client.host not in self.settings.trusted_proxies:
             return None
+        given = request.headers.get(PROXY_SECRET_HEADER, "").encode()
+        if not self._proxy_secret or not hmac.compare_digest(given, self._proxy_secret):
+            return None
         value = request.headers.get(header, "").strip()
         return value or None
 
@@ -241,19 +261,45 @@ class Authenticator:
             name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return None
-        mac = hmac.new(self._key, f"{name}\0{password}".encode(), "sha256").hexdigest()
         now = time.monotonic()
-        at = self._verified.get(mac)
-        if at is not None and now - at < self.BASIC_CACHE_S:
-            known = self.users.get(name)  # removed since, or another role: as it is now
-            return None if known is None else User(known.name, known.role, via="basic")
-        user = self.users.check_password(name, password)
+        # (as the table says now: removed since, another role, a new password)
+        known = self.users.credential(name)
+        if known is not None:
+            at = self._verified.get(self._mac(name, password, known[1]))
+            if at is not None and now - at < self.BASIC_CACHE_S:
+                return User(known[0].name, known[0].role, via="basic")
+        user = self.users.check_password(name, password)  # (an unknown name: as long)
         if user is None:
+            return None
+        rehashed = self.users.credential(name)  # (a login may rehash the password)
+        if rehashed is None:
             return None
         if len(self._verified) > 1000:
             self._verified.clear()
-        self._verified[mac] = now
+        self._verified[self._mac(name, password, rehashed[1])] = now
         return User(user.name, user.role, via="basic")
+
+    def _mac(self, name: str, password: str, stored_hash: str) -> str:
+        """What the cache keeps of a verified credential: an HMAC (key of this process) of
+        the name, the password and the hash it was verified against."""
+        return hmac.new(self._key, f"{name}\0{password}\0{stored_hash}".encode(),
+                        "sha256").hexdigest()
+
+
+def proxy_secret(settings: ConsoleSettings, environ: Mapping[str, str] | None = None) -> str:
+    """The trusted proxy's secret from ``[console] trusted_proxy_secret_env`` ("" when the
+    proxy header is off); UserError naming the variable when it is unset or too short."""
+    if not settings.trusted_user_header:
+        return ""
+    env = os.environ if environ is None else environ
+    name = settings.trusted_proxy_secret_env
+    secret = env.get(name, "")
+    if len(secret) < PROXY_SECRET_MIN:
+        raise UserError(f"[console] trusted_proxy_secret_env: the environment variable {name} "
+                        f"is {'unset' if not secret else 'too short'}: set it to a secret of "
+                        f"at least {PROXY_SECRET_MIN} characters that your proxy sends in "
+                        f"{PROXY_SECRET_HEADER}, or set [console] trusted_user_header = \"\"")
+    return secret
 
 
 def csrf_ok(expected: str, given: str | None) -> bool:

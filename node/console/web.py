@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from node.console.app import make_app
-from node.console.auth import Users
+from node.console.auth import UserError, Users
 from node.console.context import ConsoleContext
 from node.console.samples import Samples
 
@@ -34,7 +34,12 @@ class Console:
         s = ctx.settings.console
         self.users = Users(s.db, s.session_timeout_s)
         self.samples = Samples(ctx, s.db)
-        self.app = make_app(ctx, self.users, self.samples)
+        try:
+            self.app = make_app(ctx, self.users, self.samples)
+        except UserError as exc:
+            self.samples.close()
+            self.users.close()
+            raise ConsoleError(str(exc)) from None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.sock: socket.socket | None = None
