@@ -89,3 +89,47 @@ def test_kept_released_after_the_fix_and_discarded(
     dump = json.dumps([r.as_dict() for r in trail.iter()])
     assert not [p.where for sr in srs for p in sr.planted
                 if not p.where.startswith("UID") and p.value in dump]
+
+
+def test_one_decision_per_entry_and_none_past_a_rejection(
+    node_factory, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """An entry someone else is deciding (its note locked, as a release in another process
+    holds it) is not released twice; an entry of a job a reviewer rejected is not released
+    at all (it may still be discarded)."""
+    import fcntl
+
+    from tests.console import REVIEWED
+
+    node = jobs_node(node_factory, tmp_path, orthanc, rules=REVIEWED)
+    study = make_planted_study(tmp_path / "in", n_series=1, per_series=1, seed=4)
+    sr = make_planted_sr(tmp_path / "in" / "sr", study=study, seed=4)
+    assert storescu(node.port, study.files + sr.files).returncode == 0
+    wait_for(lambda: (jobs := records(node)) and jobs[0].state is JobState.REVIEW,
+             what="the job held for review")
+    settings = load_settings(node.config, environ={})
+    (entry,) = entries(settings)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*SYNTHNODE, "--config", str(node.config), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    with entry.note.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = cli("quarantine", "release", entry.id)
+        assert busy.returncode == 1 and "being decided by someone else" in busy.stderr
+        busy = cli("quarantine", "discard", entry.id, "--reason", "x")
+        assert busy.returncode == 1 and "being decided by someone else" in busy.stderr
+    assert entries(settings) == [entry]
+
+    (job,) = records(node)
+    assert cli("review", "reject", job.id, "--reason", "wrong study").returncode == 0
+    refused = cli("quarantine", "release", entry.id)
+    assert refused.returncode == 1 and "rejected in review" in refused.stderr
+    assert entries(settings) == [entry]
+    assert orthanc.get_json("/instances") == []
+    assert cli("quarantine", "discard", entry.id, "--reason", "study rejected").returncode == 0
+    assert entries(settings) == []
+    trail = AuditTrail(settings.audit.db)
+    assert [(r.data["action"], r.data.get("ok")) for r in trail.search(event="quarantine")] == [
+        ("discard", None)]

@@ -103,13 +103,15 @@ def quarantine(
     path: Path, quarantine_dir: Path, reason: str, job_id: str, report: str = ""
 ) -> Path:
     """Move ``path`` into ``quarantine_dir/<job_id>/`` beside a ``.reason.json`` saying why
-    (and the validator's full report). Returns the new location."""
+    (and the validator's full report). Returns the new location. The note is written first:
+    a crash between the two leaves a note without its file (listed nowhere; the job makes
+    the output again), never a file in quarantine without its reason."""
     folder = quarantine_dir / job_id
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
-    shutil.move(path, target)
     note = target.with_suffix(".reason.json")
     atomic_write(note, json.dumps(
         {"job": job_id, "file": target.name, "reason": reason, "report": report}, indent=2
-    ))
+    ), durable=True)
+    shutil.move(path, target)
     return target

@@ -13,17 +13,26 @@ A person (an admin: the files may be identifiable) releases or discards each ent
 pixel rule) and delivers it to its job's destinations if it passes; if it is refused again it
 stays, with the new reason. Releasing an ``output`` entry delivers it as it is: an admin's
 override. Every decision is in the audit trail.
+
+One decision on an entry at a time: a release or discard holds an exclusive ``flock`` on the
+entry's note while it works (released by the kernel if the process dies), so two admins
+releasing the same entry at once send and audit it once; the other is told to look again. An
+entry of a job a reviewer rejected (or of a series rejected on its own) is not released: the
+rejection stands over the quarantine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +44,7 @@ from node.archives.outgoing import load
 from node.config import Settings
 from node.files import atomic_write
 from node.jobs.queue import Queues
+from node.jobs.state import JobState
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +120,29 @@ def _found(settings: Settings, entry_id: str) -> Entry:
     return entry
 
 
+@contextlib.contextmanager
+def _claimed(entry: Entry) -> Iterator[None]:
+    """Hold ``entry`` for one decision (see the module); ValueError when someone else holds
+    it or has decided it meanwhile."""
+    try:
+        fd = os.open(entry.note, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ValueError(f"quarantine entry {entry.id} was decided meanwhile (synthnode "
+                         "quarantine list)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"quarantine entry {entry.id} is being decided by someone else "
+                             "now: look again in a moment") from None
+        if not (entry.note.exists() and entry.path.exists()):
+            raise ValueError(f"quarantine entry {entry.id} was decided meanwhile (synthnode "
+                             "quarantine list)")
+        yield
+    finally:
+        os.close(fd)
+
+
 def _forget(entry: Entry) -> None:
     entry.path.unlink(missing_ok=True)
     entry.note.unlink(missing_ok=True)
@@ -122,7 +155,8 @@ def discard(settings: Settings, entry_id: str, user: str, reason: str) -> None:
     if not reason.strip():
         raise ValueError("discarding needs a reason")
     entry = _found(settings, entry_id)
-    _forget(entry)
+    with _claimed(entry):
+        _forget(entry)
     audit.record(settings, "quarantine", user, entry.id, action="discard", kind=entry.kind,
                  job=entry.job, sop=entry.sop, reason=reason)
     log.info("quarantine entry %s discarded by %s", entry.id, user)
@@ -130,13 +164,23 @@ def discard(settings: Settings, entry_id: str, user: str, reason: str) -> None:
 
 def release(settings: Settings, queues: Queues, entry_id: str, user: str) -> str:
     """Release an entry to its job's destinations (see the module); returns what happened.
-    KeyError for an unknown entry; ValueError when its job record (its destinations) is gone
-    or a destination fails (the entry stays)."""
+    KeyError for an unknown entry; ValueError when its job record (its destinations) is gone,
+    the job (or the entry's series) was rejected in review, someone else decides the entry at
+    the same time, or a destination fails (the entry stays)."""
     entry = _found(settings, entry_id)
+    with _claimed(entry):
+        return _release(settings, queues, entry, user)
+
+
+def _release(settings: Settings, queues: Queues, entry: Entry, user: str) -> str:
     job = queues.store.get(entry.job)
     if job is None:
         raise ValueError(f"job {entry.job} has no record any more: its destinations are "
                          "unknown (send the file with synthnode send, then discard it)")
+    if job.state is JobState.REJECTED or (entry.kind == "deid"
+                                          and entry.series in job.rejected_series):
+        raise ValueError(f"job {job.id} was rejected in review ({job.decided_by}): its "
+                         "quarantined objects are not released either (discard the entry)")
     with tempfile.TemporaryDirectory(prefix="synthnode-release-") as tmp:
         if entry.kind == "deid":
             from node.deid import Quarantined
