@@ -194,7 +194,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
             print(f"synthnode worker: {finding.check}: {finding.message}", file=sys.stderr)
         if fatal:
             return 2
-    return run_worker(settings, args.queue, args.workers, args.nice, parent=args.parent)
+    server, folder = None, None
+    if args.metrics_port is not None and args.parent is None:
+        import shutil
+        import tempfile
+
+        from node import metrics
+
+        # this worker's processes count into a folder of their own, summed at each scrape
+        folder = Path(tempfile.mkdtemp(prefix="synthnode-worker-metrics-"))
+        metrics.setup(folder)
+        try:
+            server = metrics.MetricsServer(args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            print(f"synthnode worker: --metrics-port {args.metrics_port} on "
+                  f"{args.metrics_host}: {exc.strerror} (another server there?)",
+                  file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+            return 2
+        server.start()
+        log.info("worker metrics on http://%s:%d/metrics", args.metrics_host, server.port)
+    try:
+        return run_worker(settings, args.queue, args.workers, args.nice, parent=args.parent)
+    finally:
+        if server is not None and folder is not None:
+            import shutil
+
+            server.stop()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1132,6 +1159,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jobs at once (processes when > 1; default 1)")
     p.add_argument("--nice", type=int, default=0, help="add this much niceness (default 0)")
     p.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # serve's pid
+    port = os.environ.get("SYNTHNODE_WORKER_METRICS_PORT", "")
+    p.add_argument("--metrics-port", type=int, default=int(port) if port.isdigit() else None,
+                   metavar="PORT",
+                   help="serve this worker's Prometheus /metrics on PORT (a worker serve did "
+                        "not start: its counts are not in the console's /metrics); default "
+                        "$SYNTHNODE_WORKER_METRICS_PORT, else none")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="the address of --metrics-port (default 127.0.0.1)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("mirror", help="mirror a clinical archive, de-identified, into a "

@@ -36,8 +36,9 @@ def stow(node: NodeProcess, files: list[bytes]) -> requests.Response:
                                   "Accept": "application/dicom+json"})
 
 
-def scrape(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = requests.get(console_url(node) + "/metrics", timeout=30).text
+def scrape(node: NodeProcess | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = node if isinstance(node, str) else console_url(node) + "/metrics"
+    text = requests.get(url, timeout=30).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -92,6 +93,52 @@ def test_metrics_sum_serve_and_its_worker(
     assert requests.get(console_url(node) + "/healthz", timeout=30).status_code == 200
     ready = requests.get(console_url(node) + "/readyz", timeout=30)
     assert ready.status_code == 200, ready.text
+
+
+def test_a_worker_started_by_hand_serves_its_own_metrics(
+    node_factory, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """``synthnode worker --metrics-port`` (a worker serve did not start, as on a GPU machine):
+    its jobs and deliveries are counted on its own /metrics, parsed by prometheus-client."""
+    import signal
+
+    from node.localorthanc import free_port
+
+    node = console_node(node_factory, tmp_path, DEID_ALL, orthanc, jobs={"cpu_workers": 0})
+    port = free_port()
+    worker = subprocess.Popen([*SYNTHNODE, "--config", str(node.config), "worker", "--queue",
+                               "cpu", "--metrics-port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_for(lambda: _answers(url), what="the worker's /metrics")
+        files = make_study(tmp_path / "in", series=1, per_series=3)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: (jobs := records(node)) and jobs[0].state is JobState.DONE,
+                 what="the job, on the worker started by hand")
+        own = scrape(url)
+        assert own[("synthnode_delivered_objects_total", (("destination", "orthanc"),
+                                                          ("result", "ok")))] == 3.0
+        assert own[("synthnode_job_duration_seconds_count", (("state", "done"),
+                                                             ("task", "deidentify")))] == 1.0
+        assert requests.get(url.replace("/metrics", "/"), timeout=30).status_code == 404
+        # serve counted what it received; the deliveries are the worker's alone
+        served = scrape(node)
+        assert served[("synthnode_received_instances_total", (("outcome", "stored"),
+                                                              ("source", "dicom")))] == 3.0
+        assert served.get(("synthnode_delivered_objects_total", (("destination", "orthanc"),
+                                                                 ("result", "ok"))), 0.0) == 0
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(30)
+    assert not _answers(url)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
 
 
 def test_a_cached_basic_credential_follows_removals_and_role_changes(
