@@ -271,6 +271,12 @@ class OrthancSettings(_Section):
     timeout_s: float = Field(30.0, gt=0)
     job_metadata: str = Field("SynthnodeJob", description="user metadata name, index >= 1024")
     task_metadata: str = Field("SynthnodeTask", description="user metadata name, index >= 1024")
+    upload_batch: int = Field(
+        32, ge=1, le=1000,
+        description="instances of one job uploaded in one POST /instances, as a ZIP archive "
+                    "(Orthanc >= 1.8.2); 1 = one request per instance")
+    upload_batch_bytes: int = Field(64 * 1024**2, ge=1,
+                                    description="the most bytes of DICOM files in one ZIP")
 
 
 class OutputSettings(_Section):

@@ -113,6 +113,79 @@ def test_sending_twice_keeps_one_copy_and_succeeds(orthanc: OrthancProcess, tmp_
     assert orthanc.request("GET", f"/instances/{instance}/metadata/SynthnodeJob") == b"job-2"
 
 
+def counted(dispatcher: Any) -> list[tuple[str, str]]:
+    """The HTTP requests ``dispatcher`` makes from now on, (method, path), as its session
+    sends them (a response hook: what went over the wire, not what the code meant to do)."""
+    seen: list[tuple[str, str]] = []
+
+    def hook(response: Any, *args: Any, **kwargs: Any) -> None:
+        request = response.request
+        seen.append((request.method, request.path_url.split("?", 1)[0]))
+
+    dispatcher._client._http_session.hooks["response"].append(hook)
+    return seen
+
+
+def test_a_job_goes_up_in_zip_batches_and_a_conflict_falls_back_alone(
+    orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """70 objects with upload_batch 32: three POSTs (32, 32, 6), each object then marked. A
+    batch holding one object Orthanc already holds with other content is sent again one by
+    one: that object fails (permanent, naming the conflict), the rest of the batch is sent,
+    and what was already stored the same counts as sent."""
+    from node.archives.orthanc import OrthancDispatcher
+
+    files = make_study(tmp_path / "study", series=2, per_series=35)
+    settings = settings_for(orthanc)
+    with OrthancDispatcher(settings.orthanc, settings.dispatch) as dispatcher:
+        seen = counted(dispatcher)
+        results = dispatcher.send(files, "job-zip", "deid")
+    assert_all_sent(results, files)
+    assert orthanc.count_instances() == 70
+    posts = [r for r in seen if r == ("POST", "/instances")]
+    assert len(posts) == 3, seen[:5]
+    assert sum(1 for m, _ in seen if m == "PUT") == 2 * 70
+    for path in (files[0], files[40], files[69]):
+        instance = orthanc.find_instance(sop_uid(path))
+        assert orthanc.request("GET", f"/instances/{instance}/file") == path.read_bytes()
+        assert orthanc.get_json(f"/instances/{instance}/metadata?expand")["SynthnodeJob"] == (
+            "job-zip")
+
+    # a second study: one of its objects is already in Orthanc with other content, one the
+    # same; the batch falls back to one request per object
+    more = make_study(tmp_path / "more", series=1, per_series=5)
+    same, other = more[0], more[1]
+    assert send_to_orthanc([same], settings, "job-0", "deid")[0].ok
+    changed = dcmread(other)
+    changed.SeriesDescription = "another content, the same SOP Instance UID"
+    changed_path = tmp_path / "changed.dcm"
+    changed.save_as(changed_path, enforce_file_format=True)
+    assert send_to_orthanc([changed_path], settings, "job-0", "deid")[0].ok
+    with OrthancDispatcher(settings.orthanc, settings.dispatch) as dispatcher:
+        seen = counted(dispatcher)
+        results = dispatcher.send(more, "job-more", "deid")
+    assert [r.ok for r in results] == [True, False, True, True, True]
+    assert results[0].reason == "already stored"
+    assert "already holds another object" in results[1].reason
+    assert "SeriesDescription differs" in results[1].reason
+    # (the ZIP stored these; sent again one by one, Orthanc holds them the same: sent)
+    assert [r.reason for r in results[2:]] == ["already stored"] * 3
+    assert sum(1 for r in seen if r == ("POST", "/instances")) == 1 + 5  # the ZIP, then each
+    assert orthanc.count_instances() == 70 + 5
+
+
+def test_upload_batch_1_sends_one_request_per_object(orthanc: OrthancProcess,
+                                                      tmp_path: Path) -> None:
+    from node.archives.orthanc import OrthancDispatcher
+
+    files = make_study(tmp_path / "study", series=1, per_series=4)
+    settings = settings_for(orthanc, orthanc={"upload_batch": 1})
+    with OrthancDispatcher(settings.orthanc, settings.dispatch) as dispatcher:
+        seen = counted(dispatcher)
+        assert_all_sent(dispatcher.send(files, "job-one", "deid"), files)
+    assert sum(1 for r in seen if r == ("POST", "/instances")) == 4
+
+
 def wait_for_retry(caplog: pytest.LogCaptureFixture, rounds: int = 1) -> None:
     """Until dispatch has logged ``rounds`` failed rounds ("... to retry in ..."): the positive
     event that the destination's absence was seen, whatever the machine's load."""
@@ -166,7 +239,8 @@ def test_orthanc_killed_mid_dispatch_then_restarted_gets_everything_once(
             send_to_orthanc(files, settings, job_id="job-8", task="deid")))
     worker.start()
     deadline = time.monotonic() + 60
-    while orthanc.count_instances() < 25:
+    # inside the second ZIP of 32: the first is stored and marked, the second half stored
+    while orthanc.count_instances() < 45:
         assert time.monotonic() < deadline, "uploads did not start"
         time.sleep(0.01)
     orthanc.stop(kill=True)  # in the middle of the set

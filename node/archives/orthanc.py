@@ -1,7 +1,12 @@
 """An Orthanc over REST: send (upload, then mark), find (``/tools/find``), series (one header
 per series) and fetch (download each instance's file).
 
-Sending uploads each object, then marks it with the job and task that produced it.
+Sending uploads each object, then marks it with the job and task that produced it. A job's
+objects go up ``[orthanc] upload_batch`` at a time as one ZIP archive in one ``POST
+/instances`` (Orthanc 1.8.2 and later store each file of it, answering one status per file);
+a batch whose answer is anything but a new store for every file (an error, one already
+stored, another count) is sent again one object per request, which gives each object its own
+outcome: a batch changes how many requests are made, never what counts as sent.
 
 Each instance gets two user metadata (``[orthanc] job_metadata``, ``task_metadata``; Orthanc must
 declare them in its ``UserMetadata``), and on Orthanc 1.12+ the job id and task as labels too.
@@ -22,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import zipfile
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from io import BytesIO
@@ -58,6 +64,8 @@ log = logging.getLogger(__name__)
 
 _LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what Orthanc 1.12 accepts as a label
 _TRANSIENT_HTTP = {408, 409, 429}  # timeout, concurrent upload of the same instance, busy
+_PENDING = transient("not offered yet")
+"""The outcome an object of a round has until it is offered (what a lost Orthanc leaves)."""
 
 
 class _Unreachable(Exception):
@@ -142,35 +150,115 @@ class OrthancDispatcher:
         def make_round(items: list[Outgoing | None]) -> RoundFn:
             def attempt_round(pending: list[int]) -> dict[int, Outcome]:
                 outcomes: dict[int, Outcome] = {}
-                for n, i in enumerate(pending):
-                    item = items[i]
-                    assert item is not None
+                for batch in self._batches(items, pending, outcomes):
                     try:
-                        outcomes[i] = self._send_one(item, job_id, task)
+                        self._send_batch(items, batch, job_id, task, outcomes)
                     except _Unreachable as exc:
                         # The destination is down: the others of this round share the attempt.
-                        for j in pending[n:]:
-                            outcomes[j] = transient(str(exc))
+                        for j in pending:
+                            if j not in outcomes or outcomes[j] is _PENDING:
+                                outcomes[j] = transient(str(exc))
                         break
-                    log_outcome(log, self.name, item, outcomes[i], job_id)
                 return outcomes
             return attempt_round
 
         return deliver(self.name, objects, make_round, self.dispatch, stop,
                        what=f"{self.name} job {job_id} task {task}")
 
+    # -- batches ---------------------------------------------------------------------------
+
+    def _batches(self, items: list[Outgoing | None], pending: list[int],
+                 outcomes: dict[int, Outcome]) -> list[list[tuple[int, bytes]]]:
+        """``pending`` read and cut into batches of ``upload_batch`` objects and at most
+        ``upload_batch_bytes`` (an object bigger alone); one that cannot be read fails here."""
+        batches: list[list[tuple[int, bytes]]] = [[]]
+        size = 0
+        for i in pending:
+            item = items[i]
+            assert item is not None
+            try:
+                data = item.part10_bytes()
+            except OSError as exc:
+                outcomes[i] = permanent(f"file cannot be read ({exc.strerror})")
+                continue
+            outcomes[i] = _PENDING
+            current = batches[-1]
+            if current and (len(current) >= self.settings.upload_batch
+                            or size + len(data) > self.settings.upload_batch_bytes):
+                batches.append(current := [])
+                size = 0
+            current.append((i, data))
+            size += len(data)
+        return [b for b in batches if b]
+
+    def _send_batch(self, items: list[Outgoing | None], batch: list[tuple[int, bytes]],
+                    job_id: str, task: str, outcomes: dict[int, Outcome]) -> None:
+        """One batch: one ZIP upload where it stores every file anew, else (or for a batch of
+        one) one request per object; each object's outcome into ``outcomes``. Raises
+        _Unreachable."""
+        stored = self._upload_zip(batch) if len(batch) > 1 else None
+        for n, (i, data) in enumerate(batch):
+            item = items[i]
+            assert item is not None
+            if stored is not None:
+                outcomes[i] = self._mark(item, stored[n], "Success", data, job_id, task)
+            else:
+                outcomes[i] = self._send_one(item, job_id, task, data)
+            log_outcome(log, self.name, item, outcomes[i], job_id)
+
+    def _upload_zip(self, batch: list[tuple[int, bytes]]) -> list[str] | None:
+        """The Orthanc ids of ``batch``'s objects uploaded in one ZIP archive, in order; None
+        when the answer is not one new store per file (each is then sent on its own: what
+        Orthanc holds, an error, a file it refused, are then told apart per object)."""
+        buffer = BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for n, (_, data) in enumerate(batch):
+                archive.writestr(f"{n:06d}.dcm", data)
+        try:
+            answer = self._call("post", "instances", "POST /instances (ZIP)",
+                                data=buffer.getvalue(),
+                                headers={"Content-Type": "application/zip"}).json()
+        except orthanc_errors.HttpError as exc:
+            log.info("%s: a batch of %d objects was refused as a whole (%s): one at a time",
+                     self.name, len(batch), exc.http_status_code)
+            return None
+        except ValueError:  # not JSON
+            return None
+        if not isinstance(answer, list) or len(answer) != len(batch):
+            return None
+        try:
+            if all(a["Status"] == "Success" for a in answer):
+                return [str(a["ID"]) for a in answer]
+        except (KeyError, TypeError):
+            pass
+        return None
+
     # -- one object ------------------------------------------------------------------------
 
-    def _send_one(self, item: Outgoing, job_id: str, task: str) -> Outcome:
+    def _send_one(self, item: Outgoing, job_id: str, task: str,
+                  data: bytes | None = None) -> Outcome:
         """Upload, then set the metadata (and labels); raises _Unreachable."""
-        try:
-            data = item.part10_bytes()
-        except OSError as exc:
-            return permanent(f"file cannot be read ({exc.strerror})")
+        if data is None:
+            try:
+                data = item.part10_bytes()
+            except OSError as exc:
+                return permanent(f"file cannot be read ({exc.strerror})")
         step = "POST /instances"
         try:
             answer = self._call("post", "instances", step, data=data).json()
             instance_id, status = str(answer["ID"]), answer.get("Status")
+        except orthanc_errors.HttpError as exc:
+            return _http_outcome(exc, step)
+        except (ValueError, KeyError, TypeError):  # not the JSON Orthanc answers
+            return transient(f"unexpected answer from Orthanc to {step}")
+        return self._mark(item, instance_id, str(status), data, job_id, task)
+
+    def _mark(self, item: Outgoing, instance_id: str, status: str, data: bytes, job_id: str,
+              task: str) -> Outcome:
+        """After the upload of ``item`` (``data``) as ``instance_id``: check what Orthanc held
+        already, then set the metadata (and labels); raises _Unreachable."""
+        step = "POST /instances"
+        try:
             if status == "AlreadyStored":
                 conflict = self._check_stored(instance_id, data)
                 if conflict:
