@@ -375,6 +375,9 @@ class Deidentifier:
         data set they encode, read back (raises :class:`Quarantined` naming the attributes).
         Whole values and whole tokens match, never a substring inside a token
         (:mod:`node.deid.identifiers`)."""
+        encoded = self._encoded_once(output, identifiers)
+        if encoded is not None:
+            return encoded
         self.check_encoded(output, identifiers)
         buffer = BytesIO()
         _save(output, buffer)
@@ -383,13 +386,42 @@ class Deidentifier:
     def write(self, output: Dataset, identifiers: Identifiers, path: Path) -> None:
         """:meth:`encode`, straight into the file ``path`` (never the whole object in memory
         twice: what a large multi-frame instance needs); the file is removed on failure."""
-        self.check_encoded(output, identifiers)
+        encoded = self._encoded_once(output, identifiers)
+        if encoded is None:
+            self.check_encoded(output, identifiers)
         try:
             with path.open("wb") as f:
-                _save(output, f)
+                if encoded is None:
+                    _save(output, f)
+                else:
+                    f.write(encoded)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+
+    def _encoded_once(self, output: Dataset, identifiers: Identifiers) -> bytes | None:
+        """For an object whose pixel data is small (under :data:`BULK_MIN_BYTES`): its file
+        bytes, encoded once and scanned as read back (what :meth:`check_encoded` scans: the
+        scan skips the pixel group, so reading it back changes nothing), instead of encoded
+        twice; the same bytes :func:`_save` writes. None for a large object (scanned without
+        its pixels, then written from their value) and for one that does not encode or read
+        back (the two passes then refuse it as they always did, with the same reason)."""
+        bulk = sum(len(output[t].value or b"") for t in _BULK_PIXELS
+                   if t in output and isinstance(output[t].value, bytes))
+        if bulk >= BULK_MIN_BYTES:
+            return None
+        buffer = BytesIO()
+        try:
+            _save(output, buffer)
+            encoded = buffer.getvalue()
+            read_back = dcmread(BytesIO(encoded))
+        except Exception:  # noqa: BLE001 - the two-pass path says what is wrong, as before
+            return None
+        leaked = sorted(identifiers.leaks(read_back))
+        if leaked:
+            raise Quarantined(f"original values of {', '.join(leaked)} survived "
+                              "de-identification")
+        return encoded
 
     def check_encoded(self, output: Dataset, identifiers: Identifiers) -> None:
         """The leak scan of :meth:`encode`: ``output`` is encoded and read back, and no
