@@ -360,6 +360,13 @@ def node_snapshot(rev: str, dest: Path) -> Path:
     return dest
 
 
+def detect_text_arg(value: str) -> bool | None:
+    """``--detect-text``: "true", "false", or "default" (the node's own default)."""
+    if value not in ("true", "false", "default"):
+        raise argparse.ArgumentTypeError('--detect-text is "true", "false" or "default"')
+    return None if value == "default" else value == "true"
+
+
 def use_node_rev(rev: str | None, dest: Path) -> str | None:
     """With ``rev``: put ``node/`` as committed at ``rev`` (:func:`node_snapshot` under
     ``dest``) first on this process's PYTHONPATH, which its children inherit, and say so; the
@@ -559,6 +566,8 @@ class NodeOptions:
     deid_key: str | None = None
     console_port: int | None = None
     """The operator console's port; None: the console off (the receiver alone)."""
+    detect_text: bool | None = None
+    """``[deid] detect_text`` (text burned into pixels); None: the node's default (on)."""
 
 
 class NodeServer(Receiver):
@@ -589,8 +598,12 @@ class NodeServer(Receiver):
         if o.check_interval_s is not None:
             lines.append(f"check_interval_s = {o.check_interval_s}")
         lines += ["[jobs]", f"cpu_workers = {o.cpu_workers}", "gpu_workers = 0"]
-        if o.deid_key is not None:
-            lines += ["[deid]", f'key = "{o.deid_key}"']
+        if o.deid_key is not None or o.detect_text is not None:
+            lines.append("[deid]")
+            if o.deid_key is not None:
+                lines.append(f'key = "{o.deid_key}"')
+            if o.detect_text is not None:
+                lines.append(f"detect_text = {'true' if o.detect_text else 'false'}")
         lines += ["[console]", f"enabled = {'true' if o.console_port else 'false'}"]
         if o.console_port:
             lines += [f"port = {o.console_port}", f'db = "{self.workdir / "console.db"}"']

@@ -108,6 +108,7 @@ from harness import (
     add_run_options,
     children_of,
     dcmtk,
+    detect_text_arg,
     dicom_environment,
     launch_orthanc,
     load_note,
@@ -470,6 +471,8 @@ def print_report(s: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--detect-text", type=detect_text_arg, default=None, metavar="true|false",
+                   help="the node's [deid] detect_text (default: the node's default, on)")
     p.add_argument("--studies", type=int, default=10, help="studies (10)")
     p.add_argument("--per-study", type=int, default=40, help="instances per study (40)")
     p.add_argument("--patients", type=int, default=3, help="patients the studies belong to (3)")
@@ -534,7 +537,8 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
           f"instances of {args.patients} patients, {args.repeat} runs per path "
           f"({', '.join(args.path_names)}), {args.cpu_workers} cpu workers, options "
           f"{args.deid_options or 'none'}; {GOAL_TEXT}", flush=True)
-    options = NodeOptions(args.cpu_workers, 3600.0, 1.0, deid_key=DEID_KEY)  # spool unused
+    options = NodeOptions(args.cpu_workers, 3600.0, 1.0, deid_key=DEID_KEY,  # spool unused
+                          detect_text=args.detect_text)
     studies = make_studies(root / "data", args.studies, args.per_study, args.patients)
     files = [f for study in studies for f in study]
     originals = {f"MRN-BENCH-{p:04d}" for p in range(args.patients)}
@@ -571,7 +575,8 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
                      "patients": args.patients, "repeat": args.repeat,
                      "cpu_workers": args.cpu_workers, "orthanc_parallel": args.parallel,
                      "options": args.deid_options, "quick": args.quick,
-                     "node_rev": args.node_rev, "node_commit": args.node_commit},
+                     "node_rev": args.node_rev, "node_commit": args.node_commit,
+                     "detect_text": args.detect_text},
         "environment": dicom_environment(),
         "summary": summary,
         "runs": [asdict(r) for r in runs],

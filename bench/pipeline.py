@@ -79,6 +79,7 @@ from harness import (
     add_run_options,
     children_of,
     dcmtk,
+    detect_text_arg,
     dicom_environment,
     launch_orthanc,
     load_note,
@@ -437,6 +438,8 @@ def print_report(runs: list[ThroughputRun], latency: list[LatencyRun],
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--detect-text", type=detect_text_arg, default=None, metavar="true|false",
+                   help="the node's [deid] detect_text (default: the node's default, on)")
     p.add_argument("--studies", type=int, default=8, help="studies in the throughput run (8)")
     p.add_argument("--per-study", type=int, default=50, help="instances per study (50)")
     p.add_argument("--repeat", type=int, default=3, help="throughput runs per path (3)")
@@ -475,7 +478,7 @@ def check_tools() -> None:
 def run_benchmark(args: argparse.Namespace, root: Path) -> None:
     check_tools()
     options = NodeOptions(args.cpu_workers, args.stable_after, args.check_interval,
-                          deid_key=DEID_KEY)
+                          deid_key=DEID_KEY, detect_text=args.detect_text)
     n = args.studies * args.per_study
     print(f"pipeline benchmark: {args.studies} studies x {args.per_study} CT_small = {n} "
           f"instances, {args.repeat} runs per path, {args.cpu_workers} cpu workers, stable "
@@ -519,7 +522,8 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> None:
                      "check_interval_s": args.check_interval, "node_fsync": True,
                      "latency_studies": args.latency_studies,
                      "latency_instances": args.latency_instances, "quick": args.quick,
-                     "node_rev": args.node_rev, "node_commit": args.node_commit},
+                     "node_rev": args.node_rev, "node_commit": args.node_commit,
+                     "detect_text": args.detect_text},
         "environment": dicom_environment(),
         "summary": summary,
         "throughput_runs": [asdict(r) for r in runs],
