@@ -417,7 +417,7 @@ class Deidentifier:
             read_back = dcmread(BytesIO(encoded))
         except Exception:  # noqa: BLE001 - the two-pass path says what is wrong, as before
             return None
-        leaked = sorted(identifiers.leaks(read_back))
+        leaked = sorted(identifiers.leaks(read_back, as_read=True))
         if leaked:
             raise Quarantined(f"original values of {', '.join(leaked)} survived "
                               "de-identification")

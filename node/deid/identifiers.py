@@ -19,8 +19,10 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from pydicom import config as pydicom_config
+from pydicom import hooks as pydicom_hooks
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
@@ -43,6 +45,19 @@ _BINARY_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 _NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 _PIXEL_GROUP = 0x7FE0  # Pixel Data, Float and Double Float Pixel Data, offset tables: bulk
+
+# -- what the leak scan may leave unconverted (Identifiers.leaks with the encoded bytes) -------
+_PLAIN_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "LO", "LT", "SH", "ST", "TM",
+                             "UC", "UI", "UR", "UT"})
+"""Text VRs whose values, read from plain ASCII bytes under any character set pydicom knows,
+are substrings of those bytes and never raise (PN and IS are not: pydicom may raise on a PN under
+ISO 2022, and reads an invalid IS such as ".5" as a float, "0.5")."""
+_PLAIN_ASCII = re.compile(rb"[\x00\t\n\r\x0c\x20-\x7e]*\Z")
+"""Printable ASCII, NUL padding and the white space controls: no escape sequence (ESC) and no
+shift (SO, SI) that a decoder would act on, no byte a decoder would turn into non-ASCII."""
+_NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8, "UV": 8}
+"""Numbers whose conversion fails only on a length that is not a multiple of the value size."""
+_BULK_VRS = frozenset({"OB", "OW"})
 
 PLACEHOLDERS = frozenset({"ANONYMOUS", "ANONYMIZED", "CLEANED", "19000101", "19000101000000",
                           "000000", "000Y"})
@@ -140,23 +155,78 @@ class Identifiers:
             hits |= {kw for run, kw in self.names.items() if _contains(found, run)}
         return hits
 
-    def leaks(self, ds: Dataset) -> set[str]:
+    def leaks(self, ds: Dataset, *, as_read: bool = False) -> set[str]:
         """The keywords whose values occur in ``ds`` (sequences included; file meta, which
-        is not part of a data set, and bulk pixel data excluded)."""
+        is not part of a data set, and bulk pixel data excluded).
+
+        With ``as_read`` (``ds`` was just read and nothing in it converted since) the same
+        answer and the same errors, faster: an element that pydicom would read as text from
+        plain ASCII bytes holding none of the identifiers' ASCII strings (whole values, and one
+        token of each run) can hold no identifier, and is left unconverted; so is a number of a
+        valid length (:meth:`_leaks_unconverted`). Every other element is read and matched as
+        without ``as_read``."""
+        if not as_read or not _default_conversion():
+            return self._leaks_converted(ds)
+        return self._leaks_unconverted(ds, self._ascii_pattern())
+
+    def _leaks_converted(self, ds: Dataset) -> set[str]:
         leaked: set[str] = set()
         for elem in _walk(ds):
-            if elem.tag.group == _PIXEL_GROUP or elem.VR in _NUMBER_VRS or elem.value is None:
-                continue
-            if elem.VR in _BINARY_VRS:
-                # Text in binary: each run of printable characters is a value of its own.
-                raw = elem.value if isinstance(elem.value, bytes) else b""
-                for text in _CONTROL.split(raw.decode("latin-1")):
-                    if text:
-                        leaked |= self.found_in(text, free_text=elem.VR in _BINARY_TEXT_VRS)
-            else:
-                leaked |= self.found_in("\\".join(_values(elem)),
-                                        free_text=elem.VR in FREE_TEXT_VRS)
+            leaked |= self._element_leaks(elem)
         return leaked
+
+    def _element_leaks(self, elem: DataElement) -> set[str]:
+        if elem.tag.group == _PIXEL_GROUP or elem.VR in _NUMBER_VRS or elem.value is None:
+            return set()
+        if elem.VR in _BINARY_VRS:
+            # Text in binary: each run of printable characters is a value of its own.
+            leaked: set[str] = set()
+            raw = elem.value if isinstance(elem.value, bytes) else b""
+            for text in _CONTROL.split(raw.decode("latin-1")):
+                if text:
+                    leaked |= self.found_in(text, free_text=elem.VR in _BINARY_TEXT_VRS)
+            return leaked
+        return self.found_in("\\".join(_values(elem)), free_text=elem.VR in FREE_TEXT_VRS)
+
+    def _leaks_unconverted(self, ds: Dataset, pattern: re.Pattern[bytes] | None) -> set[str]:
+        """:meth:`_leaks_converted` in the same order, converting only what may raise or may
+        match: why leaving the rest raw changes nothing is said at :data:`_PLAIN_TEXT_VRS` and
+        :data:`_NUMBER_SIZES` (tests/test_leak_scan.py checks it against the full walk)."""
+        leaked: set[str] = set()
+        for item in ds.elements():
+            if isinstance(item, RawDataElement) and item.value is not None:
+                vr = item.VR
+                if vr is None or vr == "UN":
+                    data: dict[str, object] = {}
+                    pydicom_hooks.hooks.raw_element_vr(item, data, ds=ds)
+                    vr = str(data["VR"])
+                value = item.value
+                if vr in _PLAIN_TEXT_VRS and _PLAIN_ASCII.match(value) and (
+                        pattern is None or not pattern.search(value.upper())):
+                    continue
+                size = _NUMBER_SIZES.get(vr)
+                if size is not None and len(value) % size == 0:
+                    continue
+                if vr in _BULK_VRS and item.tag >> 16 == _PIXEL_GROUP:
+                    continue
+            elem = ds[item.tag]
+            if elem.VR == "SQ":
+                for child in elem.value or []:
+                    leaked |= self._leaks_unconverted(child, pattern)
+            else:
+                leaked |= self._element_leaks(elem)
+        return leaked
+
+    def _ascii_pattern(self) -> re.Pattern[bytes] | None:
+        """Any of the ASCII strings one of which a value must hold to match: every whole value
+        (a non-ASCII one cannot equal text read from ASCII), the longest token of every run;
+        upper case, as matching is. None when there is none."""
+        strings = {w for w in self.whole if w.isascii()}
+        strings |= {max(run, key=len) for run in (*self.runs, *self.names)}
+        if not strings:
+            return None
+        ordered = sorted((s.encode("ascii") for s in strings), key=len, reverse=True)
+        return re.compile(b"|".join(re.escape(s) for s in ordered))
 
     def clean(self, text: str) -> str:
         """Descriptor ``text`` without its identifying parts: the identifiers, dates, times,
@@ -228,6 +298,15 @@ def _person_names(ds: Dataset) -> Iterator[DataElement]:
         elif vr == "SQ":
             for item in ds[raw.tag].value or []:
                 yield from _person_names(item)
+
+
+def _default_conversion() -> bool:
+    """Whether pydicom reads raw elements as :data:`_PLAIN_TEXT_VRS` assumes: its own hooks,
+    no element callback, validation that warns rather than raises."""
+    return (pydicom_config.data_element_callback is None
+            and pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE
+            and pydicom_hooks.hooks.raw_element_vr is pydicom_hooks.raw_element_vr
+            and pydicom_hooks.hooks.raw_element_value is pydicom_hooks.raw_element_value)
 
 
 def _walk(ds: Dataset) -> Iterator[DataElement]:
