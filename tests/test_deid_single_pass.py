@@ -15,7 +15,8 @@ from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_files
 
 from node.config import DeidOption, DeidSettings, OutputSettings
-from node.deid import DeidentificationError, Deidentifier
+from node.deid import DeidentificationError, Deidentifier, engine
+from node.deid.encoding import write_file
 from node.deid.engine import _save
 from tests.phi_corpus import make_planted_sr, make_planted_study
 from tests.test_deid import KEY
@@ -31,7 +32,9 @@ OPTION_SETS = [
 
 def _outcome(deid: Deidentifier, path: Path, single: bool) -> tuple[str, bytes | str]:
     """("bytes", file bytes) or ("refused", reason) for ``path`` through ``deid``: one pass
-    (``encode``, as the worker writes) or the two passes of before."""
+    (``encode``, as the worker writes: the leak scan leaving plain elements unconverted, the
+    file written by node.deid.encoding) or the two passes of before (the full leak scan, the
+    file written by pydicom alone)."""
     try:
         source = dcmread(path)
         identifiers = deid.identifiers(source)
@@ -40,7 +43,9 @@ def _outcome(deid: Deidentifier, path: Path, single: bool) -> tuple[str, bytes |
             return "bytes", deid.encode(output, identifiers)
         deid.check_encoded(output, identifiers)
         buffer = BytesIO()
-        _save(output, buffer)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "write_file", lambda ds, f: False)
+            _save(output, buffer)
         return "bytes", buffer.getvalue()
     except DeidentificationError as exc:
         return "refused", f"{type(exc).__name__}: {exc}"
@@ -75,3 +80,44 @@ def test_one_pass_writes_what_two_passes_wrote(tmp_path: Path,
         kinds[before[0]] += 1
     # the corpus exercises both written outputs and refusals
     assert kinds["bytes"] >= 40 and kinds["refused"] >= 3, kinds
+
+
+def _written(path: Path, deid: Deidentifier | None, ours: bool) -> tuple[str, object]:
+    """("bytes", ...) as node.deid.encoding (``ours``) or pydicom writes ``path``, as read or
+    de-identified by ``deid``; ("error", kind) where writing raises; ("ours declined", None)
+    where write_file leaves it to pydicom."""
+    try:
+        ds = dcmread(path)
+        if deid is not None:
+            ds = deid.deidentify(ds, in_place=True, identifiers=deid.identifiers(ds))
+    except Exception:  # noqa: BLE001 - not this test's subject
+        return "unreadable", None
+    buffer = BytesIO()
+    try:
+        if ours:
+            if not write_file(ds, buffer):
+                return "ours declined", None
+        else:
+            ds.save_as(buffer, enforce_file_format=True)
+    except Exception as exc:  # noqa: BLE001 - the same kind of error as pydicom's
+        return "error", type(exc).__name__
+    return "bytes", buffer.getvalue()
+
+
+def test_the_fast_writer_writes_what_pydicom_writes(tmp_path: Path) -> None:
+    """Every corpus file, as read and de-identified under each option set: where write_file
+    takes it, its bytes (or its error) are pydicom's."""
+    deids = [None] + [Deidentifier(DeidSettings(key=KEY, options=options, detect_text=False),
+                                   OutputSettings()) for options in OPTION_SETS]
+    taken = declined = 0
+    for path in _corpus(tmp_path):
+        for deid in deids:
+            ours = _written(path, deid, ours=True)
+            if ours[0] == "ours declined":
+                declined += 1
+                continue
+            if ours[0] != "unreadable":
+                taken += 1
+            assert ours == _written(path, deid, ours=False), (path.name, deid is None)
+    # the fast path is the common one (Explicit and Implicit VR Little Endian), not a rarity
+    assert taken >= 150 and declined >= 10, (taken, declined)

@@ -59,6 +59,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from node.config import DeidOption, DeidSettings, OutputSettings
+from node.deid.encoding import write_file
 from node.deid.identifiers import TEXT_VRS, Identifiers
 from node.deid.pixels import (
     Inpainter,
@@ -203,7 +204,8 @@ def _save_bulk_last(ds: Dataset, f: BinaryIO) -> bool:
         vr = "OB" if encapsulated or int(ds.get("BitsAllocated", 8) or 8) <= 8 else "OW"
     del ds[_PIXEL_DATA]
     try:
-        ds.save_as(f, enforce_file_format=True)
+        if not write_file(ds, f):
+            ds.save_as(f, enforce_file_format=True)
     finally:
         ds[_PIXEL_DATA] = elem
     pad = b"\x00" if len(value) % 2 else b""
@@ -221,7 +223,7 @@ def _save_bulk_last(ds: Dataset, f: BinaryIO) -> bool:
 
 def _save(ds: Dataset, f: BinaryIO) -> None:
     try:
-        if not _save_bulk_last(ds, f):
+        if not _save_bulk_last(ds, f) and not write_file(ds, f):
             ds.save_as(f, enforce_file_format=True)
     except (ValueError, TypeError, OverflowError, struct.error) as exc:
         # pydicom's: a value that its VR cannot encode; never passed on half-written
