@@ -349,9 +349,11 @@ def test_v_prediction_base_trains_against_the_velocity(
     records = {name: finetune(str(folder), data, tmp_path / name, cpu(steps=2), progress=False)
                for name, folder in (("v", v_base), ("eps", tiny_base))}
     assert records["v"].settings["prediction_type"] == "v_prediction"
-    # Same batches, noise and timesteps (same seed): only the target differs.
+    # Same batches, noise and timesteps (same seed): only the target differs. With the same
+    # target the losses agree to 1e-5 (test_a_single_file_base_trains_as_its_folder_does); at
+    # small timesteps the velocity is close to the noise, so the difference can be small.
     v, eps = (json.loads((tmp_path / n / LOSS_LOG).read_text()) for n in ("v", "eps"))
-    assert v[0] != pytest.approx(eps[0], rel=1e-3)
+    assert v != pytest.approx(eps, rel=1e-5)
 
 
 def test_a_single_file_base_trains_as_its_folder_does(

@@ -16,6 +16,7 @@ from io import BytesIO
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -34,7 +35,9 @@ SEPARATORS = [" ", "^", "\\", "-", ".", "_", "=", "", ",", "\x0e", "\x0f", "\x1b
 CONTROLS = [b"\x1b(B", b"\x1b$B", b"\x1b(J", b"\x0e", b"\x0f", b"\x1b-A", b"\x1b"]
 CHARSETS = ["", "ISO_IR 100", "ISO_IR 192", "ISO_IR 13", "GB18030", "ISO_IR 148",
             "ISO 2022 IR 6\\ISO 2022 IR 87", "\\ISO 2022 IR 87", "ISO 2022 IR 87",
-            "ISO 2022 IR 100", "ISO_IR 144"]
+            "ISO 2022 IR 100", "ISO_IR 144", "utf_7", "utf_16_le"]
+"""DICOM's terms, and two Python codec names, which pydicom takes too (and reads ASCII bytes
+with as something else: utf_7's "+AEQATwBF-" is "DOE")."""
 TEXT_TAGS = [  # (tag, VR): public text elements of every text VR
     (0x00080050, "SH"), (0x00081030, "LO"), (0x0008103E, "LO"), (0x00080080, "LO"),
     (0x00080081, "ST"), (0x00081040, "LO"), (0x00080090, "PN"), (0x00081070, "PN"),
@@ -65,7 +68,8 @@ def _text(rng: random.Random) -> str:
 def _encode(text: str, charset: str, rng: random.Random) -> bytes:
     python = {"": "ascii", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf-8",
               "ISO_IR 13": "shift_jis", "GB18030": "gb18030", "ISO_IR 148": "iso8859_9",
-              "ISO_IR 144": "iso8859_5"}.get(charset, "iso2022_jp")
+              "ISO_IR 144": "iso8859_5", "utf_7": "utf_7",
+              "utf_16_le": "utf_16_le"}.get(charset, "iso2022_jp")
     data = text.encode(python, errors="replace" if rng.random() < 0.5 else "ignore")
     if rng.random() < 0.15:  # an escape sequence or shift that a decoder acts on, in the bytes
         at = rng.randrange(len(data) + 1)
@@ -194,3 +198,31 @@ def test_a_leak_in_plain_text_is_still_found() -> None:
                             (b"ref mrn123456", ["PatientID"]), (b"CHEST PA", [])]:
         encoded = _file(_element(0x00081030, "LO", value, False), False)
         assert _outcome(identifiers, encoded, as_read=True) == ("leaks", expected)
+
+
+def test_text_is_read_where_the_character_set_reads_ascii_as_something_else() -> None:
+    """Under a codec outside DICOM's (pydicom takes any Python codec name), plain ASCII bytes
+    may spell an identifier they do not hold: the scan converts them."""
+    src = Dataset()
+    src.PatientName = "Doe^John"
+    identifiers = Identifiers.collect(src, ["PatientName"], [])
+    body = (_element(0x00080005, "CS", b"utf_7 ", False)
+            + _element(0x00080070, "LO", b"+AEQATwBF-", False))
+    encoded = _file(body, False)
+    assert _outcome(identifiers, encoded, as_read=False) == ("leaks", ["PatientName"])
+    assert _outcome(identifiers, encoded, as_read=True) == ("leaks", ["PatientName"])
+
+
+def test_the_fast_scan_leaves_plain_elements_unconverted() -> None:
+    """What makes it fast (an implementation that converted everything would pass the others)."""
+    src = Dataset()
+    src.PatientName = "Doe^Jane"
+    identifiers = Identifiers.collect(src, ["PatientName"], [])
+    body = b"".join(_element(tag, vr, value, False) for tag, vr, value in [
+        (0x00080060, "CS", b"CT"), (0x00081030, "LO", b"CHEST PA"),
+        (0x00280010, "US", b"\x00\x02"), (0x00280030, "DS", b"0.5\\0.5 ")])
+    ds = dcmread(BytesIO(_file(body, False)))
+    assert identifiers.leaks(ds, as_read=True) == set()
+    assert all(isinstance(e, RawDataElement) for e in ds.elements())
+    assert identifiers.leaks(ds) == set()  # the full walk converts them all
+    assert not any(isinstance(e, RawDataElement) for e in ds.elements())

@@ -39,13 +39,14 @@ _LONG = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = b"\xfe\xff\x00\xe0"
 _ITEM_DELIMITER = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def write_file(ds: Dataset, f: BinaryIO) -> bool:
     """Write ``ds`` to ``f`` as ``ds.save_as(f, enforce_file_format=True)`` would, if it is the
-    simple case (see the module); False, nothing written, otherwise (and wherever pydicom would
-    raise: let it, with its own message)."""
+    simple case (see the module); False, nothing written, otherwise, and where pydicom would
+    refuse the file meta (it then says why). An element that pydicom's writer refuses raises
+    what pydicom raises, the file half written, as pydicom leaves it."""
     meta = getattr(ds, "file_meta", None)
     if not isinstance(meta, FileMetaDataset):
         return False
@@ -75,13 +76,12 @@ def write_file(ds: Dataset, f: BinaryIO) -> bool:
         return False
     if "PixelData" in ds:
         ds["PixelData"].is_undefined_length = syntax.is_compressed
-    fp = DicomBytesIO()
+    fp = DicomIO(f)  # straight into f, as pydicom writes (a large value is not held twice)
     fp.is_implicit_VR, fp.is_little_endian = encoding
     fp.write(preamble or b"\x00" * 128)
     fp.write(b"DICM")
     write_file_meta_info(fp, file_meta, enforce_standard=True)
     _write_dataset(fp, ds, default_encoding)
-    f.write(fp.getvalue())
     return True
 
 
@@ -131,10 +131,10 @@ def _raw_header(elem: RawDataElement, implicit: bool) -> bytes | None:
     if not isinstance(vr, str) or len(vr) != 2:
         return None
     if vr in _LONG:
-        return tag + vr.encode("ascii") + b"\x00\x00" + struct.pack("<I", len(value))
+        return tag + vr.encode(default_encoding) + b"\x00\x00" + struct.pack("<I", len(value))
     if len(value) > 0xFFFF:
         return None  # pydicom warns and writes it as UN
-    return tag + vr.encode("ascii") + struct.pack("<H", len(value))
+    return tag + vr.encode(default_encoding) + struct.pack("<H", len(value))
 
 
 def _write_sequence(fp: DicomIO, elem: DataElement, charset: str | list[str] | None) -> None:
@@ -161,4 +161,4 @@ def _write_sequence(fp: DicomIO, elem: DataElement, charset: str | list[str] | N
     fp.write(head + struct.pack("<I", _UNDEFINED if undefined else len(data)))
     fp.write(data)
     if undefined:
-        fp.write(_SEQUENCE_DELIMITER)
+        fp.write(SEQUENCE_DELIMITER)

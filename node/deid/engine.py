@@ -59,7 +59,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from node.config import DeidOption, DeidSettings, OutputSettings
-from node.deid.encoding import write_file
+from node.deid.encoding import SEQUENCE_DELIMITER, write_file
 from node.deid.identifiers import TEXT_VRS, Identifiers
 from node.deid.pixels import (
     Inpainter,
@@ -177,7 +177,6 @@ BULK_MIN_BYTES = 1 << 20
 """Pixel Data at least this big is written from its value directly (:func:`_save_bulk_last`)."""
 
 _PIXEL_DATA = 0x7FE00010
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def _save_bulk_last(ds: Dataset, f: BinaryIO) -> bool:
@@ -217,7 +216,7 @@ def _save_bulk_last(ds: Dataset, f: BinaryIO) -> bool:
     f.write(value)
     f.write(pad)
     if encapsulated:
-        f.write(_SEQUENCE_DELIMITER)
+        f.write(SEQUENCE_DELIMITER)
     return True
 
 

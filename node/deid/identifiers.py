@@ -15,6 +15,7 @@ as a token in free text.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,13 @@ ISO 2022, and reads an invalid IS such as ".5" as a float, "0.5")."""
 _PLAIN_ASCII = re.compile(rb"[\x00\t\n\r\x0c\x20-\x7e]*\Z")
 """Printable ASCII, NUL padding and the white space controls: no escape sequence (ESC) and no
 shift (SO, SI) that a decoder would act on, no byte a decoder would turn into non-ASCII."""
+_ASCII_IDENTITY = frozenset({
+    "euc_kr", "gb18030", "gb2312", "gbk", "iso2022_jp", "iso2022_jp_2", "iso8859-1", "iso8859-2",
+    "iso8859-3", "iso8859-4", "iso8859-5", "iso8859-6", "iso8859-7", "iso8859-8", "iso8859-9",
+    "shift_jis", "tis-620", "utf-8"})
+"""The codecs of DICOM's character sets (pydicom's table), which read plain ASCII as itself;
+pydicom also takes any other codec name Python knows (utf_7 reads "+AEQATwBF-" as "DOE",
+utf_16 reads "D\\0O\\0E\\0" so), and under those no text is left unconverted."""
 _NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8, "UV": 8}
 """Numbers whose conversion fails only on a length that is not a multiple of the value size."""
 _BULK_VRS = frozenset({"OB", "OW"})
@@ -193,6 +201,7 @@ class Identifiers:
         match: why leaving the rest raw changes nothing is said at :data:`_PLAIN_TEXT_VRS` and
         :data:`_NUMBER_SIZES` (tests/test_leak_scan.py checks it against the full walk)."""
         leaked: set[str] = set()
+        plain = _reads_ascii_as_itself(ds)
         for item in ds.elements():
             if isinstance(item, RawDataElement) and item.value is not None:
                 vr = item.VR
@@ -201,7 +210,7 @@ class Identifiers:
                     pydicom_hooks.hooks.raw_element_vr(item, data, ds=ds)
                     vr = str(data["VR"])
                 value = item.value
-                if vr in _PLAIN_TEXT_VRS and _PLAIN_ASCII.match(value) and (
+                if plain and vr in _PLAIN_TEXT_VRS and _PLAIN_ASCII.match(value) and (
                         pattern is None or not pattern.search(value.upper())):
                     continue
                 size = _NUMBER_SIZES.get(vr)
@@ -300,11 +309,24 @@ def _person_names(ds: Dataset) -> Iterator[DataElement]:
                 yield from _person_names(item)
 
 
+def _reads_ascii_as_itself(ds: Dataset) -> bool:
+    """Whether every codec pydicom reads ``ds``'s text with (as ``Dataset.__getitem__`` picks
+    them) is in :data:`_ASCII_IDENTITY`."""
+    found = ds.original_character_set or ds._character_set
+    names = [found] if isinstance(found, str) else list(found or [])
+    try:
+        return all(codecs.lookup(name).name in _ASCII_IDENTITY for name in names)
+    except LookupError:
+        return False
+
+
 def _default_conversion() -> bool:
     """Whether pydicom reads raw elements as :data:`_PLAIN_TEXT_VRS` assumes: its own hooks,
-    no element callback, validation that warns rather than raises."""
+    no element callback, validation that warns rather than raises, DS and IS as Python
+    numbers (numpy's would print differently)."""
     return (pydicom_config.data_element_callback is None
             and pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE
+            and not pydicom_config.use_DS_numpy and not pydicom_config.use_IS_numpy
             and pydicom_hooks.hooks.raw_element_vr is pydicom_hooks.raw_element_vr
             and pydicom_hooks.hooks.raw_element_value is pydicom_hooks.raw_element_value)
 
