@@ -365,6 +365,9 @@ def test_copies_never_reach_orthanc_and_are_reported_with_their_score(
     off = node_for(node_factory, tmp_path, orthanc, folder, "off", copy_check=False)
     assert storescu(off.port, [study]).returncode == 0
     wait_for(lambda: orthanc.count_instances() == 2, timeout_s=120, what="delivered outputs")
+    # the outputs are in Orthanc a moment before the job records them
+    wait_for(lambda: [j for j in records(off) if j.state.value == "done"], timeout_s=60,
+             what="the job done")
     (job,) = records(off)
     assert (job.outputs, job.quarantined) == (2, 0)
     delivered = {i["MainDicomTags"]["SOPInstanceUID"]

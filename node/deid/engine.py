@@ -177,6 +177,8 @@ BULK_MIN_BYTES = 1 << 20
 """Pixel Data at least this big is written from its value directly (:func:`_save_bulk_last`)."""
 
 _PIXEL_DATA = 0x7FE00010
+_PATIENT_ID = 0x00100020
+_PATIENT_NAME = 0x00100010
 
 
 def _save_bulk_last(ds: Dataset, f: BinaryIO) -> bool:
@@ -339,8 +341,13 @@ class Deidentifier:
         work = _Pass(str(ds.get("SOPClassUID", "")), shift, identifiers)
         self._clean(ds, work, parent=None)
         pseudonym = self.pseudonym(subject)
-        ds.PatientID = pseudonym
-        ds.PatientName = f"ANONYMOUS^{pseudonym}"
+        for tag, value in ((_PATIENT_ID, pseudonym), (_PATIENT_NAME, f"ANONYMOUS^{pseudonym}")):
+            if tag in ds and dictionary_VR(tag) != ds[tag].VR:
+                del ds[tag]  # sent with another VR (IS, say): written anew with its own
+            if tag in ds:
+                ds[tag].value = value
+            else:
+                ds[tag] = DataElement(tag, dictionary_VR(tag), value)
         try:
             pixels = clean_pixels(ds, self.settings, self.inpainter, identifiers=identifiers,
                                   finder=self.finder) if "PixelData" in ds else None
